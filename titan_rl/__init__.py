@@ -1,0 +1,1 @@
+"""TITAN-RL: distributed DQN as three gRPC services (rollout, buffer, trainer)."""

@@ -1,0 +1,3 @@
+from titan_rl.launch import main
+
+raise SystemExit(main())

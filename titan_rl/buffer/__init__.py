@@ -1,0 +1,1 @@
+"""Buffer service: thread-safe experience replay behind gRPC."""

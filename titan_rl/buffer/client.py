@@ -1,0 +1,234 @@
+"""Clients of the buffer service: a chunk sender for actors and a batch prefetcher for the learner."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+
+import grpc
+import numpy as np
+
+from titan_rl import wire
+from titan_rl.errors import PeerUnavailableError, TitanError
+from titan_rl.rpc import RETRYABLE, Backoff, call_with_retry, make_channel
+from titan_rl.v1 import buffer_pb2, buffer_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+_END = object()
+
+
+class BufferClient:
+    """Unary calls: info and one-off samples. Every call has a timeout."""
+
+    def __init__(self, address: str, timeout_s: float = 10.0):
+        self.address = address
+        self.timeout_s = timeout_s
+        self._channel = make_channel(address)
+        self.stub = buffer_pb2_grpc.BufferServiceStub(self._channel)
+
+    def info(self) -> buffer_pb2.InfoResponse:
+        return call_with_retry(lambda: self.stub.Info(buffer_pb2.InfoRequest(), timeout=self.timeout_s), f"buffer {self.address} Info")
+
+    def sample(self, batch_size: int, num_batches: int = 1) -> dict[str, np.ndarray]:
+        reply = self.stub.Sample(buffer_pb2.SampleRequest(batch_size=batch_size, num_batches=num_batches), timeout=self.timeout_s)
+        return wire.decode_chunk(reply.batch)
+
+    def close(self) -> None:
+        self._channel.close()
+
+
+class ChunkSender:
+    """Streams transition chunks to the buffer's Add from a background thread.
+
+    At most `max_in_flight` chunks are unacknowledged at once: `send()` blocks beyond
+    that, so a slow (or rate-limited) buffer slows the actor down instead of letting
+    stale data pile up in transport buffers. A broken stream is reopened with back-off;
+    chunks in flight when it broke are lost and counted in `chunks_lost`.
+    INVALID_ARGUMENT is not retried: it is a bug in the sender, raised from the next `send()`.
+    """
+
+    def __init__(self, address: str, max_in_flight: int = 2, give_up_after_s: float = 120.0):
+        self.address = address
+        self.give_up_after_s = give_up_after_s
+        self.chunks_lost = 0
+        self.chunks_acked = 0
+        self._max_in_flight = max_in_flight
+        self._slots = threading.Semaphore(max_in_flight)
+        self._in_flight = 0
+        self._lock = threading.Lock()
+        self._requests: queue.Queue = queue.Queue()
+        self._error: Exception | None = None
+        self._closing = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="chunk-sender", daemon=True)
+        self._thread.start()
+
+    def send(
+        self, fields: Mapping[str, np.ndarray], worker_id: int, policy_version: int, keep_waiting: Callable[[], bool] = lambda: True
+    ) -> bool:
+        """Queue a chunk once a slot is free; False if `keep_waiting()` turned False first."""
+        request = buffer_pb2.AddRequest(chunk=wire.encode_chunk(fields, worker_id, policy_version))
+        while not self._slots.acquire(timeout=0.2):
+            if self._error is not None or not self._thread.is_alive():
+                raise self._error or TitanError("chunk sender stopped")
+            if not keep_waiting():
+                return False
+        if self._error is not None:
+            raise self._error
+        with self._lock:
+            self._in_flight += 1
+        self._requests.put(request)
+        return True
+
+    def flush(self, timeout_s: float) -> bool:
+        """Wait until every sent chunk is acknowledged; False on timeout."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with self._lock:
+                if self._in_flight == 0:
+                    return True
+            time.sleep(0.01)
+        return False
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Wait (up to `timeout_s`) for acknowledgements, then end the stream."""
+        self.flush(timeout_s)
+        self._closing.set()
+        self._requests.put(_END)
+        self._thread.join(timeout_s)
+
+    def _stream(self, requests: queue.Queue) -> Iterator[buffer_pb2.AddRequest]:
+        while (item := requests.get()) is not _END:
+            yield item
+
+    def _release_in_flight(self, lost: bool) -> None:
+        with self._lock:
+            n, self._in_flight = self._in_flight, 0
+        self.chunks_lost += n if lost else 0
+        for _ in range(n):
+            self._slots.release()
+
+    def _run(self) -> None:
+        channel = make_channel(self.address)
+        stub = buffer_pb2_grpc.BufferServiceStub(channel)
+        backoff = Backoff()
+        failing_since = None
+        try:
+            while True:
+                try:
+                    for reply in stub.Add(self._stream(self._requests), wait_for_ready=True):
+                        self.chunks_acked += 1
+                        with self._lock:
+                            self._in_flight -= 1
+                        self._slots.release()
+                        failing_since = None
+                        backoff.reset()
+                    return  # the stream ended because close() was called
+                except grpc.RpcError as e:
+                    self._requests = queue.Queue()  # the old request iterator belongs to the dead call
+                    self._release_in_flight(lost=True)
+                    if self._closing.is_set():
+                        return
+                    if e.code() not in RETRYABLE:
+                        self._error = TitanError(f"buffer {self.address} rejected a chunk: {e.code().name}: {e.details()}")
+                        log.error("%s", self._error)
+                        return
+                    now = time.monotonic()
+                    failing_since = failing_since or now
+                    if now - failing_since > self.give_up_after_s:
+                        self._error = PeerUnavailableError(f"buffer {self.address} unreachable for {self.give_up_after_s:.0f}s")
+                        log.error("%s", self._error)
+                        return
+                    log.warning("buffer stream %s: %s; reconnecting in %.1fs", self.address, e.code().name, backoff.delay_s)
+                    backoff.sleep()
+        finally:
+            channel.close()
+
+
+class BatchPrefetcher:
+    """Keeps `prefetch_requests` SampleStream requests in flight and decodes replies in a
+    background thread, so a batch is usually ready before the learner asks for it.
+
+    Each request asks for `batches_per_request` batches stacked in one message; they
+    are split here, so `next()` returns ordinary batches of `batch_size` rows. A broken
+    stream is reopened with back-off.
+    """
+
+    def __init__(self, address: str, batch_size: int, batches_per_request: int = 4, prefetch_requests: int = 2):
+        self.address = address
+        self.batch_size = batch_size
+        self.inserts_total = 0
+        self._request = buffer_pb2.SampleRequest(batch_size=batch_size, num_batches=batches_per_request)
+        self._prefetch_requests = prefetch_requests
+        self._credits: queue.Queue = queue.Queue()
+        self._ready: queue.Queue = queue.Queue(maxsize=batches_per_request * prefetch_requests)
+        self._error: Exception | None = None
+        self._stop = threading.Event()
+        self._channel = make_channel(address)
+        self._stub = buffer_pb2_grpc.BufferServiceStub(self._channel)
+        self._call = None
+        self._thread = threading.Thread(target=self._run, name="batch-prefetcher", daemon=True)
+        self._thread.start()
+
+    def next(self, timeout_s: float | None = None) -> dict[str, np.ndarray] | None:
+        """The next batch, or None if none arrived within `timeout_s` (the rate limiter may hold it back)."""
+        try:
+            batch = self._ready.get(timeout=timeout_s)
+        except queue.Empty:
+            if self._error is not None:
+                raise self._error
+            return None
+        return batch
+
+    def _put(self, batch: dict[str, np.ndarray]) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._ready.put(batch, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _requests(self, credits: queue.Queue) -> Iterator[buffer_pb2.SampleRequest]:
+        while (item := credits.get()) is not _END:
+            yield item
+
+    def _run(self) -> None:
+        backoff = Backoff()
+        while not self._stop.is_set():
+            credits: queue.Queue = queue.Queue()
+            self._credits = credits
+            for _ in range(self._prefetch_requests):
+                credits.put(self._request)
+            try:
+                self._call = self._stub.SampleStream(self._requests(credits), wait_for_ready=True)
+                for reply in self._call:
+                    self.inserts_total = reply.inserts_total
+                    rows = wire.decode_chunk(reply.batch)
+                    for i in range(0, len(rows["reward"]), self.batch_size):
+                        if not self._put({name: a[i:i + self.batch_size] for name, a in rows.items()}):
+                            return
+                    credits.put(self._request)  # only once the reply is queued: prefetch stays bounded
+                    backoff.reset()
+            except grpc.RpcError as e:
+                if self._stop.is_set():
+                    return
+                if e.code() not in RETRYABLE:
+                    self._error = TitanError(f"buffer {self.address} SampleStream: {e.code().name}: {e.details()}")
+                    log.error("%s", self._error)
+                    return
+                log.warning("sample stream %s: %s; reopening in %.1fs", self.address, e.code().name, backoff.delay_s)
+            finally:
+                credits.put(_END)
+            if not self._stop.is_set():
+                backoff.sleep()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._credits.put(_END)
+        if self._call is not None:
+            self._call.cancel()
+        self._channel.close()

@@ -1,0 +1,111 @@
+"""Thread-safe replay buffer: ring storage + uniform sampling + optional rate limiting."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from titan_rl.buffer.rate_limiter import RateLimiter
+from titan_rl.buffer.storage import RingStorage
+from titan_rl.errors import NotEnoughDataError
+
+
+@dataclass
+class BufferInfo:
+    size: int
+    capacity: int
+    inserts_total: int
+    sampled_rows_total: int
+    sample_calls_total: int
+
+
+class Closed(Exception):
+    """The buffer was closed while a caller waited on the rate limiter."""
+
+
+class ReplayBuffer:
+    """One lock guards the storage; it is held only while rows are copied in or out.
+
+    Example:
+        >>> buf = ReplayBuffer(capacity=1000)
+        >>> buf.add(fields)  # dict of equal-length arrays, see titan_rl.wire.TRANSITION_FIELDS
+        >>> batch, idx, inserts = buf.sample(batch_size=64)
+    """
+
+    def __init__(self, capacity: int, rate_limiter: RateLimiter | None = None, seed: int | None = None):
+        self._storage = RingStorage(capacity)
+        self._limiter = rate_limiter
+        self._cond = threading.Condition()
+        self._rng = np.random.default_rng(seed)
+        self._sampled_rows = 0
+        self._sample_calls = 0
+        self._closed = False
+
+    def add(self, fields: Mapping[str, np.ndarray], should_wait: Callable[[], bool] = lambda: True) -> int:
+        """Insert rows, first waiting while the rate limiter says collection is too far ahead.
+
+        `should_wait` is polled while waiting; returning False (the caller went away) or a
+        `close()` raises `Closed`. A batch that fails validation raises ShapeMismatchError
+        and stores nothing.
+        """
+        self._storage.validate(fields)
+        with self._cond:
+            if self._limiter is not None:
+                self._wait(lambda: self._limiter.can_insert(self._storage.inserts_total, self._sampled_rows), should_wait)
+            n = self._storage.add(fields)
+            self._cond.notify_all()
+        return n
+
+    def sample(
+        self, batch_size: int, num_batches: int = 1, block: bool = False, should_wait: Callable[[], bool] = lambda: True
+    ) -> tuple[dict[str, np.ndarray], np.ndarray, int]:
+        """Draw `num_batches * batch_size` rows uniformly with replacement.
+
+        With `block`, waits for the rate limiter (and for min size); without it, raises
+        NotEnoughDataError when fewer than `batch_size` rows are stored.
+        Returns (fields, indices, inserts_total at sampling time).
+        """
+        rows = batch_size * num_batches
+        with self._cond:
+            if block and self._limiter is not None:
+                self._wait(lambda: self._limiter.can_sample(self._storage.inserts_total, self._sampled_rows), should_wait)
+            elif block:
+                self._wait(lambda: self._storage.size >= batch_size, should_wait)
+            size = self._storage.size
+            if size < batch_size:
+                raise NotEnoughDataError(f"the buffer holds {size} transitions, fewer than batch_size={batch_size}")
+            indices = self._rng.integers(0, size, rows)
+            fields = self._storage.gather(indices)
+            self._sampled_rows += rows
+            self._sample_calls += 1
+            inserts = self._storage.inserts_total
+            self._cond.notify_all()
+        return fields, indices, inserts
+
+    def _wait(self, ready: Callable[[], bool], should_wait: Callable[[], bool]) -> None:
+        while not ready():
+            if self._closed or not should_wait():
+                raise Closed("replay buffer closed while waiting on the rate limiter")
+            self._cond.wait(timeout=0.1)
+
+    def info(self) -> BufferInfo:
+        with self._cond:
+            return BufferInfo(
+                size=self._storage.size,
+                capacity=self._storage.capacity,
+                inserts_total=self._storage.inserts_total,
+                sampled_rows_total=self._sampled_rows,
+                sample_calls_total=self._sample_calls,
+            )
+
+    def nbytes(self) -> int:
+        return self._storage.nbytes()
+
+    def close(self) -> None:
+        """Wake every waiter with `Closed`; used at shutdown."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()

@@ -1,0 +1,67 @@
+"""checkpoint.pth: everything needed to rebuild and run a policy, loadable without executing code."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from titan_rl.config import Config, config_from_dict, config_to_dict
+from titan_rl.errors import TitanError
+from titan_rl.registry import build_policy
+
+FORMAT = "titan-rl-checkpoint/1"
+
+
+def save_checkpoint(
+    path: str | Path,
+    cfg: Config,
+    trainer_state: dict[str, Any],
+    counters: dict[str, float],
+    eval_returns: list[float] | None,
+) -> Path:
+    """Write atomically (temp file + rename), so a reader never sees half a checkpoint."""
+    path = Path(path)
+    payload = {
+        "format": FORMAT,
+        "config": config_to_dict(cfg),
+        "policy": trainer_state["policy"],
+        "trainer": trainer_state,
+        "counters": dict(counters),
+        "eval_returns": list(eval_returns or []),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def last_path(best_path: str | Path) -> Path:
+    """Where the last (not necessarily best) policy goes: checkpoint.pth -> checkpoint_last.pth."""
+    p = Path(best_path)
+    return p.with_name(f"{p.stem}_last{p.suffix}")
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load with weights_only=True: tensors and plain containers only, never pickled code."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as e:
+        raise TitanError(f"{path}: no such checkpoint") from e
+    except Exception as e:  # unpickling errors surface as several types
+        raise TitanError(f"{path}: not a loadable TITAN-RL checkpoint: {e}") from e
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise TitanError(f"{path}: not a TITAN-RL checkpoint (format {payload.get('format') if isinstance(payload, dict) else None!r})")
+    return payload
+
+
+def policy_from_checkpoint(payload: dict[str, Any]) -> tuple[nn.Module, Config]:
+    """Rebuild the policy class named in the stored config and load its weights."""
+    cfg = config_from_dict(payload["config"], "checkpoint config")
+    policy = build_policy(cfg)
+    policy.load_state_dict(payload["policy"])
+    return policy.eval(), cfg

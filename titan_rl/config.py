@@ -1,0 +1,293 @@
+"""YAML -> frozen, validated dataclasses.
+
+Every section is a dataclass; a field's `metadata` may carry `range=(lo, hi)` (inclusive) or
+`choices=(...)`. Loading rejects unknown keys (suggesting the closest name), wrong types and
+out-of-range values with messages that name the file and the dotted key, for example
+``config/cartpole.yaml: train.gamma=1.3 must be in [0, 1]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from titan_rl.errors import ConfigError
+
+INF = math.inf
+
+
+def _range(lo: float, hi: float = INF) -> dict[str, Any]:
+    return {"range": (lo, hi)}
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Where a service listens and how its peers reach it."""
+
+    host: str = "127.0.0.1"
+    """Address to bind; 0.0.0.0 to accept connections from other hosts."""
+    port: int = field(default=0, metadata=_range(0, 65535))
+    """0 lets the launcher pick a free port."""
+    address: str = ""
+    """host:port that peers dial; empty means host:port (set it when peers reach the service by a DNS name)."""
+
+    @property
+    def dial_address(self) -> str:
+        return self.address or f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class RolloutConfig(ServerConfig):
+    num_workers: int = field(default=2, metadata=_range(1, 256))
+    """Worker processes, each stepping its own vector env."""
+    envs_per_worker: int = field(default=8, metadata=_range(1, 4096))
+    env_name: str = "CartPole-v1"
+    """Any registered Gymnasium id with a Box observation and a Discrete action space."""
+    epsilon: float | list[float] = 0.05
+    """Final exploration rate: one value for every worker, or a list with one per worker."""
+    epsilon_start: float = field(default=1.0, metadata=_range(0, 1))
+    """Exploration rate at env step 0, decayed linearly to `epsilon`."""
+    epsilon_decay_env_steps: int = field(default=10_000, metadata=_range(0))
+    """Env steps (all workers together) over which epsilon decays; 0 for a constant epsilon."""
+    transitions_per_chunk: int = field(default=256, metadata=_range(1))
+    """Transitions a worker gathers before it sends them to the buffer in one message."""
+
+
+@dataclass(frozen=True)
+class BufferConfig(ServerConfig):
+    capacity_transitions: int = field(default=100_000, metadata=_range(1))
+    rate_limit_slack_transitions: int = field(default=2_000, metadata=_range(0))
+    """How far (in env steps) collection may run ahead of, or behind, train.updates_per_env_step."""
+
+
+@dataclass(frozen=True)
+class ClassSpec:
+    """A class chosen by dotted path, built with keyword arguments."""
+
+    path: str = ""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    lr: float = field(default=1e-3, metadata=_range(0, 10))
+    gamma: float = field(default=0.99, metadata=_range(0, 1))
+    batch_size: int = field(default=64, metadata=_range(1))
+    min_buffer_size: int = field(default=1_000, metadata=_range(1))
+    """Transitions stored before the first update."""
+    updates_per_env_step: float = field(default=0.5, metadata=_range(0.0001, 1000))
+    """Update-to-data ratio, enforced by the buffer's rate limiter."""
+    target_update_every_updates: int = field(default=250, metadata=_range(1))
+    max_grad_norm: float = field(default=10.0, metadata=_range(0))
+    """Gradient-norm clip; 0 disables clipping."""
+    double_q: bool = True
+    policy_sync_every_updates: int = field(default=50, metadata=_range(1))
+    """Publish new weights to rollout every this many updates."""
+    batches_per_request: int = field(default=4, metadata=_range(1, 1024))
+    """Batches the buffer samples and sends in one message."""
+    prefetch_requests: int = field(default=2, metadata=_range(1, 64))
+    """Sample requests kept in flight so the learner never waits on the network."""
+    torch_threads: int = field(default=1, metadata=_range(1, 256))
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    interval_env_steps: int = field(default=2_500, metadata=_range(1))
+    episodes: int = field(default=20, metadata=_range(1, 10_000))
+
+
+@dataclass(frozen=True)
+class BudgetConfig:
+    max_env_steps: int = field(default=100_000, metadata=_range(1))
+    max_wall_s: float = field(default=900.0, metadata=_range(0))
+    """0 means no wall-clock limit."""
+    target_eval_return: float | None = 500.0
+    """Stop once the greedy evaluation mean reaches this; null to train the whole budget."""
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    wandb_mode: str = field(default="offline", metadata={"choices": ("offline", "online", "disabled")})
+    """Used when the WANDB_MODE environment variable is unset."""
+    wandb_project: str = "titan-rl"
+    run_dir: str = "runs"
+    """Each run writes runs/<run_name>/metrics.jsonl."""
+    run_name: str = ""
+    """Empty: <env>-<seed>-<timestamp>."""
+    checkpoint_path: str = "checkpoint.pth"
+    """Best-evaluated policy; the last one goes beside it as <stem>_last.pth."""
+    console: bool = True
+    """Live progress on the terminal."""
+    log_interval_s: float = field(default=1.0, metadata=_range(0.01))
+
+
+@dataclass(frozen=True)
+class Config:
+    seed: int = 0
+    rollout_server: RolloutConfig = field(default_factory=lambda: RolloutConfig(port=50051))
+    buffer_server: BufferConfig = field(default_factory=lambda: BufferConfig(port=50052))
+    trainer_server: ServerConfig = field(default_factory=lambda: ServerConfig(port=50053))
+    policy: ClassSpec = field(default_factory=lambda: ClassSpec("models.simple_policy.SimplePolicy"))
+    trainer: ClassSpec = field(default_factory=lambda: ClassSpec("trainers.dqn.DQNTrainer"))
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def epsilons(self) -> list[float]:
+        """The final epsilon of each rollout worker."""
+        eps = self.rollout_server.epsilon
+        return list(eps) if isinstance(eps, list) else [float(eps)] * self.rollout_server.num_workers
+
+
+def _type_ok(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is Any:
+        return True
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_type_ok(v, item) for v in value)
+    if origin is dict:
+        return isinstance(value, dict)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def _check_value(where: str, key: str, value: Any, f: dataclasses.Field, hint: Any) -> Any:
+    if not _type_ok(value, hint):
+        raise ConfigError(f"{where}: {key}={value!r} must be of type {_type_name(hint)}")
+    if hint is float or (isinstance(value, int) and float in typing.get_args(hint)):
+        value = float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+    lo, hi = f.metadata.get("range", (-INF, INF))
+    numbers = value if isinstance(value, list) else [value]
+    for number in numbers:
+        if isinstance(number, (int, float)) and not isinstance(number, bool) and not lo <= number <= hi:
+            bound = f"[{lo:g}, {hi:g}]" if hi != INF else f">= {lo:g}"
+            raise ConfigError(f"{where}: {key}={value!r} must be {'in ' if hi != INF else ''}{bound}")
+    choices = f.metadata.get("choices")
+    if choices and value not in choices:
+        raise ConfigError(f"{where}: {key}={value!r} must be one of {', '.join(choices)}")
+    return value
+
+
+def _build(cls: type, data: Any, where: str, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: {prefix or 'the file'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    defaults = cls()
+    values: dict[str, Any] = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else f" (known keys: {', '.join(fields)})"
+            raise ConfigError(f"{where}: unknown key {dotted}{hint}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            values[key] = _build(hint, {**_as_dict(getattr(defaults, key)), **(value or {})}, where, dotted + ".")
+        else:
+            values[key] = _check_value(where, dotted, value, fields[key], hint)
+    return dataclasses.replace(defaults, **values)
+
+
+def _as_dict(section: Any) -> dict[str, Any]:
+    """A section's own fields, shallowly (nested dataclasses are rebuilt by _build)."""
+    return {f.name: getattr(section, f.name) for f in dataclasses.fields(section)}
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted}: {part} is not a section")
+        node = child
+    node[leaf] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`train.lr=0.001` -> ("train.lr", 0.001); the value is read as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    try:
+        return key.strip(), yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: value is not valid YAML: {e}") from e
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML file, apply `key=value` overrides and validate everything.
+
+    Example:
+        >>> cfg = load_config("config/cartpole.yaml", ["train.lr=0.0005", "seed=3"])
+    """
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError as e:
+        raise ConfigError(f"{path}: no such config file") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(raw, key, value)
+    return config_from_dict(raw, str(path))
+
+
+def config_from_dict(raw: dict[str, Any], where: str = "<config>") -> Config:
+    cfg = _build(Config, raw, where, "")
+    _check_cross_fields(cfg, where)
+    return cfg
+
+
+def _check_cross_fields(cfg: Config, where: str) -> None:
+    r = cfg.rollout_server
+    eps = r.epsilon if isinstance(r.epsilon, list) else [r.epsilon]
+    if isinstance(r.epsilon, list) and len(r.epsilon) != r.num_workers:
+        raise ConfigError(
+            f"{where}: rollout_server.epsilon has {len(r.epsilon)} values but rollout_server.num_workers={r.num_workers}"
+        )
+    if any(not 0 <= e <= 1 for e in eps):
+        raise ConfigError(f"{where}: rollout_server.epsilon={r.epsilon!r} must be in [0, 1]")
+    for name in ("policy", "trainer"):
+        spec = getattr(cfg, name)
+        if "." not in spec.path:
+            raise ConfigError(f"{where}: {name}.path={spec.path!r} must be a dotted path like module.Class")
+    if cfg.train.min_buffer_size > cfg.buffer_server.capacity_transitions:
+        raise ConfigError(
+            f"{where}: train.min_buffer_size={cfg.train.min_buffer_size} exceeds "
+            f"buffer_server.capacity_transitions={cfg.buffer_server.capacity_transitions}"
+        )
+    if cfg.train.batch_size > cfg.train.min_buffer_size:
+        raise ConfigError(
+            f"{where}: train.batch_size={cfg.train.batch_size} exceeds train.min_buffer_size={cfg.train.min_buffer_size}"
+        )
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """Plain dict of built-in types: YAML-dumpable and safe for torch.load(weights_only=True)."""
+    return dataclasses.asdict(cfg)

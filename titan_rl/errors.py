@@ -1,0 +1,29 @@
+"""The one error hierarchy of TITAN-RL: user mistakes are reported with these, never a bare traceback."""
+
+
+class TitanError(Exception):
+    """Base class of every error TITAN-RL raises on purpose."""
+
+
+class ConfigError(TitanError, ValueError):
+    """A YAML file or override names an unknown key or holds a bad value."""
+
+
+class WireError(TitanError, ValueError):
+    """A message on the wire does not decode: wrong dtype, shape or byte count."""
+
+
+class ShapeMismatchError(TitanError, ValueError):
+    """A transition field disagrees with what the buffer stores; `field` names it."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class NotEnoughDataError(TitanError):
+    """A sample was asked for before the buffer holds enough transitions."""
+
+
+class PeerUnavailableError(TitanError):
+    """Another service could not be reached within the retry budget."""

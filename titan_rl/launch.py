@@ -1,0 +1,162 @@
+"""Start buffer, trainer and rollout as three processes on this machine, train, and stop all three.
+
+`bash run.sh [--config FILE] [--seed N] [section.key=value ...]` ends up here. Ports left at 0
+in the config are picked free here and handed to every service, so all three agree. Ctrl-C or
+SIGTERM asks the trainer to finish (it writes its checkpoint), then stops the others; children
+also die with this process (PR_SET_PDEATHSIG), so none is left behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from titan_rl.config import Config, load_config
+from titan_rl.errors import TitanError
+from titan_rl.rpc import is_serving
+
+SERVICES = (("buffer", "buffer_server"), ("trainer", "trainer_server"), ("rollout", "rollout_server"))
+HEALTH_TIMEOUT_S = 120.0
+TRAINER_GRACE_S = 60.0
+OTHERS_GRACE_S = 10.0
+_PR_SET_PDEATHSIG = 1
+
+
+def free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _child_setup() -> None:
+    """In the child before exec: own session (the terminal's Ctrl-C reaches only the launcher) and die with the launcher."""
+    os.setsid()
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+class Launcher:
+    def __init__(self, config_path: str, overrides: list[str]):
+        self.config_path = config_path
+        cfg = load_config(config_path, overrides)
+        extra = [f"{section}.port={free_port(getattr(cfg, section).host)}" for _, section in SERVICES if getattr(cfg, section).port == 0]
+        if not cfg.logging.run_name:
+            extra.append(f"logging.run_name={cfg.rollout_server.env_name}-seed{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
+        self.overrides = overrides + extra
+        self.cfg: Config = load_config(config_path, self.overrides)
+        self.run_dir = Path(self.cfg.logging.run_dir) / self.cfg.logging.run_name
+        self.procs: dict[str, subprocess.Popen] = {}
+        self._stopping = False
+
+    def _start(self, service: str) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", f"titan_rl.{service}", "--config", self.config_path, *self.overrides]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if service == "trainer":  # its progress is what the user watches
+            out = None
+        else:
+            out = open(self.run_dir / f"{service}.log", "w")
+        self.procs[service] = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if out else None, env=env, preexec_fn=_child_setup)
+
+    def _log_tail(self, service: str, lines: int = 15) -> str:
+        path = self.run_dir / f"{service}.log"
+        return "\n".join(path.read_text().splitlines()[-lines:]) if path.exists() else ""
+
+    def _wait_healthy(self) -> None:
+        deadline = time.monotonic() + HEALTH_TIMEOUT_S
+        pending = {service: getattr(self.cfg, section).dial_address for service, section in SERVICES}
+        while pending:
+            for service, address in list(pending.items()):
+                code = self.procs[service].poll()
+                if code is not None:
+                    raise TitanError(f"{service} exited with code {code} during start-up\n{self._log_tail(service)}")
+                if is_serving(address, timeout_s=0.5):
+                    del pending[service]
+            if time.monotonic() > deadline:
+                raise TitanError(f"no health from {', '.join(pending)} after {HEALTH_TIMEOUT_S:.0f}s")
+            if pending:
+                time.sleep(0.1)
+
+    def stop(self, *_: object) -> None:
+        """Ask the trainer to finish (it saves its checkpoint); the rest is stopped once it exits."""
+        if not self._stopping and "trainer" in self.procs:
+            self._stopping = True
+            print("\nstopping: the trainer writes its checkpoint, then every service exits", flush=True)
+            self.procs["trainer"].send_signal(signal.SIGTERM)
+
+    def _terminate(self, service: str, grace_s: float) -> None:
+        proc = self.procs.get(service)
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            print(f"{service} did not stop within {grace_s:.0f}s; killing it", flush=True)
+            proc.kill()
+            proc.wait()
+
+    def run(self) -> int:
+        started = time.monotonic()
+        signal.signal(signal.SIGINT, self.stop)
+        signal.signal(signal.SIGTERM, self.stop)
+        try:
+            for service, _ in SERVICES:
+                self._start(service)
+            self._wait_healthy()
+            print(f"services up in {time.monotonic() - started:.1f}s; logs in {self.run_dir}", flush=True)
+            while (code := self.procs["trainer"].poll()) is None:
+                for service in ("buffer", "rollout"):
+                    if self.procs[service].poll() is not None and not self._stopping:
+                        print(f"{service} died (code {self.procs[service].returncode}):\n{self._log_tail(service)}", flush=True)
+                        self.stop()
+                time.sleep(0.2)
+        except TitanError as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            code = 1
+        finally:
+            self._terminate("trainer", TRAINER_GRACE_S)
+            for service in ("rollout", "buffer"):
+                self._terminate(service, OTHERS_GRACE_S)
+        self._print_summary(time.monotonic() - started)
+        return code
+
+    def _print_summary(self, wall_s: float) -> None:
+        path = self.run_dir / "summary.json"
+        if not path.exists():
+            print(f"no summary: training did not finish (logs in {self.run_dir})", flush=True)
+            return
+        s = json.loads(path.read_text())
+        best = "-" if s["best_eval_return"] is None else f"{s['best_eval_return']:.1f}"
+        print(
+            f"done: {s['stop_reason']}\n"
+            f"  env steps {s['env_steps']:,}  updates {s['updates']:,}  wall {wall_s:.1f}s (launch to exit)\n"
+            f"  best eval return {best}  checkpoint {s['checkpoint']}  (last: {s['last_checkpoint']})",
+            flush=True,
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bash run.sh", description="Train with buffer, trainer and rollout services on this machine.")
+    parser.add_argument("--config", default="config/cartpole.yaml", help="YAML config (default: %(default)s)")
+    parser.add_argument("--seed", type=int, help="overrides seed")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.lr=0.0005 budget.max_env_steps=50000")
+    args = parser.parse_args(argv)
+    overrides = list(args.overrides) + ([f"seed={args.seed}"] if args.seed is not None else [])
+    try:
+        launcher = Launcher(args.config, overrides)
+    except TitanError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return launcher.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""gRPC face of the rollout service, and the pool of worker processes behind it."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import queue
+import threading
+import time
+
+import grpc
+
+from titan_rl.config import Config
+from titan_rl.rollout.stats import TrajectoryStats
+from titan_rl.rollout.worker import run_worker
+from titan_rl.v1 import rollout_pb2, rollout_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+RESTART_DELAY_S = 2.0
+
+
+class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
+    def __init__(self, stats: TrajectoryStats):
+        self.stats = stats
+
+    def Stats(self, request: rollout_pb2.StatsRequest, context: grpc.ServicerContext) -> rollout_pb2.StatsResponse:
+        return self.stats.snapshot()
+
+
+class WorkerPool:
+    """Starts `num_workers` processes (spawned: no fork of gRPC state), collects their reports,
+    and restarts a worker that dies, after a delay, logging why."""
+
+    def __init__(self, cfg: Config, stats: TrajectoryStats):
+        self.cfg = cfg
+        self.stats = stats
+        self._ctx = mp.get_context("spawn")
+        self._stop = self._ctx.Event()
+        self._reports = self._ctx.Queue()
+        self._procs: dict[int, mp.Process] = {}
+        self._thread = threading.Thread(target=self._supervise, name="worker-pool", daemon=True)
+
+    def _spawn(self, worker_id: int) -> None:
+        proc = self._ctx.Process(
+            target=run_worker, args=(self.cfg, worker_id, self._stop, self._reports), name=f"rollout-worker-{worker_id}", daemon=True
+        )
+        proc.start()
+        self._procs[worker_id] = proc
+
+    def start(self) -> None:
+        for worker_id in range(self.cfg.rollout_server.num_workers):
+            self._spawn(worker_id)
+        self._thread.start()
+
+    def _supervise(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.stats.record(self._reports.get(timeout=0.5))
+            except queue.Empty:
+                pass
+            for worker_id, proc in list(self._procs.items()):
+                if not proc.is_alive() and not self._stop.is_set():
+                    log.error("rollout worker %d exited with code %s; restarting in %.0fs", worker_id, proc.exitcode, RESTART_DELAY_S)
+                    time.sleep(RESTART_DELAY_S)
+                    self._spawn(worker_id)
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        self._stop.set()
+        deadline = time.monotonic() + timeout_s
+        for proc in self._procs.values():
+            proc.join(max(0.0, deadline - time.monotonic()))
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(1.0)

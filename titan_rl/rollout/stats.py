@@ -1,0 +1,58 @@
+"""Aggregates worker reports into the trajectory statistics the Stats call serves."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+
+from titan_rl.rollout.worker import WorkerReport
+from titan_rl.v1 import rollout_pb2
+
+EPISODE_WINDOW = 100
+RATE_WINDOW_S = 5.0
+
+
+class TrajectoryStats:
+    def __init__(self, num_workers: int):
+        self._lock = threading.Lock()
+        self._workers = {i: rollout_pb2.WorkerStats(worker_id=i, policy_version=-1) for i in range(num_workers)}
+        self._returns: deque[float] = deque(maxlen=EPISODE_WINDOW)
+        self._lengths: deque[int] = deque(maxlen=EPISODE_WINDOW)
+        self._episodes = 0
+        self._history: deque[tuple[float, int]] = deque()  # (time, total env steps)
+
+    def record(self, report: WorkerReport, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            w = self._workers[report.worker_id]
+            w.env_steps, w.epsilon, w.policy_version = report.env_steps, report.epsilon, report.policy_version
+            w.episodes += len(report.episode_returns)
+            self._episodes += len(report.episode_returns)
+            self._returns.extend(report.episode_returns)
+            self._lengths.extend(report.episode_lengths)
+            self._history.append((now, self._total_steps()))
+            while len(self._history) > 2 and now - self._history[0][0] > RATE_WINDOW_S:
+                self._history.popleft()
+
+    def _total_steps(self) -> int:
+        return sum(w.env_steps for w in self._workers.values())
+
+    def snapshot(self) -> rollout_pb2.StatsResponse:
+        with self._lock:
+            rate = 0.0
+            if len(self._history) >= 2:
+                (t0, s0), (t1, s1) = self._history[0], self._history[-1]
+                rate = (s1 - s0) / (t1 - t0) if t1 > t0 else 0.0
+            n = len(self._returns)
+            return rollout_pb2.StatsResponse(
+                env_steps=self._total_steps(),
+                episodes=self._episodes,
+                mean_return=sum(self._returns) / n if n else 0.0,
+                mean_length=sum(self._lengths) / n if n else 0.0,
+                last_return=self._returns[-1] if n else 0.0,
+                window=n,
+                steps_per_second=rate,
+                policy_version=min(w.policy_version for w in self._workers.values()),
+                workers=list(self._workers.values()),
+            )

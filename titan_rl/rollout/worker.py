@@ -1,0 +1,93 @@
+"""One rollout worker process: act with the latest weights, ship chunks to the buffer, report stats."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from titan_rl.buffer.client import ChunkSender
+from titan_rl.config import Config
+from titan_rl.registry import build_policy
+from titan_rl.rollout.actor import VectorActor, linear_epsilon
+from titan_rl.service import setup_logging
+from titan_rl.trainer.client import PolicySubscriber
+
+log = logging.getLogger(__name__)
+
+REPORT_EVERY_S = 0.5
+
+
+@dataclass
+class WorkerReport:
+    """What a worker tells the rollout service every REPORT_EVERY_S (plain data: crosses a process boundary)."""
+
+    worker_id: int
+    env_steps: int
+    epsilon: float
+    policy_version: int
+    episode_returns: list[float] = field(default_factory=list)
+    episode_lengths: list[int] = field(default_factory=list)
+
+
+def run_worker(cfg: Config, worker_id: int, stop: mp.Event, reports: mp.Queue) -> None:
+    """Process entry point; returns when `stop` is set or the parent dies."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the rollout service stops us through `stop`
+    setup_logging()
+    torch.set_num_threads(1)
+    parent = os.getppid()
+    r = cfg.rollout_server
+    seed = cfg.seed * 1000 + worker_id
+    torch.manual_seed(seed)
+    policy = build_policy(cfg).eval()
+    final_epsilon = cfg.epsilons()[worker_id]
+    subscriber = PolicySubscriber(cfg.trainer_server.dial_address)
+    sender = ChunkSender(cfg.buffer_server.dial_address)
+    actor = None
+    try:
+        while not subscriber.wait_first(timeout_s=1.0):
+            if stop.is_set() or os.getppid() != parent:
+                return
+            log.info("worker %d: waiting for the first weights from %s", worker_id, cfg.trainer_server.dial_address)
+        actor = VectorActor(r.env_name, r.envs_per_worker, policy, seed)
+        version = -1
+        steps = 0
+        pending: list[dict[str, np.ndarray]] = []
+        pending_rows = 0
+        report = WorkerReport(worker_id, 0, r.epsilon_start, version)
+        next_report = time.monotonic() + REPORT_EVERY_S
+        while not stop.is_set():
+            if (latest := subscriber.take()) is not None:  # swap weights between steps only
+                version, state = latest
+                policy.load_state_dict(state)
+            epsilon = linear_epsilon(r.epsilon_start, final_epsilon, r.epsilon_decay_env_steps, steps * r.num_workers)
+            result = actor.step(epsilon)
+            rows = len(result.transitions["reward"])
+            steps += rows
+            pending.append(result.transitions)
+            pending_rows += rows
+            report.episode_returns += result.episode_returns
+            report.episode_lengths += result.episode_lengths
+            if pending_rows >= r.transitions_per_chunk:
+                chunk = {k: np.concatenate([p[k] for p in pending]) for k in pending[0]}
+                if not sender.send(chunk, worker_id, version, keep_waiting=lambda: not stop.is_set()):
+                    break
+                pending, pending_rows = [], 0
+            if (now := time.monotonic()) >= next_report:
+                report.env_steps, report.epsilon, report.policy_version = steps, epsilon, version
+                reports.put(report)
+                report = WorkerReport(worker_id, steps, epsilon, version)
+                next_report = now + REPORT_EVERY_S
+                if os.getppid() != parent:
+                    return
+    finally:
+        subscriber.close()
+        sender.close(timeout_s=1.0)
+        if actor is not None:
+            actor.close()

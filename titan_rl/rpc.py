@@ -1,0 +1,103 @@
+"""gRPC plumbing shared by the three services: channel options, servers with health, retries."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from concurrent import futures
+from typing import TypeVar
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from titan_rl.errors import PeerUnavailableError
+
+log = logging.getLogger(__name__)
+
+# Weights of a large policy and big sample batches exceed gRPC's 4 MiB default on purpose.
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+SERVER_OPTIONS = CHANNEL_OPTIONS + [("grpc.http2.min_ping_interval_without_data_ms", 10_000)]
+
+T = TypeVar("T")
+
+
+def make_channel(address: str) -> grpc.Channel:
+    return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+
+
+def make_server(host: str, port: int, max_workers: int = 32) -> tuple[grpc.Server, int, health.HealthServicer]:
+    """A server bound to host:port (0 picks a free port) with the standard health service.
+
+    Health reports NOT_SERVING until the caller sets SERVING once everything is ready.
+    Returns the server (not started), the bound port and the health servicer.
+    """
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=SERVER_OPTIONS)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot bind {host}:{port}: address in use or not available")
+    health_servicer = health.HealthServicer()
+    health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    return server, bound, health_servicer
+
+
+def set_serving(health_servicer: health.HealthServicer, service_names: list[str]) -> None:
+    for name in ["", *service_names]:
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+
+def is_serving(address: str, timeout_s: float = 1.0) -> bool:
+    channel = make_channel(address)
+    try:
+        stub = health_pb2_grpc.HealthStub(channel)
+        reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout_s)
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
+    except grpc.RpcError:
+        return False
+    finally:
+        channel.close()
+
+
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+class Backoff:
+    """Exponential back-off with a cap; `sleep()` waits the next delay."""
+
+    def __init__(self, initial_s: float = 0.1, max_s: float = 5.0):
+        self.initial_s, self.max_s = initial_s, max_s
+        self.delay_s = initial_s
+
+    def sleep(self) -> float:
+        delay = self.delay_s
+        time.sleep(delay)
+        self.delay_s = min(self.delay_s * 2, self.max_s)
+        return delay
+
+    def reset(self) -> None:
+        self.delay_s = self.initial_s
+
+
+def call_with_retry(fn: Callable[[], T], what: str, deadline_s: float = 60.0) -> T:
+    """Call `fn`, retrying UNAVAILABLE / DEADLINE_EXCEEDED with back-off until `deadline_s` passes."""
+    backoff = Backoff()
+    end = time.monotonic() + deadline_s
+    while True:
+        try:
+            return fn()
+        except grpc.RpcError as e:
+            if e.code() not in RETRYABLE or time.monotonic() >= end:
+                if e.code() in RETRYABLE:
+                    raise PeerUnavailableError(f"{what}: gave up after {deadline_s:.0f}s: {e.details()}") from e
+                raise
+            log.warning("%s: %s, retrying in %.1fs", what, e.code().name, backoff.delay_s)
+            backoff.sleep()

@@ -1,0 +1,70 @@
+"""What every service's `python -m titan_rl.<service>` entry point shares: arguments, logging, serving until a signal."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Callable
+
+import grpc
+
+from titan_rl.config import Config, load_config
+from titan_rl.errors import TitanError
+
+log = logging.getLogger(__name__)
+
+
+def parse_service_args(service: str, section: str, argv: list[str] | None = None) -> Config:
+    """`--config FILE --host H --port P --seed S [section.key=value ...]` -> validated Config.
+
+    --host/--port replace `<section>.host/port`; a user mistake exits with the message, not a traceback.
+    """
+    parser = argparse.ArgumentParser(prog=f"python -m titan_rl.{service}", description=f"Run the TITAN-RL {service} service.")
+    parser.add_argument("--config", default="config/cartpole.yaml", help="YAML config file")
+    parser.add_argument("--host", help=f"bind address (default: {section}.host)")
+    parser.add_argument("--port", type=int, help=f"port, 0 for any free one (default: {section}.port)")
+    parser.add_argument("--seed", type=int, help="overrides seed")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.lr=0.0005")
+    args = parser.parse_args(argv)
+    overrides = list(args.overrides)
+    if args.host is not None:
+        overrides.append(f"{section}.host={args.host}")
+    if args.port is not None:
+        overrides.append(f"{section}.port={args.port}")
+    if args.seed is not None:
+        overrides.append(f"seed={args.seed}")
+    setup_logging()
+    try:
+        return load_config(args.config, overrides)
+    except TitanError as e:
+        sys.exit(f"error: {e}")
+
+
+def with_bound_port(cfg: Config, section: str, port: int) -> Config:
+    """The config with `<section>.port` set to the port actually bound (when 0 was asked for)."""
+    return dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), port=port)})
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def wait_for_signal(extra_stop: threading.Event | None = None) -> None:
+    """Block until SIGINT/SIGTERM (or `extra_stop` is set)."""
+    stop = extra_stop or threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(0.5):
+        pass
+
+
+def serve_until_signal(server: grpc.Server, name: str, on_stop: Callable[[], None] = lambda: None) -> None:
+    wait_for_signal()
+    log.info("%s: stopping", name)
+    on_stop()
+    server.stop(grace=1.0).wait()
+    log.info("%s: stopped", name)

@@ -1,0 +1,1 @@
+"""Trainer service: the learner loop plus Status / policy / checkpoint / Stop calls."""

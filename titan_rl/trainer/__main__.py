@@ -1,0 +1,79 @@
+"""`python -m titan_rl.trainer --config FILE [--host H] [--port P]`: run the learner until its budget is met."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from pathlib import Path
+
+import torch
+
+from titan_rl.buffer.client import BatchPrefetcher
+from titan_rl.config import Config
+from titan_rl.errors import TitanError
+from titan_rl.metrics import MetricsLogger
+from titan_rl.registry import build, build_policy, check_env_spaces, check_policy_fits
+from titan_rl.rollout.client import RolloutClient
+from titan_rl.rpc import make_server, set_serving
+from titan_rl.service import parse_service_args
+from titan_rl.trainer.loop import Summary, TrainingLoop
+from titan_rl.trainer.policy_store import PolicyStore
+from titan_rl.trainer.service import TrainerServicer
+from titan_rl.v1 import trainer_pb2, trainer_pb2_grpc
+from trainers.base import Trainer
+
+log = logging.getLogger("titan_rl.trainer")
+
+
+def run_name(cfg: Config) -> str:
+    return cfg.logging.run_name or f"{cfg.rollout_server.env_name}-seed{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def run(cfg: Config) -> Summary:
+    """Build everything from `cfg`, serve, train until the budget is met, and shut the server down."""
+    torch.set_num_threads(cfg.train.torch_threads)
+    torch.manual_seed(cfg.seed)
+    obs_shape, n_actions = check_env_spaces(cfg)
+    policy = build_policy(cfg)
+    check_policy_fits(policy, obs_shape, n_actions)
+    trainer = build(cfg.trainer, "trainer", policy, cfg.train)
+    if not isinstance(trainer, Trainer):
+        raise TitanError(f"trainer.path={cfg.trainer.path!r} is not a subclass of trainers.base.Trainer")
+    name = run_name(cfg)
+    logger = MetricsLogger(cfg, Path(cfg.logging.run_dir) / name, name)
+    store = PolicyStore()
+    t = cfg.train
+    batches = BatchPrefetcher(cfg.buffer_server.dial_address, t.batch_size, t.batches_per_request, t.prefetch_requests)
+    rollout = RolloutClient(cfg.rollout_server.dial_address)
+    loop = TrainingLoop(cfg, trainer, batches, store, logger, rollout)
+    server, port, health = make_server(cfg.trainer_server.host, cfg.trainer_server.port)
+    trainer_pb2_grpc.add_TrainerServiceServicer_to_server(TrainerServicer(loop, store), server)
+    store.publish(policy.state_dict())
+    server.start()
+    set_serving(health, [trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"].full_name])
+    log.info("trainer serving on %s:%d, run %s", cfg.trainer_server.host, port, name)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: loop.stop())
+    try:
+        return loop.run()
+    finally:
+        store.close()
+        batches.close()
+        rollout.close()
+        logger.close()
+        server.stop(grace=1.0).wait()
+
+
+def main() -> None:
+    cfg = parse_service_args("trainer", "trainer_server")
+    try:
+        summary = run(cfg)
+    except TitanError as e:
+        raise SystemExit(f"error: {e}") from None
+    best = "-" if summary.best_eval_return is None else f"{summary.best_eval_return:.1f}"
+    log.info("done (%s): %d env steps, %d updates, %.1fs, best eval %s -> %s", summary.stop_reason, summary.env_steps, summary.updates, summary.wall_s, best, summary.checkpoint)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""Clients of the trainer service: the weight subscription actors use, and control calls."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import grpc
+import torch
+
+from titan_rl import wire
+from titan_rl.rpc import RETRYABLE, Backoff, make_channel
+from titan_rl.v1 import trainer_pb2, trainer_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+class PolicySubscriber:
+    """Follows the trainer's WatchPolicy stream from a background thread.
+
+    Only the newest weights are kept; `take()` hands them over once, so the actor
+    can swap weights between two env steps (never mid-batch). A dropped stream is
+    reopened with back-off, asking only for versions newer than the last one seen.
+    """
+
+    def __init__(self, address: str):
+        self.address = address
+        self.version = -1
+        self._latest: tuple[int, dict[str, torch.Tensor]] | None = None
+        self._lock = threading.Lock()
+        self._arrived = threading.Event()
+        self._stop = threading.Event()
+        self._channel = make_channel(address)
+        self._stub = trainer_pb2_grpc.TrainerServiceStub(self._channel)
+        self._call = None
+        self._thread = threading.Thread(target=self._run, name="policy-subscriber", daemon=True)
+        self._thread.start()
+
+    def take(self) -> tuple[int, dict[str, torch.Tensor]] | None:
+        with self._lock:
+            latest, self._latest = self._latest, None
+        return latest
+
+    def wait_first(self, timeout_s: float | None = None) -> bool:
+        return self._arrived.wait(timeout_s)
+
+    def _run(self) -> None:
+        backoff = Backoff()
+        while not self._stop.is_set():
+            try:
+                self._call = self._stub.WatchPolicy(trainer_pb2.WatchPolicyRequest(after_version=self.version), wait_for_ready=True)
+                for weights in self._call:
+                    state = wire.decode_state_dict(weights)
+                    with self._lock:
+                        self._latest = (weights.version, state)
+                        self.version = weights.version
+                    self._arrived.set()
+                    backoff.reset()
+            except grpc.RpcError as e:
+                if self._stop.is_set():
+                    return
+                level = logging.WARNING if e.code() in RETRYABLE else logging.ERROR
+                log.log(level, "policy stream from %s: %s; retrying in %.1fs", self.address, e.code().name, backoff.delay_s)
+            if not self._stop.is_set():
+                backoff.sleep()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._call is not None:
+            self._call.cancel()
+        self._channel.close()
+
+
+class TrainerClient:
+    def __init__(self, address: str, timeout_s: float = 10.0):
+        self.timeout_s = timeout_s
+        self._channel = make_channel(address)
+        self.stub = trainer_pb2_grpc.TrainerServiceStub(self._channel)
+
+    def status(self) -> trainer_pb2.StatusResponse:
+        return self.stub.Status(trainer_pb2.StatusRequest(), timeout=self.timeout_s)
+
+    def stop(self) -> None:
+        self.stub.Stop(trainer_pb2.StopRequest(), timeout=self.timeout_s)
+
+    def checkpoint(self, path: str = "") -> str:
+        return self.stub.Checkpoint(trainer_pb2.CheckpointRequest(path=path), timeout=60).path
+
+    def close(self) -> None:
+        self._channel.close()

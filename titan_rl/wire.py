@@ -1,0 +1,81 @@
+"""numpy/torch <-> protobuf codec: the only module that touches tensor bytes.
+
+A tensor travels as raw little-endian bytes plus shape and dtype name; decoding is a
+zero-copy `np.frombuffer` view (read-only), never pickle.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+
+from titan_rl.errors import WireError
+
+try:
+    from titan_rl.v1 import common_pb2
+except ImportError as e:  # the generated package is not committed
+    raise ImportError("titan_rl.v1 protobuf modules are missing: run `bash generate_proto.sh`") from e
+
+TRANSITION_FIELDS = ("obs", "action", "reward", "next_obs", "terminated", "truncated")
+
+_ALLOWED_DTYPES = {
+    "float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "bool",
+}
+
+
+def encode(array: np.ndarray) -> common_pb2.Tensor:
+    array = np.asarray(array)
+    if array.dtype.name not in _ALLOWED_DTYPES:
+        raise WireError(f"dtype {array.dtype.name} cannot travel; use one of {sorted(_ALLOWED_DTYPES)}")
+    if array.dtype.byteorder == ">":
+        array = array.astype(array.dtype.newbyteorder("<"))
+    return common_pb2.Tensor(data=np.ascontiguousarray(array).tobytes(), shape=array.shape, dtype=array.dtype.name)
+
+
+def decode(tensor: common_pb2.Tensor, name: str = "tensor") -> np.ndarray:
+    """View a Tensor message as a read-only array; `name` goes into the error message."""
+    if tensor.dtype not in _ALLOWED_DTYPES:
+        raise WireError(f"{name}: unknown dtype {tensor.dtype!r}")
+    dtype = np.dtype(tensor.dtype)
+    shape = tuple(tensor.shape)
+    if any(d < 0 for d in shape):
+        raise WireError(f"{name}: negative dimension in shape {shape}")
+    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if len(tensor.data) != expected:
+        raise WireError(f"{name}: {len(tensor.data)} bytes do not fill shape {shape} of {dtype.name} ({expected} bytes)")
+    return np.frombuffer(tensor.data, dtype=dtype).reshape(shape)
+
+
+def encode_chunk(fields: Mapping[str, np.ndarray], worker_id: int = 0, policy_version: int = -1) -> common_pb2.TransitionChunk:
+    return common_pb2.TransitionChunk(
+        **{name: encode(fields[name]) for name in TRANSITION_FIELDS},
+        worker_id=worker_id,
+        policy_version=policy_version,
+    )
+
+
+def decode_chunk(chunk: common_pb2.TransitionChunk) -> dict[str, np.ndarray]:
+    """Every transition field as an array; a missing field is a WireError naming it."""
+    out = {}
+    for name in TRANSITION_FIELDS:
+        if not chunk.HasField(name):
+            raise WireError(f"{name}: missing")
+        out[name] = decode(getattr(chunk, name), name)
+    return out
+
+
+def encode_state_dict(state: Mapping[str, torch.Tensor], version: int) -> common_pb2.PolicyWeights:
+    return common_pb2.PolicyWeights(
+        version=version,
+        tensors=[
+            common_pb2.NamedTensor(name=name, tensor=encode(t.detach().cpu().numpy()))
+            for name, t in state.items()
+        ],
+    )
+
+
+def decode_state_dict(weights: common_pb2.PolicyWeights) -> dict[str, torch.Tensor]:
+    """Named tensors as writable torch tensors, ready for `load_state_dict`."""
+    return {nt.name: torch.from_numpy(decode(nt.tensor, nt.name).copy()) for nt in weights.tensors}

@@ -1,0 +1,1 @@
+"""Learning algorithms: subclasses of trainers.base.Trainer, chosen by `trainer.path` in YAML."""
