@@ -204,6 +204,8 @@ def _build(cls: type, data: Any, where: str, prefix: str) -> Any:
             raise ConfigError(f"{where}: unknown key {dotted}{hint}")
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict | None):
+                raise ConfigError(f"{where}: {dotted} must be a mapping of keys, got {value!r}")
             values[key] = _build(hint, {**_as_dict(getattr(defaults, key)), **(value or {})}, where, dotted + ".")
         else:
             values[key] = _check_value(where, dotted, value, fields[key], hint)
@@ -268,9 +270,7 @@ def _check_cross_fields(cfg: Config, where: str) -> None:
     r = cfg.rollout_server
     eps = r.epsilon if isinstance(r.epsilon, list) else [r.epsilon]
     if isinstance(r.epsilon, list) and len(r.epsilon) != r.num_workers:
-        raise ConfigError(
-            f"{where}: rollout_server.epsilon has {len(r.epsilon)} values but rollout_server.num_workers={r.num_workers}"
-        )
+        raise ConfigError(f"{where}: rollout_server.epsilon has {len(r.epsilon)} values but rollout_server.num_workers={r.num_workers}")
     if any(not 0 <= e <= 1 for e in eps):
         raise ConfigError(f"{where}: rollout_server.epsilon={r.epsilon!r} must be in [0, 1]")
     for name in ("policy", "trainer"):
@@ -283,9 +283,7 @@ def _check_cross_fields(cfg: Config, where: str) -> None:
             f"buffer_server.capacity_transitions={cfg.buffer_server.capacity_transitions}"
         )
     if cfg.train.batch_size > cfg.train.min_buffer_size:
-        raise ConfigError(
-            f"{where}: train.batch_size={cfg.train.batch_size} exceeds train.min_buffer_size={cfg.train.min_buffer_size}"
-        )
+        raise ConfigError(f"{where}: train.batch_size={cfg.train.batch_size} exceeds train.min_buffer_size={cfg.train.min_buffer_size}")
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:

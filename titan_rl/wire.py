@@ -21,7 +21,15 @@ except ImportError as e:  # the generated package is not committed
 TRANSITION_FIELDS = ("obs", "action", "reward", "next_obs", "terminated", "truncated")
 
 _ALLOWED_DTYPES = {
-    "float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "bool",
+    "float16",
+    "float32",
+    "float64",
+    "int8",
+    "int16",
+    "int32",
+    "int64",
+    "uint8",
+    "bool",
 }
 
 
@@ -69,10 +77,7 @@ def decode_chunk(chunk: common_pb2.TransitionChunk) -> dict[str, np.ndarray]:
 def encode_state_dict(state: Mapping[str, torch.Tensor], version: int) -> common_pb2.PolicyWeights:
     return common_pb2.PolicyWeights(
         version=version,
-        tensors=[
-            common_pb2.NamedTensor(name=name, tensor=encode(t.detach().cpu().numpy()))
-            for name, t in state.items()
-        ],
+        tensors=[common_pb2.NamedTensor(name=name, tensor=encode(t.detach().cpu().numpy())) for name, t in state.items()],
     )
 
 

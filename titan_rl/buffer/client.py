@@ -119,7 +119,7 @@ class ChunkSender:
         try:
             while True:
                 try:
-                    for reply in stub.Add(self._stream(self._requests), wait_for_ready=True):
+                    for _ in stub.Add(self._stream(self._requests), wait_for_ready=True):
                         self.chunks_acked += 1
                         with self._lock:
                             self._in_flight -= 1
@@ -179,7 +179,7 @@ class BatchPrefetcher:
             batch = self._ready.get(timeout=timeout_s)
         except queue.Empty:
             if self._error is not None:
-                raise self._error
+                raise self._error from None
             return None
         return batch
 
@@ -209,7 +209,7 @@ class BatchPrefetcher:
                     self.inserts_total = reply.inserts_total
                     rows = wire.decode_chunk(reply.batch)
                     for i in range(0, len(rows["reward"]), self.batch_size):
-                        if not self._put({name: a[i:i + self.batch_size] for name, a in rows.items()}):
+                        if not self._put({name: a[i : i + self.batch_size] for name, a in rows.items()}):
                             return
                     credits.put(self._request)  # only once the reply is queued: prefetch stays bounded
                     backoff.reset()

@@ -27,9 +27,7 @@ def replay_from_config(cfg: Config) -> ReplayBuffer:
 
 
 def _sample_response(fields: dict, indices, inserts: int) -> buffer_pb2.SampleResponse:
-    return buffer_pb2.SampleResponse(
-        batch=wire.encode_chunk(fields), indices=wire.encode(indices), inserts_total=inserts
-    )
+    return buffer_pb2.SampleResponse(batch=wire.encode_chunk(fields), indices=wire.encode(indices), inserts_total=inserts)
 
 
 def _check_sample_request(request: buffer_pb2.SampleRequest, context: grpc.ServicerContext) -> int:

@@ -52,9 +52,7 @@ class RingStorage:
         for name, (shape, dtype) in self.spec.items():
             got = fields[name]
             if got.shape[1:] != shape or got.dtype != dtype:
-                raise ShapeMismatchError(
-                    name, f"got rows of shape {got.shape[1:]} {got.dtype}, the buffer stores {shape} {dtype}"
-                )
+                raise ShapeMismatchError(name, f"got rows of shape {got.shape[1:]} {got.dtype}, the buffer stores {shape} {dtype}")
         return n
 
     def add(self, fields: Mapping[str, np.ndarray]) -> int:
@@ -62,18 +60,17 @@ class RingStorage:
         n = self.validate(fields)
         if not self._arrays:
             self._arrays = {
-                name: np.zeros((self.capacity, *fields[name].shape[1:]), dtype=fields[name].dtype)
-                for name in TRANSITION_FIELDS
+                name: np.zeros((self.capacity, *fields[name].shape[1:]), dtype=fields[name].dtype) for name in TRANSITION_FIELDS
             }
         if n > self.capacity:  # only the newest `capacity` rows survive anyway
-            fields = {name: a[-self.capacity:] for name, a in fields.items()}
+            fields = {name: a[-self.capacity :] for name, a in fields.items()}
             self.inserts_total += n - self.capacity
             n = self.capacity
         first = min(n, self.capacity - self._next)
         for name in TRANSITION_FIELDS:
             src, dst = fields[name], self._arrays[name]
-            dst[self._next:self._next + first] = src[:first]
-            dst[:n - first] = src[first:]
+            dst[self._next : self._next + first] = src[:first]
+            dst[: n - first] = src[first:]
         self._next = (self._next + n) % self.capacity
         self.size = min(self.size + n, self.capacity)
         self.inserts_total += n

@@ -72,7 +72,15 @@ def main() -> None:
     except TitanError as e:
         raise SystemExit(f"error: {e}") from None
     best = "-" if summary.best_eval_return is None else f"{summary.best_eval_return:.1f}"
-    log.info("done (%s): %d env steps, %d updates, %.1fs, best eval %s -> %s", summary.stop_reason, summary.env_steps, summary.updates, summary.wall_s, best, summary.checkpoint)
+    log.info(
+        "done (%s): %d env steps, %d updates, %.1fs, best eval %s -> %s",
+        summary.stop_reason,
+        summary.env_steps,
+        summary.updates,
+        summary.wall_s,
+        best,
+        summary.checkpoint,
+    )
 
 
 if __name__ == "__main__":

@@ -166,7 +166,14 @@ class TrainingLoop:
             metrics.update({"charts/policy_version_acting": float(stats.policy_version), "charts/env_steps_per_s": stats.steps_per_second})
             if stats.window:
                 metrics.update({"charts/episodic_return": stats.mean_return, "charts/episodic_length": stats.mean_length})
-        metrics.update({"charts/updates": float(self.trainer.updates), "charts/policy_version": float(self.store.version), "charts/wall_s": self.wall_s(), "charts/time": time.time()})
+        metrics.update(
+            {
+                "charts/updates": float(self.trainer.updates),
+                "charts/policy_version": float(self.store.version),
+                "charts/wall_s": self.wall_s(),
+                "charts/time": time.time(),
+            }
+        )
         self.last_metrics.update(metrics)
         self.logger.log(metrics, self.env_steps)
         m = self.last_metrics
@@ -178,7 +185,12 @@ class TrainingLoop:
         )
 
     def save(self, path: str | Path, eval_returns: list[float] | None = None) -> Path:
-        counters = {"updates": self.trainer.updates, "env_steps": self.env_steps, "policy_version": self.store.version, "wall_s": self.wall_s()}
+        counters = {
+            "updates": self.trainer.updates,
+            "env_steps": self.env_steps,
+            "policy_version": self.store.version,
+            "wall_s": self.wall_s(),
+        }
         with self.checkpoint_lock:
             return save_checkpoint(path, self.cfg, self.trainer.state_dict(), counters, eval_returns)
 

@@ -39,9 +39,7 @@ class PolicyStore:
     def wait_newer(self, after_version: int, timeout_s: float) -> common_pb2.PolicyWeights | None:
         """Weights newer than `after_version`, or None on timeout or close."""
         with self._cond:
-            self._cond.wait_for(
-                lambda: self._closed or (self._latest is not None and self._latest.version > after_version), timeout_s
-            )
+            self._cond.wait_for(lambda: self._closed or (self._latest is not None and self._latest.version > after_version), timeout_s)
             if self._latest is not None and self._latest.version > after_version:
                 return self._latest
             return None

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# TITAN-RL entry point.
+#   bash run.sh [--config FILE] [--seed N] [section.key=value ...]   train (default: config/cartpole.yaml)
+#   bash run.sh test [pytest args ...]                                lint, then run the test suite
+# Sets itself up on first use: .venv from requirements.txt, protobuf code from proto/.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+VENV=.venv
+PYTHON=${PYTHON:-python3}
+
+if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; then
+  echo "error: TITAN-RL needs Python >= 3.10 as '$PYTHON' (set PYTHON=/path/to/python3.11)" >&2
+  exit 1
+fi
+
+if [ ! -x "$VENV/bin/python" ] || [ requirements.txt -nt "$VENV/.installed" ]; then
+  echo "setting up $VENV (first run: about a minute)..."
+  [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -r requirements.txt
+  touch "$VENV/.installed"
+fi
+
+stamp=titan_rl/v1/common_pb2.py
+if [ ! -f "$stamp" ] || [ -n "$(find proto generate_proto.sh -newer "$stamp" 2>/dev/null)" ]; then
+  PYTHON="$VENV/bin/python" bash generate_proto.sh
+fi
+
+if [ "${1:-}" = test ]; then
+  shift
+  "$VENV/bin/python" -m ruff check .
+  exec "$VENV/bin/python" -m pytest "$@"
+fi
+exec "$VENV/bin/python" -m titan_rl.launch "$@"

@@ -1,0 +1,31 @@
+"""Helpers shared by the tests (fixtures live in conftest.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = REPO / "config" / "cartpole.yaml"
+
+
+def make_config(*overrides: str):
+    from titan_rl.config import load_config
+
+    return load_config(DEFAULT_CONFIG, list(overrides))
+
+
+def transitions(n: int, obs_dim: int = 4, seed: int = 0, start: float = 0.0) -> dict[str, np.ndarray]:
+    """n well-formed CartPole-like transitions; obs[:, 0] counts up from `start` so order can be checked."""
+    rng = np.random.default_rng(seed)
+    obs = rng.standard_normal((n, obs_dim)).astype(np.float32)
+    obs[:, 0] = start + np.arange(n)
+    return {
+        "obs": obs,
+        "action": rng.integers(0, 2, n).astype(np.int64),
+        "reward": np.ones(n, dtype=np.float32),
+        "next_obs": obs + 1,
+        "terminated": np.zeros(n, dtype=bool),
+        "truncated": np.zeros(n, dtype=bool),
+    }

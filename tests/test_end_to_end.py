@@ -1,0 +1,175 @@
+"""All three services as processes, started the way `bash run.sh` starts them."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import REPO
+from titan_rl.buffer.client import BufferClient
+from titan_rl.launch import free_port
+from titan_rl.rollout.client import RolloutClient
+from titan_rl.trainer.client import TrainerClient
+
+pytestmark = pytest.mark.e2e
+
+
+def descendants(pid: int) -> set[int]:
+    """Every process below `pid`, from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def launch(tmp_path: Path, *overrides: str) -> tuple[subprocess.Popen, dict[str, str]]:
+    ports = {name: free_port("127.0.0.1") for name in ("buffer_server", "rollout_server", "trainer_server")}
+    args = [f"{name}.port={port}" for name, port in ports.items()]
+    args += [f"logging.run_dir={tmp_path}/runs", "logging.run_name=test", f"logging.checkpoint_path={tmp_path}/checkpoint.pth"]
+    args += ["logging.console=true", *overrides]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "titan_rl.launch", "--config", "config/cartpole.yaml", *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "WANDB_MODE": "disabled"},
+    )
+    return proc, {name: f"127.0.0.1:{port}" for name, port in ports.items()}
+
+
+def wait_for_line(proc: subprocess.Popen, text: str, timeout_s: float = 120) -> list[str]:
+    lines, deadline = [], time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if text in line:
+            return lines
+    raise AssertionError(f"{text!r} never printed:\n{''.join(lines)}")
+
+
+def test_three_services_learn_cartpole_and_the_checkpoint_plays_it(tmp_path):
+    proc, addresses = launch(tmp_path, "--seed", "1", "budget.max_env_steps=100000")
+    try:
+        wait_for_line(proc, "services up")
+        rollout, buffer, trainer = (
+            RolloutClient(addresses["rollout_server"]),
+            BufferClient(addresses["buffer_server"]),
+            TrainerClient(addresses["trainer_server"]),
+        )
+        seen = {"episodes": 0, "version": -1, "updates": 0, "stored": 0}
+        while proc.poll() is None:
+            stats = rollout.stats()
+            if stats is not None:
+                seen["episodes"] = max(seen["episodes"], stats.episodes)
+                seen["version"] = max(seen["version"], stats.policy_version)
+            try:
+                seen["updates"] = max(seen["updates"], trainer.status().updates)
+                seen["stored"] = max(seen["stored"], buffer.info().size)
+            except Exception:  # the run may end between two polls
+                pass
+            time.sleep(0.5)
+        output = proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, output
+    assert seen["episodes"] > 0 and seen["version"] > 0 and seen["updates"] > 0 and seen["stored"] >= 1000, seen
+    summary = json.loads((tmp_path / "runs" / "test" / "summary.json").read_text())
+    assert summary["best_eval_return"] >= 475, summary
+    assert (tmp_path / "checkpoint.pth").exists() and (tmp_path / "checkpoint_last.pth").exists()
+    evals = [json.loads(line) for line in (tmp_path / "runs" / "test" / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval/mean_return" in row for row in evals) and any("losses/td_loss" in row for row in evals)
+
+    played = subprocess.run(
+        [sys.executable, "visualize.py", "--model_path", str(tmp_path / "checkpoint.pth"), "--episodes", "20", "--no-render"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert played.returncode == 0, played.stderr
+    mean_return = float(played.stdout.strip().splitlines()[-1].removeprefix("mean_return="))
+    assert mean_return >= 475, played.stdout
+
+
+def test_ctrl_c_stops_every_process_and_keeps_the_last_checkpoint(tmp_path):
+    proc, _ = launch(tmp_path, "budget.max_env_steps=10000000")
+    try:
+        wait_for_line(proc, "services up")
+        time.sleep(3)  # let it train a little
+        tree = descendants(proc.pid)
+        assert len(tree) >= 5, tree  # buffer, trainer, rollout and its two workers (plus helpers)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+        output = proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    deadline = time.monotonic() + 10
+    while any(alive(p) for p in tree) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [p for p in tree if alive(p)], f"left behind: {[p for p in tree if alive(p)]}\n{output}"
+    assert "stop requested" in output and "Traceback" not in output, output
+    assert (tmp_path / "checkpoint_last.pth").exists()
+
+
+def test_a_bad_config_key_fails_before_anything_starts():
+    result = subprocess.run(
+        [sys.executable, "-m", "titan_rl.launch", "train.gama=0.9"], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2
+    assert "config/cartpole.yaml: unknown key train.gama (did you mean train.gamma?)" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("service", ["buffer", "rollout", "trainer"])
+def test_each_service_runs_alone_with_host_and_port_flags(service):
+    port = free_port("127.0.0.1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", f"titan_rl.{service}", "--config", "config/cartpole.yaml", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "WANDB_MODE": "disabled"},
+    )
+    from titan_rl.rpc import is_serving
+
+    try:
+        deadline = time.monotonic() + 60
+        while not is_serving(f"127.0.0.1:{port}") and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stdout.read()
+            time.sleep(0.2)
+        assert is_serving(f"127.0.0.1:{port}")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        output = proc.communicate(timeout=30)[0]
+    assert proc.returncode == 0 and "Traceback" not in output, output

@@ -1,0 +1,120 @@
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from tests.helpers import transitions
+from titan_rl.buffer.rate_limiter import RateLimiter
+from titan_rl.buffer.replay import Closed, ReplayBuffer
+from titan_rl.buffer.storage import RingStorage
+from titan_rl.errors import NotEnoughDataError, ShapeMismatchError
+
+
+def test_ring_overwrites_oldest_first_across_the_wrap():
+    s = RingStorage(capacity=10)
+    s.add(transitions(7, start=0))
+    s.add(transitions(6, start=7))  # wraps: rows 0..2 now hold 10..12
+    assert s.size == 10 and s.inserts_total == 13
+    stored = sorted(s.gather(np.arange(10))["obs"][:, 0])
+    assert stored == list(range(3, 13))
+
+
+def test_batch_larger_than_capacity_keeps_the_newest_rows():
+    s = RingStorage(capacity=4)
+    s.add(transitions(10, start=0))
+    assert sorted(s.gather(np.arange(4))["obs"][:, 0]) == [6, 7, 8, 9]
+    assert s.inserts_total == 10
+
+
+@pytest.mark.parametrize(
+    ("field", "bad", "message"),
+    [
+        (
+            "obs",
+            {"obs": np.zeros((5, 3), np.float32), "next_obs": np.zeros((5, 3), np.float32)},
+            "obs: got rows of shape (3,) float32, the buffer stores (4,) float32",
+        ),
+        ("next_obs", {"next_obs": np.zeros((5, 3), np.float32)}, "next_obs: shape (5, 3) != obs shape (5, 4)"),
+        ("next_obs", {"next_obs": np.zeros((5, 4), np.float64)}, "next_obs: got rows of shape (4,) float64"),
+        ("reward", {"reward": np.zeros(4, np.float32)}, "reward: has 4 rows but obs has 5"),
+        ("terminated", {"terminated": np.zeros(5, np.int64)}, "terminated: dtype int64 must be bool"),
+        ("action", {"action": np.zeros((5, 2), np.int64)}, "action: shape (5, 2) must be [N]"),
+    ],
+)
+def test_inserts_that_disagree_with_the_stored_spec_name_the_field_and_store_nothing(field, bad, message):
+    s = RingStorage(capacity=10)
+    s.add(transitions(5))
+    with pytest.raises(ShapeMismatchError) as e:
+        s.add({**transitions(5), **bad})
+    assert message in str(e.value) and e.value.field == field
+    assert s.size == 5
+
+
+def test_sample_shapes_and_not_enough_data():
+    buf = ReplayBuffer(capacity=100, seed=0)
+    with pytest.raises(NotEnoughDataError, match="fewer than batch_size=8"):
+        buf.sample(8)
+    buf.add(transitions(20))
+    fields, idx, inserts = buf.sample(8, num_batches=3)
+    assert fields["obs"].shape == (24, 4) and idx.shape == (24,) and inserts == 20
+    assert np.all(fields["next_obs"] == fields["obs"] + 1)  # rows stay whole
+    info = buf.info()
+    assert (info.size, info.inserts_total, info.sampled_rows_total, info.sample_calls_total) == (20, 20, 24, 1)
+
+
+def test_sampling_is_uniform_over_stored_rows():
+    buf = ReplayBuffer(capacity=10, seed=1)
+    buf.add(transitions(10))
+    fields, _, _ = buf.sample(10, num_batches=1000)
+    counts = np.bincount(fields["obs"][:, 0].astype(int), minlength=10)
+    assert counts.min() > 800 and counts.max() < 1200  # 1000 expected per row
+
+
+def test_rate_limiter_keeps_collection_and_learning_within_the_slack():
+    rl = RateLimiter(samples_per_insert=2.0, min_size_to_sample=100, slack_transitions=10)
+    assert rl.can_insert(0, 0) and not rl.can_sample(99, 0)
+    assert rl.can_sample(100, 0)
+    assert rl.can_insert(110, 0) and not rl.can_insert(111, 0)  # 11 steps ahead of a learner that sampled nothing
+    assert rl.can_insert(111, 2)  # one more transition's worth of samples lets it go on
+    assert rl.can_sample(100, 20) and not rl.can_sample(100, 21)  # 10 transitions' worth ahead at most
+
+
+def test_blocked_insert_resumes_when_the_learner_samples():
+    buf = ReplayBuffer(capacity=1000, rate_limiter=RateLimiter(1.0, min_size_to_sample=10, slack_transitions=5), seed=0)
+    buf.add(transitions(16))  # 6 ahead: the next insert must wait
+    done = threading.Event()
+    t = threading.Thread(target=lambda: (buf.add(transitions(1)), done.set()))
+    t.start()
+    assert not done.wait(0.3)
+    buf.sample(4)
+    assert done.wait(2.0)
+    t.join()
+
+
+def test_blocked_sample_waits_for_inserts_and_close_releases_waiters():
+    buf = ReplayBuffer(capacity=1000, rate_limiter=RateLimiter(4.0, min_size_to_sample=10, slack_transitions=1), seed=0)
+    buf.add(transitions(10))
+    buf.sample(8, block=True)  # uses up the slack: the learner is now ahead
+    result = {}
+
+    def sample():
+        try:
+            buf.sample(8, block=True)
+            result["ok"] = True
+        except Closed:
+            result["closed"] = True
+
+    t = threading.Thread(target=sample)
+    t.start()
+    time.sleep(0.3)
+    assert not result
+    buf.add(transitions(2))
+    t.join(2.0)
+    assert result == {"ok": True}
+    t = threading.Thread(target=sample)
+    t.start()
+    time.sleep(0.3)
+    buf.close()
+    t.join(2.0)
+    assert result == {"ok": True, "closed": True}
