@@ -173,3 +173,15 @@ def test_each_service_runs_alone_with_host_and_port_flags(service):
         proc.send_signal(signal.SIGTERM)
         output = proc.communicate(timeout=30)[0]
     assert proc.returncode == 0 and "Traceback" not in output, output
+
+
+def test_rollout_stops_with_a_clear_error_when_the_policy_does_not_fit_the_env():
+    result = subprocess.run(
+        [sys.executable, "-m", "titan_rl.rollout", "--port", "0", "policy.kwargs={state_dim: 3, action_dim: 2}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    assert "does not accept observations of shape (4,)" in result.stderr and "stopping" in result.stderr

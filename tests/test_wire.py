@@ -45,9 +45,9 @@ def test_chunk_missing_a_field_names_it():
 
 def test_state_dict_round_trip_loads_into_a_fresh_module():
     net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
-    weights = wire.encode_state_dict(net.state_dict(), version=7)
+    weights = wire.encode_weights({k: t.numpy() for k, t in net.state_dict().items()}, version=7)
     assert weights.version == 7
     other = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
-    other.load_state_dict(wire.decode_state_dict(weights))
+    other.load_state_dict({k: torch.from_numpy(a.copy()) for k, a in wire.decode_weights(weights).items()})
     x = torch.randn(3, 4)
     torch.testing.assert_close(other(x), net(x))

@@ -7,7 +7,7 @@ import os
 import sys
 from typing import Any
 
-import gymnasium as gym
+import torch
 from torch import nn
 
 from titan_rl.config import ClassSpec, Config
@@ -44,29 +44,8 @@ def build_policy(cfg: Config) -> nn.Module:
     return policy
 
 
-def check_env_spaces(cfg: Config) -> tuple[tuple[int, ...], int]:
-    """Observation shape and action count of the configured env; raises ConfigError if unsupported."""
-    name = cfg.rollout_server.env_name
-    try:
-        env = gym.make(name)
-    except gym.error.Error as e:
-        raise ConfigError(f"rollout_server.env_name={name!r}: {e}") from e
-    try:
-        obs_space, act_space = env.observation_space, env.action_space
-    finally:
-        env.close()
-    if not isinstance(obs_space, gym.spaces.Box) or not isinstance(act_space, gym.spaces.Discrete):
-        raise ConfigError(
-            f"rollout_server.env_name={name!r} has {type(obs_space).__name__} observations and "
-            f"{type(act_space).__name__} actions; DQN needs Box observations and Discrete actions"
-        )
-    return tuple(obs_space.shape), int(act_space.n)
-
-
 def check_policy_fits(policy: nn.Module, obs_shape: tuple[int, ...], n_actions: int, where: str = "policy") -> None:
     """One dummy forward: the policy must map [B, *obs_shape] to [B, n_actions]."""
-    import torch
-
     with torch.no_grad():
         try:
             out = policy(torch.zeros((2, *obs_shape)))

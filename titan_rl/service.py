@@ -54,16 +54,20 @@ def setup_logging(level: int = logging.INFO) -> None:
 
 
 def wait_for_signal(extra_stop: threading.Event | None = None) -> None:
-    """Block until SIGINT/SIGTERM (or `extra_stop` is set)."""
-    stop = extra_stop or threading.Event()
+    """Block until SIGINT/SIGTERM arrives or `extra_stop` is set."""
+    signalled = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    while not stop.wait(0.5):
-        pass
+        signal.signal(sig, lambda *_: signalled.set())
+    while not signalled.wait(0.2):
+        if extra_stop is not None and extra_stop.is_set():
+            return
 
 
-def serve_until_signal(server: grpc.Server, name: str, on_stop: Callable[[], None] = lambda: None) -> None:
-    wait_for_signal()
+def serve_until_signal(
+    server: grpc.Server, name: str, on_stop: Callable[[], None] = lambda: None, stop_event: threading.Event | None = None
+) -> None:
+    """Serve until SIGINT/SIGTERM or `stop_event`, then `on_stop()` and stop the server."""
+    wait_for_signal(stop_event)
     log.info("%s: stopping", name)
     on_stop()
     server.stop(grace=1.0).wait()

@@ -1,4 +1,4 @@
-"""numpy/torch <-> protobuf codec: the only module that touches tensor bytes.
+"""numpy <-> protobuf codec: the only module that touches tensor bytes.
 
 A tensor travels as raw little-endian bytes plus shape and dtype name; decoding is a
 zero-copy `np.frombuffer` view (read-only), never pickle.
@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import numpy as np
-import torch
 
 from titan_rl.errors import WireError
 
@@ -74,13 +73,14 @@ def decode_chunk(chunk: common_pb2.TransitionChunk) -> dict[str, np.ndarray]:
     return out
 
 
-def encode_state_dict(state: Mapping[str, torch.Tensor], version: int) -> common_pb2.PolicyWeights:
+def encode_weights(arrays: Mapping[str, np.ndarray], version: int) -> common_pb2.PolicyWeights:
+    """Named arrays (a state_dict as numpy) -> PolicyWeights."""
     return common_pb2.PolicyWeights(
         version=version,
-        tensors=[common_pb2.NamedTensor(name=name, tensor=encode(t.detach().cpu().numpy())) for name, t in state.items()],
+        tensors=[common_pb2.NamedTensor(name=name, tensor=encode(a)) for name, a in arrays.items()],
     )
 
 
-def decode_state_dict(weights: common_pb2.PolicyWeights) -> dict[str, torch.Tensor]:
-    """Named tensors as writable torch tensors, ready for `load_state_dict`."""
-    return {nt.name: torch.from_numpy(decode(nt.tensor, nt.name).copy()) for nt in weights.tensors}
+def decode_weights(weights: common_pb2.PolicyWeights) -> dict[str, np.ndarray]:
+    """PolicyWeights -> named read-only arrays; `torch.from_numpy(a.copy())` makes them a state_dict."""
+    return {nt.name: decode(nt.tensor, nt.name) for nt in weights.tensors}

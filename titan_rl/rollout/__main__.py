@@ -9,8 +9,8 @@ from __future__ import annotations
 import logging
 
 from titan_rl.config import Config
+from titan_rl.envs import check_env_spaces
 from titan_rl.errors import TitanError
-from titan_rl.registry import build_policy, check_env_spaces, check_policy_fits
 from titan_rl.rollout.service import RolloutServicer, WorkerPool
 from titan_rl.rollout.stats import TrajectoryStats
 from titan_rl.rpc import make_server, set_serving
@@ -21,9 +21,10 @@ log = logging.getLogger("titan_rl.rollout")
 
 
 def start(cfg: Config):
-    """Check env and policy, start the workers and the server; returns (server, bound port, pool)."""
-    obs_shape, n_actions = check_env_spaces(cfg)
-    check_policy_fits(build_policy(cfg), obs_shape, n_actions)
+    """Check the env, start the workers and the server; returns (server, bound port, pool).
+
+    The policy is checked by each worker (torch is imported only there)."""
+    check_env_spaces(cfg)
     stats = TrajectoryStats(cfg.rollout_server.num_workers)
     server, port, health = make_server(cfg.rollout_server.host, cfg.rollout_server.port)
     rollout_pb2_grpc.add_RolloutServiceServicer_to_server(RolloutServicer(stats), server)
@@ -42,7 +43,9 @@ def main() -> None:
         raise SystemExit(f"error: {e}") from None
     r = cfg.rollout_server
     log.info("rollout serving on %s:%d: %d workers x %d %s envs", r.host, port, r.num_workers, r.envs_per_worker, r.env_name)
-    serve_until_signal(server, "rollout", on_stop=pool.stop)
+    serve_until_signal(server, "rollout", on_stop=pool.stop, stop_event=pool.failed)
+    if pool.failed.is_set():
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

@@ -4,20 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import gymnasium as gym
 import numpy as np
 import torch
 from torch import nn
 
-
-def make_vector_env(env_name: str, num_envs: int) -> gym.vector.VectorEnv:
-    """The env's own vectorised implementation where it has one, else a SyncVectorEnv; next-step autoreset."""
-    env = gym.make_vec(env_name, num_envs=num_envs)
-    mode = env.metadata.get("autoreset_mode", gym.vector.AutoresetMode.NEXT_STEP)
-    if mode != gym.vector.AutoresetMode.NEXT_STEP:
-        env.close()
-        raise ValueError(f"{env_name}: vector env autoreset mode {mode} is not supported (need NEXT_STEP)")
-    return env
+from titan_rl.envs import make_vector_env
 
 
 def linear_epsilon(start: float, end: float, decay_steps: int, step: int) -> float:

@@ -12,12 +12,20 @@ import grpc
 
 from titan_rl.config import Config
 from titan_rl.rollout.stats import TrajectoryStats
-from titan_rl.rollout.worker import run_worker
 from titan_rl.v1 import rollout_pb2, rollout_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 RESTART_DELAY_S = 2.0
+CONFIG_ERROR_EXIT_CODE = 3  # titan_rl.rollout.worker exits with it when the config cannot work
+
+
+def _worker_main(*args: object) -> None:
+    """Spawn target. Importing the worker (and with it torch) only in the child keeps the
+    service's own process light and its start-up fast."""
+    from titan_rl.rollout.worker import run_worker
+
+    run_worker(*args)
 
 
 class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
@@ -30,7 +38,8 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
 
 class WorkerPool:
     """Starts `num_workers` processes (spawned: no fork of gRPC state), collects their reports,
-    and restarts a worker that dies, after a delay, logging why."""
+    and restarts a worker that dies, after a delay, logging why. A worker that exits because
+    the config cannot work sets `failed` instead: restarting it would fail the same way."""
 
     def __init__(self, cfg: Config, stats: TrajectoryStats):
         self.cfg = cfg
@@ -39,11 +48,12 @@ class WorkerPool:
         self._stop = self._ctx.Event()
         self._reports = self._ctx.Queue()
         self._procs: dict[int, mp.Process] = {}
+        self.failed = threading.Event()
         self._thread = threading.Thread(target=self._supervise, name="worker-pool", daemon=True)
 
     def _spawn(self, worker_id: int) -> None:
         proc = self._ctx.Process(
-            target=run_worker, args=(self.cfg, worker_id, self._stop, self._reports), name=f"rollout-worker-{worker_id}", daemon=True
+            target=_worker_main, args=(self.cfg, worker_id, self._stop, self._reports), name=f"rollout-worker-{worker_id}", daemon=True
         )
         proc.start()
         self._procs[worker_id] = proc
@@ -60,6 +70,10 @@ class WorkerPool:
             except queue.Empty:
                 pass
             for worker_id, proc in list(self._procs.items()):
+                if not proc.is_alive() and proc.exitcode == CONFIG_ERROR_EXIT_CODE:
+                    log.error("rollout worker %d cannot run with this config (see above); stopping", worker_id)
+                    self.failed.set()
+                    return
                 if not proc.is_alive() and not self._stop.is_set():
                     log.error("rollout worker %d exited with code %s; restarting in %.0fs", worker_id, proc.exitcode, RESTART_DELAY_S)
                     time.sleep(RESTART_DELAY_S)

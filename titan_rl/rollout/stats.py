@@ -5,9 +5,22 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from dataclasses import dataclass, field
 
-from titan_rl.rollout.worker import WorkerReport
 from titan_rl.v1 import rollout_pb2
+
+
+@dataclass
+class WorkerReport:
+    """What a worker tells the rollout service every half second (plain data: crosses a process boundary)."""
+
+    worker_id: int
+    env_steps: int
+    epsilon: float
+    policy_version: int
+    episode_returns: list[float] = field(default_factory=list)
+    episode_lengths: list[int] = field(default_factory=list)
+
 
 EPISODE_WINDOW = 100
 RATE_WINDOW_S = 5.0

@@ -6,34 +6,26 @@ import logging
 import multiprocessing as mp
 import os
 import signal
+import sys
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from titan_rl.buffer.client import ChunkSender
 from titan_rl.config import Config
-from titan_rl.registry import build_policy
+from titan_rl.envs import check_env_spaces
+from titan_rl.errors import TitanError
+from titan_rl.registry import build_policy, check_policy_fits
 from titan_rl.rollout.actor import VectorActor, linear_epsilon
+from titan_rl.rollout.service import CONFIG_ERROR_EXIT_CODE
+from titan_rl.rollout.stats import WorkerReport
 from titan_rl.service import setup_logging
 from titan_rl.trainer.client import PolicySubscriber
 
 log = logging.getLogger(__name__)
 
 REPORT_EVERY_S = 0.5
-
-
-@dataclass
-class WorkerReport:
-    """What a worker tells the rollout service every REPORT_EVERY_S (plain data: crosses a process boundary)."""
-
-    worker_id: int
-    env_steps: int
-    epsilon: float
-    policy_version: int
-    episode_returns: list[float] = field(default_factory=list)
-    episode_lengths: list[int] = field(default_factory=list)
 
 
 def run_worker(cfg: Config, worker_id: int, stop: mp.Event, reports: mp.Queue) -> None:
@@ -45,7 +37,12 @@ def run_worker(cfg: Config, worker_id: int, stop: mp.Event, reports: mp.Queue) -
     r = cfg.rollout_server
     seed = cfg.seed * 1000 + worker_id
     torch.manual_seed(seed)
-    policy = build_policy(cfg).eval()
+    try:
+        policy = build_policy(cfg).eval()
+        check_policy_fits(policy, *check_env_spaces(cfg))
+    except TitanError as e:
+        log.error("worker %d: %s", worker_id, e)
+        sys.exit(CONFIG_ERROR_EXIT_CODE)
     final_epsilon = cfg.epsilons()[worker_id]
     subscriber = PolicySubscriber(cfg.trainer_server.dial_address)
     sender = ChunkSender(cfg.buffer_server.dial_address)

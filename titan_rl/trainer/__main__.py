@@ -11,9 +11,10 @@ import torch
 
 from titan_rl.buffer.client import BatchPrefetcher
 from titan_rl.config import Config
+from titan_rl.envs import check_env_spaces
 from titan_rl.errors import TitanError
 from titan_rl.metrics import MetricsLogger
-from titan_rl.registry import build, build_policy, check_env_spaces, check_policy_fits
+from titan_rl.registry import build, build_policy, check_policy_fits
 from titan_rl.rollout.client import RolloutClient
 from titan_rl.rpc import make_server, set_serving
 from titan_rl.service import parse_service_args

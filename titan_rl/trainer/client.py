@@ -50,7 +50,7 @@ class PolicySubscriber:
             try:
                 self._call = self._stub.WatchPolicy(trainer_pb2.WatchPolicyRequest(after_version=self.version), wait_for_ready=True)
                 for weights in self._call:
-                    state = wire.decode_state_dict(weights)
+                    state = {k: torch.from_numpy(a.copy()) for k, a in wire.decode_weights(weights).items()}
                     with self._lock:
                         self._latest = (weights.version, state)
                         self.version = weights.version

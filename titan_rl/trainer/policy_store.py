@@ -26,7 +26,7 @@ class PolicyStore:
         """Encode `state` as the next version and wake every watcher; returns the version."""
         with self._cond:
             version = self._latest.version + 1 if self._latest is not None else 0
-        weights = wire.encode_state_dict(state, version)  # encode outside the lock
+        weights = wire.encode_weights({k: t.detach().cpu().numpy() for k, t in state.items()}, version)  # outside the lock
         with self._cond:
             self._latest = weights
             self._cond.notify_all()

@@ -1,0 +1,157 @@
+"""Time to solve CartPole-v1: TITAN-RL (three services, as run.sh starts them) vs Stable-Baselines3 DQN.
+
+Both sides: greedy evaluation of 20 episodes on separate envs every 2,500 env steps, inside the
+training process; budget 50,000 env steps. Per seed: process wall-clock from launch to the first
+eval mean >= 475, env steps at that point, and the final policy's eval (20 fresh episodes).
+TITAN-RL runs with its default config and W&B offline, as `bash run.sh` does, but trains the
+whole budget (target_eval_return=null) so the final figures are comparable.
+The two sides alternate which goes first, seed by seed.
+
+Baseline: SB3 with the rl-baselines3-zoo hyperparameters (benchmarks/sb3_dqn.py).
+Target: median TITAN-RL time to solve <= 0.5x SB3's; TITAN-RL's checkpoint >= 475 in every seed.
+
+    .venv/bin/pip install -r benchmarks/requirements.txt
+    .venv/bin/python -m benchmarks.solve_time --seeds 0 1 2 3 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from titan_rl.checkpoint import load_checkpoint, policy_from_checkpoint
+from titan_rl.rollout.actor import evaluate_greedy
+
+SOLVED = 475.0
+REPO = Path(__file__).resolve().parent.parent
+
+
+def first_solved(evals: list[dict], launched: float) -> tuple[float | None, int | None]:
+    for row in evals:
+        if row["mean_return"] >= SOLVED:
+            return row["time"] - launched, row["env_steps"]
+    return None, None
+
+
+def eval_checkpoint(path: Path, episodes: int, seed: int) -> float:
+    policy, cfg = policy_from_checkpoint(load_checkpoint(path))
+    return float(np.mean(evaluate_greedy(policy, cfg.rollout_server.env_name, episodes, seed)))
+
+
+def run_titan(seed: int, budget: int, work: Path, final_seed: int) -> dict:
+    name = f"titan-seed{seed}"
+    ckpt = work / f"{name}.pth"
+    cmd = [
+        sys.executable,
+        "-m",
+        "titan_rl.launch",
+        "--seed",
+        str(seed),
+        f"budget.max_env_steps={budget}",
+        "budget.target_eval_return=null",
+        "eval.interval_env_steps=2500",
+        "eval.episodes=20",
+        "logging.console=false",
+        f"logging.run_dir={work}",
+        f"logging.run_name={name}",
+        f"logging.checkpoint_path={ckpt}",
+    ]
+    launched = time.time()
+    subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL, env={**os.environ, "WANDB_MODE": "offline"})
+    wall = time.time() - launched
+    rows = [json.loads(line) for line in (work / name / "metrics.jsonl").read_text().splitlines()]
+    evals = [
+        {"time": r["charts/time"], "env_steps": r["env_steps"], "mean_return": r["eval/mean_return"]}
+        for r in rows
+        if "eval/mean_return" in r
+    ]
+    solved_s, solved_steps = first_solved(evals, launched)
+    return {
+        "solved_s": solved_s,
+        "solved_steps": solved_steps,
+        "wall_s": wall,
+        "final": eval_checkpoint(ckpt, 20, final_seed),
+        "final_last": eval_checkpoint(ckpt.with_name(f"{ckpt.stem}_last.pth"), 20, final_seed),
+    }
+
+
+def run_sb3(seed: int, budget: int, work: Path, final_seed: int) -> dict:
+    out = work / f"sb3-seed{seed}.jsonl"
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.sb3_dqn",
+        "--seed",
+        str(seed),
+        "--budget",
+        str(budget),
+        "--out",
+        str(out),
+        "--final-seed",
+        str(final_seed),
+    ]
+    launched = time.time()
+    subprocess.run(cmd, cwd=REPO, check=True)
+    wall = time.time() - launched
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    solved_s, solved_steps = first_solved([r for r in rows if "mean_return" in r], launched)
+    return {"solved_s": solved_s, "solved_steps": solved_steps, "wall_s": wall, "final": rows[-1]["final_mean_return"]}
+
+
+def fmt(x: float | None, spec: str = ".1f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def median_solved(results: list[dict]) -> float:
+    """Median time to solve; a seed that never solved counts as infinitely slow."""
+    return statistics.median([r["solved_s"] if r["solved_s"] is not None else float("inf") for r in results])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--budget", type=int, default=50_000)
+    parser.add_argument("--only", choices=["titan", "sb3"], help="run one side only")
+    args = parser.parse_args()
+    results: dict[str, list[dict]] = {"titan": [], "sb3": []}
+    runners = {"titan": run_titan, "sb3": run_sb3}
+    with tempfile.TemporaryDirectory(prefix="solve_time-") as tmp:
+        work = Path(tmp)
+        for i, seed in enumerate(args.seeds):
+            order = ["titan", "sb3"] if i % 2 == 0 else ["sb3", "titan"]
+            for side in order:
+                if args.only in (None, side):
+                    r = runners[side](seed, args.budget, work, final_seed=10_000 + seed)
+                    results[side].append({"seed": seed, **r})
+                    print(
+                        f"{side:5s} seed {seed}: solved at {fmt(r['solved_s'])}s / {fmt(r['solved_steps'], 'd')} env steps, "
+                        f"final eval {r['final']:.1f}"
+                        + (f" (last policy {r['final_last']:.1f})" if "final_last" in r else "")
+                        + f", run {r['wall_s']:.1f}s",
+                        flush=True,
+                    )
+    print("\nside   median solve s   median solve steps   final >= 475")
+    for side, rs in results.items():
+        if rs:
+            steps = statistics.median([r["solved_steps"] if r["solved_steps"] is not None else float("inf") for r in rs])
+            print(f"{side:5s}  {median_solved(rs):14.1f}   {steps:18.0f}   {sum(r['final'] >= SOLVED for r in rs)}/{len(rs)}")
+    if results["titan"] and results["sb3"]:
+        ratio = median_solved(results["titan"]) / median_solved(results["sb3"])
+        ok = ratio <= 0.5 and all(r["final"] >= SOLVED for r in results["titan"])
+        print(
+            f"\nratio titan/sb3 median time to solve: {ratio:.2f} (target <= 0.50, final >= 475 every seed): {'MET' if ok else 'NOT MET'}"
+        )
+    print(json.dumps({"benchmark": "solve_time", **results}))
+
+
+if __name__ == "__main__":
+    main()
