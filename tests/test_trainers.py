@@ -69,19 +69,21 @@ def test_terminal_transitions_regress_to_the_reward_alone():
     assert q.detach().numpy() == pytest.approx(1.0, abs=0.1)  # reward 1, no bootstrap
 
 
-def test_non_terminal_transitions_bootstrap_from_the_target_network():
-    trainer = make_trainer("trainers.dqn.DQNTrainer", "train.gamma=0.5", "train.target_update_every_updates=1000000")
-    with torch.no_grad():  # target net predicts 2 everywhere -> TD target = 1 + 0.5 * 2 = 2
+@pytest.mark.parametrize(("n_step", "expected"), [(1, 2.0), (2, 1.5)])
+def test_non_terminal_transitions_bootstrap_from_the_target_network_with_gamma_to_the_n(n_step, expected):
+    # target net predicts 2 everywhere -> TD target = 1 + 0.5**n_step * 2
+    trainer = make_trainer(
+        "trainers.dqn.DQNTrainer", "train.gamma=0.5", f"train.n_step={n_step}", "train.lr=0.01", "train.target_update_every_updates=1000000"
+    )
+    with torch.no_grad():
         last = trainer.target.net[-1]
         last.weight.zero_()
         last.bias.fill_(2.0)
-    trainer.train = trainer.train.__class__(**{**trainer.train.__dict__, "lr": 0.01})
-    trainer.optimizer = torch.optim.Adam(trainer.policy.parameters(), lr=0.01)
     batch = fixed_batch()
     for _ in range(300):
         trainer.update(batch)
     q = trainer.policy(torch.as_tensor(batch["obs"])).gather(1, torch.as_tensor(batch["action"]).unsqueeze(1))
-    assert q.detach().numpy() == pytest.approx(2.0, abs=0.15)
+    assert q.detach().numpy() == pytest.approx(expected, abs=0.15)
 
 
 def test_target_network_syncs_every_n_updates():

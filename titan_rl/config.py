@@ -89,6 +89,8 @@ class TrainConfig:
     max_grad_norm: float = field(default=10.0, metadata=_range(0))
     """Gradient-norm clip; 0 disables clipping."""
     double_q: bool = True
+    n_step: int = field(default=1, metadata=_range(1, 100))
+    """Steps per transition: rewards summed over n steps, bootstrapped with gamma**n (actors build them)."""
     policy_sync_every_updates: int = field(default=50, metadata=_range(1))
     """Publish new weights to rollout every this many updates."""
     batches_per_request: int = field(default=4, metadata=_range(1, 1024))

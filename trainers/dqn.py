@@ -34,7 +34,8 @@ class DQNTrainer(Trainer):
                 next_value = next_q_target.gather(1, next_action).squeeze(1)
             else:
                 next_value = next_q_target.max(dim=1).values
-            td_target = reward + self.train.gamma * not_done * next_value
+            # reward already sums n_step discounted rewards (built by the actors)
+            td_target = reward + self.train.gamma**self.train.n_step * not_done * next_value
 
         q = self.policy(obs).gather(1, action.unsqueeze(1)).squeeze(1)
         loss = F.smooth_l1_loss(q, td_target)

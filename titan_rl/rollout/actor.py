@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from titan_rl.envs import make_vector_env
+from titan_rl.rollout.nstep import NStepAccumulator
 
 
 def linear_epsilon(start: float, end: float, decay_steps: int, step: int) -> float:
@@ -30,9 +31,10 @@ class VectorActor:
     With next-step autoreset, the step after an episode ends only resets that env: its
     row is not a transition and is dropped, so a stored `next_obs` is always the true
     successor (the final observation at an episode's end, never a reset one).
+    Transitions are `n_step` steps long (see NStepAccumulator).
     """
 
-    def __init__(self, env_name: str, num_envs: int, policy: nn.Module, seed: int):
+    def __init__(self, env_name: str, num_envs: int, policy: nn.Module, seed: int, n_step: int = 1, gamma: float = 0.99):
         self.env = make_vector_env(env_name, num_envs)
         self.policy = policy
         self.num_envs = num_envs
@@ -40,6 +42,8 @@ class VectorActor:
         self.rng = np.random.default_rng(seed)
         self.env.action_space.seed(seed)
         self.obs, _ = self.env.reset(seed=seed)
+        space = self.env.single_observation_space
+        self._nstep = NStepAccumulator(num_envs, n_step, gamma, space.shape, space.dtype)
         self._resetting = np.zeros(num_envs, dtype=bool)
         self._returns = np.zeros(num_envs, dtype=np.float64)
         self._lengths = np.zeros(num_envs, dtype=np.int64)
@@ -54,14 +58,7 @@ class VectorActor:
         actions = self.act(self.obs, epsilon)
         next_obs, reward, terminated, truncated, _ = self.env.step(actions)
         valid = ~self._resetting
-        transitions = {
-            "obs": self.obs[valid],
-            "action": actions[valid].astype(np.int64),
-            "reward": reward[valid].astype(np.float32),
-            "next_obs": next_obs[valid],
-            "terminated": terminated[valid].astype(bool),
-            "truncated": truncated[valid].astype(bool),
-        }
+        transitions = self._nstep.push(self.obs, actions, reward, next_obs, terminated, truncated, valid)
         self._returns[valid] += reward[valid]
         self._lengths[valid] += 1
         done = (terminated | truncated) & valid

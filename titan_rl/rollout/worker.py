@@ -52,7 +52,7 @@ def run_worker(cfg: Config, worker_id: int, stop: mp.Event, reports: mp.Queue) -
             if stop.is_set() or os.getppid() != parent:
                 return
             log.info("worker %d: waiting for the first weights from %s", worker_id, cfg.trainer_server.dial_address)
-        actor = VectorActor(r.env_name, r.envs_per_worker, policy, seed)
+        actor = VectorActor(r.env_name, r.envs_per_worker, policy, seed, cfg.train.n_step, cfg.train.gamma)
         version = -1
         steps = 0
         pending: list[dict[str, np.ndarray]] = []

@@ -1,0 +1,75 @@
+import numpy as np
+import pytest
+
+from titan_rl.rollout.nstep import NStepAccumulator
+
+
+def run(acc, rewards, terminated_at=None, truncated_at=None):
+    """One env; obs at step t is [t]; returns the emitted transitions in order."""
+    out = []
+    for t, r in enumerate(rewards):
+        term, trunc = t == terminated_at, t == truncated_at
+        out.append(
+            acc.push(
+                obs=np.array([[float(t)]]),
+                action=np.array([t]),
+                reward=np.array([r]),
+                next_obs=np.array([[float(t + 1)]]),
+                terminated=np.array([term]),
+                truncated=np.array([trunc]),
+                valid=np.array([True]),
+            )
+        )
+    return {k: np.concatenate([o[k] for o in out]) for k in out[0]}
+
+
+def test_full_windows_sum_discounted_rewards_and_point_n_steps_ahead():
+    acc = NStepAccumulator(1, n=3, gamma=0.5, obs_shape=(1,), obs_dtype=np.float32)
+    out = run(acc, [1.0, 2.0, 4.0, 8.0, 16.0])
+    np.testing.assert_array_equal(out["obs"][:, 0], [0, 1, 2])
+    np.testing.assert_array_equal(out["next_obs"][:, 0], [3, 4, 5])
+    np.testing.assert_allclose(out["reward"], [1 + 1 + 1, 2 + 2 + 2, 4 + 4 + 4])
+    assert not out["terminated"].any()
+
+
+def test_termination_emits_every_remaining_window_without_bootstrap():
+    acc = NStepAccumulator(1, n=3, gamma=0.5, obs_shape=(1,), obs_dtype=np.float32)
+    out = run(acc, [1.0, 2.0, 4.0, 8.0], terminated_at=3)
+    by_start = dict(zip(out["obs"][:, 0], zip(out["reward"], out["terminated"], out["next_obs"][:, 0], strict=True), strict=True))
+    assert sorted(by_start) == [0, 1, 2, 3]  # every step starts exactly one transition
+    assert by_start[1] == pytest.approx((2 + 2 + 2, True, 4))
+    assert by_start[2] == pytest.approx((4 + 4, True, 4))
+    assert by_start[3] == pytest.approx((8, True, 4))
+    assert by_start[0][1] == False  # noqa: E712 - its window ended before the termination
+
+
+def test_truncation_keeps_only_complete_windows():
+    acc = NStepAccumulator(1, n=3, gamma=0.5, obs_shape=(1,), obs_dtype=np.float32)
+    out = run(acc, [1.0] * 5, truncated_at=4)
+    np.testing.assert_array_equal(out["obs"][:, 0], [0, 1, 2])
+    assert out["truncated"].tolist() == [False, False, True] and not out["terminated"].any()
+
+
+def test_short_episode_and_reset_rows_are_handled_per_env():
+    acc = NStepAccumulator(2, n=3, gamma=1.0, obs_shape=(1,), obs_dtype=np.float32)
+    obs = np.zeros((2, 1), np.float32)
+    # env 0 terminates after 2 steps, env 1 keeps going; then env 0's reset row is invalid
+    first = acc.push(
+        obs, np.array([0, 0]), np.array([1.0, 1.0]), obs, np.array([False, False]), np.array([False, False]), np.array([True, True])
+    )
+    second = acc.push(
+        obs, np.array([0, 0]), np.array([1.0, 1.0]), obs, np.array([True, False]), np.array([False, False]), np.array([True, True])
+    )
+    third = acc.push(
+        obs, np.array([0, 0]), np.array([5.0, 1.0]), obs, np.array([False, False]), np.array([False, False]), np.array([False, True])
+    )
+    assert len(first["reward"]) == 0
+    assert sorted(second["reward"].tolist()) == [1.0, 2.0] and second["terminated"].all()
+    assert third["reward"].tolist() == [3.0]  # env 1's first full window; env 0 contributed nothing
+
+
+def test_one_step_is_the_identity_on_valid_rows():
+    acc = NStepAccumulator(1, n=1, gamma=0.9, obs_shape=(1,), obs_dtype=np.float32)
+    out = run(acc, [1.0, 2.0, 3.0], terminated_at=2)
+    np.testing.assert_allclose(out["reward"], [1, 2, 3])
+    assert out["terminated"].tolist() == [False, False, True]
