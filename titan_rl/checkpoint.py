@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +53,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError as e:
         raise TitanError(f"{path}: no such checkpoint") from e
-    except Exception as e:  # unpickling errors surface as several types
-        raise TitanError(f"{path}: not a loadable TITAN-RL checkpoint: {e}") from e
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
+        # torch's own message suggests weights_only=False, which is exactly what must not happen
+        raise TitanError(f"{path}: not a TITAN-RL checkpoint (not a torch file of tensors and plain values)") from e
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise TitanError(f"{path}: not a TITAN-RL checkpoint (format {payload.get('format') if isinstance(payload, dict) else None!r})")
     return payload
@@ -61,7 +63,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 def policy_from_checkpoint(payload: dict[str, Any]) -> tuple[nn.Module, Config]:
     """Rebuild the policy class named in the stored config and load its weights."""
-    cfg = config_from_dict(payload["config"], "checkpoint config")
-    policy = build_policy(cfg)
-    policy.load_state_dict(payload["policy"])
+    try:
+        cfg = config_from_dict(payload["config"], "checkpoint config")
+        policy = build_policy(cfg)
+        policy.load_state_dict(payload["policy"])
+    except (KeyError, RuntimeError) as e:  # entries missing, or weights that do not fit the stored policy class
+        raise TitanError(f"the checkpoint does not rebuild its policy: {e}") from e
     return policy.eval(), cfg

@@ -65,16 +65,21 @@ class MetricsLogger:
         run_dir.mkdir(parents=True, exist_ok=True)
         self._jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
         self.progress = ConsoleProgress(cfg.budget.max_env_steps, cfg.logging.console)
+        self.cfg, self.run_name = cfg, run_name
         self._wandb = None
-        mode = wandb_mode(cfg)
-        if mode != "disabled":
-            os.environ["WANDB_MODE"] = mode  # an env var, not just init(mode=...): no network attempt at all offline
-            import wandb
 
-            self._wandb = wandb.init(
-                project=cfg.logging.wandb_project, name=run_name, dir=str(run_dir), config=config_to_dict(cfg), mode=mode
-            )
-            log.info("W&B %s run in %s", mode, self._wandb.dir)
+    def start_wandb(self) -> None:
+        """Open the W&B run (about a second): called once the trainer serves, so actors start meanwhile."""
+        mode = wandb_mode(self.cfg)
+        if mode == "disabled":
+            return
+        os.environ["WANDB_MODE"] = mode  # an env var, not just init(mode=...): no network attempt at all offline
+        import wandb
+
+        self._wandb = wandb.init(
+            project=self.cfg.logging.wandb_project, name=self.run_name, dir=str(self.run_dir), config=config_to_dict(self.cfg), mode=mode
+        )
+        log.info("W&B %s run in %s", mode, self._wandb.dir)
 
     def log(self, metrics: dict[str, Any], env_steps: int) -> None:
         self._jsonl.write(json.dumps({"env_steps": env_steps, **metrics}) + "\n")

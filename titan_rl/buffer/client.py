@@ -63,6 +63,7 @@ class ChunkSender:
         self._requests: queue.Queue = queue.Queue()
         self._error: Exception | None = None
         self._closing = threading.Event()
+        self._call = None
         self._thread = threading.Thread(target=self._run, name="chunk-sender", daemon=True)
         self._thread.start()
 
@@ -93,12 +94,14 @@ class ChunkSender:
             time.sleep(0.01)
         return False
 
-    def close(self, timeout_s: float = 5.0) -> None:
-        """Wait (up to `timeout_s`) for acknowledgements, then end the stream."""
-        self.flush(timeout_s)
+    def close(self, flush_timeout_s: float = 5.0) -> None:
+        """Wait up to `flush_timeout_s` for acknowledgements, then end the stream (0: drop what is in flight)."""
+        self.flush(flush_timeout_s)
         self._closing.set()
         self._requests.put(_END)
-        self._thread.join(timeout_s)
+        if self._call is not None:
+            self._call.cancel()
+        self._thread.join(1.0)
 
     def _stream(self, requests: queue.Queue) -> Iterator[buffer_pb2.AddRequest]:
         while (item := requests.get()) is not _END:
@@ -119,7 +122,8 @@ class ChunkSender:
         try:
             while True:
                 try:
-                    for _ in stub.Add(self._stream(self._requests), wait_for_ready=True):
+                    self._call = stub.Add(self._stream(self._requests), wait_for_ready=True)
+                    for _ in self._call:
                         self.chunks_acked += 1
                         with self._lock:
                             self._in_flight -= 1

@@ -85,6 +85,6 @@ def run_worker(cfg: Config, worker_id: int, stop: mp.Event, reports: mp.Queue) -
                     return
     finally:
         subscriber.close()
-        sender.close(timeout_s=1.0)
+        sender.close(flush_timeout_s=0.0)  # stopping: what is still in flight does not matter
         if actor is not None:
             actor.close()

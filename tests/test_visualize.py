@@ -1,0 +1,117 @@
+"""visualize.py as a user runs it: a subprocess on a real (untrained) checkpoint."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import imageio.v2 as imageio
+import imageio.v3 as iio
+import pytest
+
+from tests.helpers import DEFAULT_CONFIG, REPO
+
+EPISODE_LINE = re.compile(r"^episode (\d+): return=(\S+) length=(\d+)$")
+
+
+@pytest.fixture
+def checkpoint(tmp_path: Path) -> Path:
+    """A checkpoint of a freshly initialised policy, written the way the trainer service writes one."""
+    from titan_rl.checkpoint import save_checkpoint
+    from titan_rl.config import load_config
+    from titan_rl.registry import build_policy
+    from trainers.dqn import DQNTrainer
+
+    cfg = load_config(DEFAULT_CONFIG)
+    trainer = DQNTrainer(build_policy(cfg), cfg.train)
+    counters = {"updates": 0, "env_steps": 0, "policy_version": 0, "wall_s": 0.0}
+    return save_checkpoint(tmp_path / "ck.pth", cfg, trainer.state_dict(), counters, None)
+
+
+def visualize(*args: str | Path, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
+    """Run visualize.py with no display, so that no test ever opens a window."""
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    for name in ("DISPLAY", "WAYLAND_DISPLAY", "SDL_VIDEODRIVER"):
+        env.pop(name, None)
+    cmd = [sys.executable, str(REPO / "visualize.py"), *map(str, args)]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+
+
+def episode_returns(stdout: str) -> list[float]:
+    return [float(m.group(2)) for line in stdout.splitlines() if (m := EPISODE_LINE.match(line))]
+
+
+def test_no_render_prints_each_episode_and_the_mean_last(checkpoint: Path):
+    result = visualize("--model_path", checkpoint, "--no-render", "--episodes", "3")
+    assert result.returncode == 0, result.stderr
+    returns = episode_returns(result.stdout)
+    assert len(returns) == 3
+    key, _, value = result.stdout.splitlines()[-1].partition("=")
+    assert key == "mean_return"
+    assert float(value) == pytest.approx(sum(returns) / 3)
+
+
+def test_same_seed_same_episodes(checkpoint: Path):
+    first = visualize("--model_path", checkpoint, "--no-render", "--episodes", "2", "--seed", "7")
+    second = visualize("--model_path", checkpoint, "--no-render", "--episodes", "2", "--seed", "7")
+    assert first.returncode == 0, first.stderr
+    assert first.stdout == second.stdout
+
+
+def test_gif_output(checkpoint: Path, tmp_path: Path):
+    gif = tmp_path / "x.gif"
+    result = visualize("--model_path", checkpoint, "--output", gif, "--episodes", "1")
+    assert result.returncode == 0, result.stderr
+    assert gif.stat().st_size > 0
+    frames = iio.imread(gif, index=None)
+    assert frames.ndim == 4 and len(frames) >= 2
+    assert frames.shape[1:] == (400, 600, 3)
+
+
+def test_mp4_output(checkpoint: Path, tmp_path: Path):
+    mp4 = tmp_path / "x.mp4"
+    result = visualize("--model_path", checkpoint, "--output", mp4, "--episodes", "1")
+    assert result.returncode == 0, result.stderr
+    assert mp4.stat().st_size > 0
+    with imageio.get_reader(mp4, format="FFMPEG") as reader:
+        frame = reader.get_data(0)
+    assert frame.shape == (400, 600, 3)
+
+
+def test_without_a_display_it_records_instead_of_opening_a_window(checkpoint: Path, tmp_path: Path):
+    result = visualize("--model_path", checkpoint, "--episodes", "1", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    video = tmp_path / "ck.mp4"
+    assert video.stat().st_size > 0
+    assert "no display" in result.stderr and "ck.mp4" in result.stderr
+    assert result.stdout.splitlines()[-1].startswith("mean_return=")
+
+
+@pytest.mark.parametrize("name, content", [("missing.pth", None), ("notes.txt", "not a checkpoint\n")])
+def test_bad_checkpoint_is_a_one_line_error(tmp_path: Path, name: str, content: str | None):
+    path = tmp_path / name
+    if content is not None:
+        path.write_text(content)
+    result = visualize("--model_path", path, "--no-render")
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: ") and str(path) in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--output", "x.avi"], "unsupported video format"),
+        (["--episodes", "0"], "must be at least 1"),
+        (["--no-render", "--output", "x.mp4"], "not allowed with"),
+    ],
+)
+def test_bad_arguments(checkpoint: Path, args: list[str], message: str):
+    result = visualize("--model_path", checkpoint, *args)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
