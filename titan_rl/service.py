@@ -29,7 +29,7 @@ def parse_service_args(service: str, section: str, argv: list[str] | None = None
     parser.add_argument("--port", type=int, help=f"port, 0 for any free one (default: {section}.port)")
     parser.add_argument("--seed", type=int, help="overrides seed")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.lr=0.0005")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     overrides = list(args.overrides)
     if args.host is not None:
         overrides.append(f"{section}.host={args.host}")
