@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.logging import RichHandler
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from titan_rl.config import Config, config_to_dict
@@ -43,6 +44,8 @@ class ConsoleProgress:
                 console=self.console,
             )
             self._task = self._progress.add_task("train", total=total_env_steps, line="waiting for data")
+            # log records print above the live bar instead of breaking it
+            logging.getLogger().handlers = [RichHandler(console=self.console, show_path=False, log_time_format="%H:%M:%S")]
             self._progress.start()
 
     def update(self, env_steps: int, line: str) -> None:
@@ -64,22 +67,29 @@ class MetricsLogger:
         self.run_dir = run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
         self._jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
-        self.progress = ConsoleProgress(cfg.budget.max_env_steps, cfg.logging.console)
         self.cfg, self.run_name = cfg, run_name
+        self.progress: ConsoleProgress | None = None
         self._wandb = None
 
-    def start_wandb(self) -> None:
-        """Open the W&B run (about a second): called once the trainer serves, so actors start meanwhile."""
-        mode = wandb_mode(self.cfg)
-        if mode == "disabled":
-            return
-        os.environ["WANDB_MODE"] = mode  # an env var, not just init(mode=...): no network attempt at all offline
-        import wandb
+    def start(self) -> None:
+        """Open the W&B run (about a second), then the console view.
 
-        self._wandb = wandb.init(
-            project=self.cfg.logging.wandb_project, name=self.run_name, dir=str(self.run_dir), config=config_to_dict(self.cfg), mode=mode
-        )
-        log.info("W&B %s run in %s", mode, self._wandb.dir)
+        Called once the trainer serves, so the actors start collecting meanwhile.
+        """
+        mode = wandb_mode(self.cfg)
+        if mode != "disabled":
+            os.environ["WANDB_MODE"] = mode  # an env var, not just init(mode=...): no network attempt at all offline
+            import wandb
+
+            self._wandb = wandb.init(
+                project=self.cfg.logging.wandb_project,
+                name=self.run_name,
+                dir=str(self.run_dir),
+                config=config_to_dict(self.cfg),
+                mode=mode,
+            )
+            log.info("W&B %s run in %s", mode, self._wandb.dir)
+        self.progress = ConsoleProgress(self.cfg.budget.max_env_steps, self.cfg.logging.console)
 
     def log(self, metrics: dict[str, Any], env_steps: int) -> None:
         self._jsonl.write(json.dumps({"env_steps": env_steps, **metrics}) + "\n")
@@ -87,10 +97,12 @@ class MetricsLogger:
             self._wandb.log(metrics, step=env_steps)
 
     def console(self, env_steps: int, line: str) -> None:
-        self.progress.update(env_steps, line)
+        if self.progress is not None:
+            self.progress.update(env_steps, line)
 
     def close(self) -> None:
-        self.progress.close()
+        if self.progress is not None:
+            self.progress.close()
         self._jsonl.close()
         if self._wandb is not None:
             self._wandb.finish()

@@ -57,7 +57,7 @@ def run(cfg: Config) -> Summary:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: loop.stop())
     try:
-        logger.start_wandb()
+        logger.start()
         return loop.run()
     finally:
         store.close()
