@@ -67,3 +67,13 @@ def test_ints_are_accepted_for_floats_and_stored_as_floats():
 def test_config_survives_the_round_trip_through_a_plain_dict():
     cfg = make_config("rollout_server.epsilon=[0.1, 0.5]")
     assert config_from_dict(config_to_dict(cfg)) == cfg
+
+
+def test_the_kubernetes_config_map_holds_a_valid_config():
+    import yaml
+
+    from tests.helpers import REPO
+
+    (config_map,) = yaml.safe_load_all((REPO / "deploy" / "k8s" / "config.yaml").read_text())
+    cfg = config_from_dict(yaml.safe_load(config_map["data"]["cluster.yaml"]), "deploy/k8s/config.yaml")
+    assert cfg.buffer_server.dial_address == "titan-buffer:50052" and cfg.trainer_server.host == "0.0.0.0"

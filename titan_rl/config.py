@@ -57,6 +57,8 @@ class RolloutConfig(ServerConfig):
     """Exploration rate at env step 0, decayed linearly to `epsilon`."""
     epsilon_decay_env_steps: int = field(default=10_000, metadata=_range(0))
     """Env steps (all workers together) over which epsilon decays; 0 for a constant epsilon."""
+    replica_id: int = field(default=0, metadata=_range(0))
+    """Which rollout replica this is, when several feed one buffer: seeds and worker ids differ per replica."""
     transitions_per_chunk: int = field(default=256, metadata=_range(1))
     """Transitions a worker gathers before it sends them to the buffer in one message."""
 

@@ -35,7 +35,8 @@ def run_worker(cfg: Config, worker_id: int, stop: mp.Event, reports: mp.Queue) -
     torch.set_num_threads(1)
     parent = os.getppid()
     r = cfg.rollout_server
-    seed = cfg.seed * 1000 + worker_id
+    global_id = r.replica_id * r.num_workers + worker_id  # unique over every rollout replica
+    seed = int(np.random.SeedSequence([cfg.seed, global_id]).generate_state(1)[0])
     torch.manual_seed(seed)
     try:
         policy = build_policy(cfg).eval()
@@ -73,7 +74,7 @@ def run_worker(cfg: Config, worker_id: int, stop: mp.Event, reports: mp.Queue) -
             report.episode_lengths += result.episode_lengths
             if pending_rows >= r.transitions_per_chunk:
                 chunk = {k: np.concatenate([p[k] for p in pending]) for k in pending[0]}
-                if not sender.send(chunk, worker_id, version, keep_waiting=lambda: not stop.is_set()):
+                if not sender.send(chunk, global_id, version, keep_waiting=lambda: not stop.is_set()):
                     break
                 pending, pending_rows = [], 0
             if (now := time.monotonic()) >= next_report:
