@@ -68,3 +68,12 @@ def test_linear_epsilon_schedule():
 def test_greedy_evaluation_runs_one_episode_per_env():
     returns = evaluate_greedy(SimplePolicy(4, 2, [16]), "CartPole-v1", episodes=5, seed=0)
     assert len(returns) == 5 and all(1 <= r <= 500 for r in returns)
+
+
+def test_workers_of_different_rollout_replicas_get_different_ids_and_seeds():
+    from tests.helpers import make_config
+    from titan_rl.rollout.worker import worker_identity
+
+    identities = {worker_identity(make_config(f"rollout_server.replica_id={r}"), w) for r in range(3) for w in range(2)}
+    assert len({i for i, _ in identities}) == 6 and len({s for _, s in identities}) == 6
+    assert worker_identity(make_config("seed=1"), 0)[1] != worker_identity(make_config("seed=2"), 0)[1]

@@ -28,6 +28,12 @@ log = logging.getLogger(__name__)
 REPORT_EVERY_S = 0.5
 
 
+def worker_identity(cfg: Config, worker_id: int) -> tuple[int, int]:
+    """(id unique over every rollout replica, seed derived from it and cfg.seed)."""
+    global_id = cfg.rollout_server.replica_id * cfg.rollout_server.num_workers + worker_id
+    return global_id, int(np.random.SeedSequence([cfg.seed, global_id]).generate_state(1)[0])
+
+
 def run_worker(cfg: Config, worker_id: int, stop: mp.Event, reports: mp.Queue) -> None:
     """Process entry point; returns when `stop` is set or the parent dies."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the rollout service stops us through `stop`
@@ -35,8 +41,7 @@ def run_worker(cfg: Config, worker_id: int, stop: mp.Event, reports: mp.Queue) -
     torch.set_num_threads(1)
     parent = os.getppid()
     r = cfg.rollout_server
-    global_id = r.replica_id * r.num_workers + worker_id  # unique over every rollout replica
-    seed = int(np.random.SeedSequence([cfg.seed, global_id]).generate_state(1)[0])
+    global_id, seed = worker_identity(cfg, worker_id)
     torch.manual_seed(seed)
     try:
         policy = build_policy(cfg).eval()
