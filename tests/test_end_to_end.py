@@ -185,3 +185,16 @@ def test_rollout_stops_with_a_clear_error_when_the_policy_does_not_fit_the_env()
     )
     assert result.returncode == 1
     assert "does not accept observations of shape (4,)" in result.stderr and "stopping" in result.stderr
+
+
+def test_trainer_refuses_an_unwritable_checkpoint_path_at_start(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    result = subprocess.run(
+        [sys.executable, "-m", "titan_rl.trainer", "--port", "0", f"logging.checkpoint_path={tmp_path}/a_file/ck.pth"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "WANDB_MODE": "disabled"},
+    )
+    assert result.returncode != 0 and "logging.checkpoint_path=" in result.stderr and "Traceback" not in result.stderr

@@ -34,10 +34,15 @@ def save_checkpoint(
         "counters": dict(counters),
         "eval_returns": list(eval_returns or []),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if "\0" in str(path):
+        raise TitanError(f"checkpoint path {str(path)!r} contains a NUL byte")
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch reports file errors as RuntimeError
+        raise TitanError(f"cannot write checkpoint {path}: {e}") from e
     return path
 
 

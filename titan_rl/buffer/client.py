@@ -35,7 +35,7 @@ class BufferClient:
 
     def sample(self, batch_size: int, num_batches: int = 1) -> dict[str, np.ndarray]:
         reply = self.stub.Sample(buffer_pb2.SampleRequest(batch_size=batch_size, num_batches=num_batches), timeout=self.timeout_s)
-        return wire.decode_chunk(reply.batch)
+        return wire.decode_chunk(reply.sample.batch)
 
     def close(self) -> None:
         self._channel.close()
@@ -165,7 +165,7 @@ class BatchPrefetcher:
         self.address = address
         self.batch_size = batch_size
         self.inserts_total = 0
-        self._request = buffer_pb2.SampleRequest(batch_size=batch_size, num_batches=batches_per_request)
+        self._request = buffer_pb2.SampleStreamRequest(batch_size=batch_size, num_batches=batches_per_request)
         self._prefetch_requests = prefetch_requests
         self._credits: queue.Queue = queue.Queue()
         self._ready: queue.Queue = queue.Queue(maxsize=batches_per_request * prefetch_requests)
@@ -196,7 +196,7 @@ class BatchPrefetcher:
                 continue
         return False
 
-    def _requests(self, credits: queue.Queue) -> Iterator[buffer_pb2.SampleRequest]:
+    def _requests(self, credits: queue.Queue) -> Iterator[buffer_pb2.SampleStreamRequest]:
         while (item := credits.get()) is not _END:
             yield item
 
@@ -210,8 +210,8 @@ class BatchPrefetcher:
             try:
                 self._call = self._stub.SampleStream(self._requests(credits), wait_for_ready=True)
                 for reply in self._call:
-                    self.inserts_total = reply.inserts_total
-                    rows = wire.decode_chunk(reply.batch)
+                    self.inserts_total = reply.sample.inserts_total
+                    rows = wire.decode_chunk(reply.sample.batch)
                     for i in range(0, len(rows["reward"]), self.batch_size):
                         if not self._put({name: a[i : i + self.batch_size] for name, a in rows.items()}):
                             return

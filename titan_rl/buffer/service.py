@@ -26,11 +26,11 @@ def replay_from_config(cfg: Config) -> ReplayBuffer:
     return ReplayBuffer(cfg.buffer_server.capacity_transitions, limiter, seed=cfg.seed)
 
 
-def _sample_response(fields: dict, indices, inserts: int) -> buffer_pb2.SampleResponse:
-    return buffer_pb2.SampleResponse(batch=wire.encode_chunk(fields), indices=wire.encode(indices), inserts_total=inserts)
+def _sampled(fields: dict, indices, inserts: int) -> buffer_pb2.SampledBatch:
+    return buffer_pb2.SampledBatch(batch=wire.encode_chunk(fields), indices=wire.encode(indices), inserts_total=inserts)
 
 
-def _check_sample_request(request: buffer_pb2.SampleRequest, context: grpc.ServicerContext) -> int:
+def _check_sample_request(request: buffer_pb2.SampleRequest | buffer_pb2.SampleStreamRequest, context: grpc.ServicerContext) -> int:
     if request.batch_size <= 0:
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"batch_size must be > 0, got {request.batch_size}")
     if request.num_batches < 0:
@@ -59,20 +59,20 @@ class BufferServicer(buffer_pb2_grpc.BufferServiceServicer):
     def Sample(self, request: buffer_pb2.SampleRequest, context: grpc.ServicerContext) -> buffer_pb2.SampleResponse:
         num_batches = _check_sample_request(request, context)
         try:
-            return _sample_response(*self.replay.sample(request.batch_size, num_batches))
+            return buffer_pb2.SampleResponse(sample=_sampled(*self.replay.sample(request.batch_size, num_batches)))
         except NotEnoughDataError as e:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
 
     def SampleStream(
-        self, request_iterator: Iterator[buffer_pb2.SampleRequest], context: grpc.ServicerContext
-    ) -> Iterator[buffer_pb2.SampleResponse]:
+        self, request_iterator: Iterator[buffer_pb2.SampleStreamRequest], context: grpc.ServicerContext
+    ) -> Iterator[buffer_pb2.SampleStreamResponse]:
         for request in request_iterator:
             num_batches = _check_sample_request(request, context)
             try:
                 sampled = self.replay.sample(request.batch_size, num_batches, block=True, should_wait=context.is_active)
             except Closed:
                 return
-            yield _sample_response(*sampled)
+            yield buffer_pb2.SampleStreamResponse(sample=_sampled(*sampled))
 
     def Info(self, request: buffer_pb2.InfoRequest, context: grpc.ServicerContext) -> buffer_pb2.InfoResponse:
         i = self.replay.info()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import time
 from pathlib import Path
@@ -12,7 +13,7 @@ import torch
 from titan_rl.buffer.client import BatchPrefetcher
 from titan_rl.config import Config
 from titan_rl.envs import check_env_spaces
-from titan_rl.errors import TitanError
+from titan_rl.errors import ConfigError, TitanError
 from titan_rl.metrics import MetricsLogger
 from titan_rl.registry import build, build_policy, check_policy_fits
 from titan_rl.rollout.client import RolloutClient
@@ -31,6 +32,17 @@ def run_name(cfg: Config) -> str:
     return cfg.logging.run_name or f"{cfg.rollout_server.env_name}-seed{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def check_writable(checkpoint_path: str) -> None:
+    """Fail at start, not at the first good evaluation, when checkpoints cannot be written."""
+    parent = Path(checkpoint_path).resolve().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"logging.checkpoint_path={checkpoint_path!r}: cannot create {parent}: {e}") from e
+    if not os.access(parent, os.W_OK) or Path(checkpoint_path).is_dir():
+        raise ConfigError(f"logging.checkpoint_path={checkpoint_path!r}: not a writable file path")
+
+
 def run(cfg: Config) -> Summary:
     """Build everything from `cfg`, serve, train until the budget is met, and shut the server down."""
     torch.set_num_threads(cfg.train.torch_threads)
@@ -41,6 +53,7 @@ def run(cfg: Config) -> Summary:
     trainer = build(cfg.trainer, "trainer", policy, cfg.train)
     if not isinstance(trainer, Trainer):
         raise TitanError(f"trainer.path={cfg.trainer.path!r} is not a subclass of trainers.base.Trainer")
+    check_writable(cfg.logging.checkpoint_path)
     name = run_name(cfg)
     logger = MetricsLogger(cfg, Path(cfg.logging.run_dir) / name, name)
     store = PolicyStore()

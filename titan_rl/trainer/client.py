@@ -49,7 +49,8 @@ class PolicySubscriber:
         while not self._stop.is_set():
             try:
                 self._call = self._stub.WatchPolicy(trainer_pb2.WatchPolicyRequest(after_version=self.version), wait_for_ready=True)
-                for weights in self._call:
+                for reply in self._call:
+                    weights = reply.weights
                     state = {k: torch.from_numpy(a.copy()) for k, a in wire.decode_weights(weights).items()}
                     with self._lock:
                         self._latest = (weights.version, state)

@@ -7,9 +7,10 @@ from collections.abc import Iterator
 
 import grpc
 
+from titan_rl.errors import TitanError
 from titan_rl.trainer.loop import TrainingLoop
 from titan_rl.trainer.policy_store import PolicyStore
-from titan_rl.v1 import common_pb2, trainer_pb2, trainer_pb2_grpc
+from titan_rl.v1 import trainer_pb2, trainer_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -24,19 +25,21 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
     def Status(self, request: trainer_pb2.StatusRequest, context: grpc.ServicerContext) -> trainer_pb2.StatusResponse:
         return trainer_pb2.StatusResponse(**self.loop.status())
 
-    def GetPolicy(self, request: trainer_pb2.GetPolicyRequest, context: grpc.ServicerContext) -> common_pb2.PolicyWeights:
+    def GetPolicy(self, request: trainer_pb2.GetPolicyRequest, context: grpc.ServicerContext) -> trainer_pb2.GetPolicyResponse:
         weights = self.store.latest()
         if weights is None:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no weights published yet")
-        return weights
+        return trainer_pb2.GetPolicyResponse(weights=weights)
 
-    def WatchPolicy(self, request: trainer_pb2.WatchPolicyRequest, context: grpc.ServicerContext) -> Iterator[common_pb2.PolicyWeights]:
+    def WatchPolicy(
+        self, request: trainer_pb2.WatchPolicyRequest, context: grpc.ServicerContext
+    ) -> Iterator[trainer_pb2.WatchPolicyResponse]:
         after = request.after_version
         while context.is_active():
             weights = self.store.wait_newer(after, WATCH_POLL_S)
             if weights is not None:
                 after = weights.version
-                yield weights
+                yield trainer_pb2.WatchPolicyResponse(weights=weights)
             elif self.loop.state == "done":
                 return
 
@@ -44,8 +47,8 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         path = request.path or self.loop.cfg.logging.checkpoint_path
         try:
             written = self.loop.save(path)
-        except OSError as e:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"path: cannot write {path!r}: {e}")
+        except TitanError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"path: {e}")
         log.info("checkpoint written to %s on request", written)
         return trainer_pb2.CheckpointResponse(path=str(written))
 
