@@ -102,3 +102,11 @@ def test_unknown_trainer_kwargs_are_a_config_error():
 
     with pytest.raises(ConfigError, match="cannot build trainers.dqn.DQNTrainer"):
         make_trainer("trainers.dqn.DQNTrainer", "trainer.kwargs={bogus: 1}")
+
+
+def test_polyak_target_update_moves_the_target_a_fraction_toward_the_online_net():
+    trainer = make_trainer("trainers.dqn.DQNTrainer", "train.target_update_every_updates=1", "train.target_update_tau=0.25")
+    before = [p.clone() for p in trainer.target.parameters()]
+    trainer.update(fixed_batch())
+    for old, new, online in zip(before, trainer.target.parameters(), trainer.policy.parameters(), strict=True):
+        torch.testing.assert_close(new, old + 0.25 * (online - old))

@@ -88,6 +88,9 @@ class TrainConfig:
     updates_per_env_step: float = field(default=0.5, metadata=_range(0.0001, 1000))
     """Update-to-data ratio, enforced by the buffer's rate limiter."""
     target_update_every_updates: int = field(default=250, metadata=_range(1))
+    """Target-network sync period in updates (1 with a small tau: Polyak averaging every update)."""
+    target_update_tau: float = field(default=1.0, metadata=_range(0.0001, 1))
+    """Each sync moves the target this far toward the online net: 1 copies it."""
     max_grad_norm: float = field(default=10.0, metadata=_range(0))
     """Gradient-norm clip; 0 disables clipping."""
     double_q: bool = True

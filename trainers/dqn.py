@@ -18,6 +18,10 @@ class DQNTrainer(Trainer):
     def __init__(self, policy: nn.Module, train: TrainConfig, **kwargs: Any):
         super().__init__(policy, train, **kwargs)
         self.target = copy.deepcopy(policy).requires_grad_(False)
+        # state_dict values share storage with the modules, so these pairs stay valid across updates
+        pairs = list(zip(self.target.state_dict().values(), policy.state_dict().values(), strict=True))
+        self._float_pairs = [(t, o) for t, o in pairs if t.is_floating_point()]
+        self._other_pairs = [(t, o) for t, o in pairs if not t.is_floating_point()]
         self.optimizer = torch.optim.Adam(policy.parameters(), lr=train.lr, fused=True)  # fused: ~15% faster per update on CPU
 
     def _update(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -49,11 +53,22 @@ class DQNTrainer(Trainer):
         )
         self.optimizer.step()
 
-        # Hard target sync; self.updates counts the updates before this one.
-        if (self.updates + 1) % self.train.target_update_every_updates == 0:
-            self.target.load_state_dict(self.policy.state_dict())
+        if (self.updates + 1) % self.train.target_update_every_updates == 0:  # self.updates counts earlier updates
+            self._sync_target()
 
         return {"losses/td_loss": loss.item(), "losses/q_values": q.mean().item(), "losses/grad_norm": float(grad_norm)}
+
+    @torch.no_grad()
+    def _sync_target(self) -> None:
+        """Copy the online net into the target (tau = 1) or move the target toward it (Polyak averaging)."""
+        tau = self.train.target_update_tau
+        targets, online = [t for t, _ in self._float_pairs], [o for _, o in self._float_pairs]
+        if tau == 1.0:
+            torch._foreach_copy_(targets, online)
+        else:
+            torch._foreach_lerp_(targets, online, tau)
+        for t, o in self._other_pairs:
+            t.copy_(o)
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "target": self.target.state_dict(), "optimizer": self.optimizer.state_dict()}
