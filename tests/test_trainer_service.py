@@ -20,10 +20,14 @@ from titan_rl.trainer.service import TrainerServicer
 from titan_rl.v1 import trainer_pb2, trainer_pb2_grpc
 
 
+def logging_overrides(tmp_path: Path) -> list[str]:
+    return ["logging.console=false", f"logging.run_dir={tmp_path}", f"logging.checkpoint_path={tmp_path}/ck.pth"]
+
+
 @pytest.fixture
 def trainer_server(buffer_server, tmp_path: Path):
     address, _ = buffer_server
-    cfg = make_config("logging.console=false", f"logging.run_dir={tmp_path}", f"logging.checkpoint_path={tmp_path}/ck.pth")
+    cfg = make_config(*logging_overrides(tmp_path))
     policy = build_policy(cfg)
     store = PolicyStore()
     batches = BatchPrefetcher(address, cfg.train.batch_size)
@@ -73,3 +77,21 @@ def test_get_policy_status_checkpoint_and_stop(trainer_server, tmp_path):
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and e.value.details().startswith("path: "), bad
     client.stop()
     assert loop.run().stop_reason == "stop requested"
+
+
+class BalancingPolicy(torch.nn.Module):
+    """Pushes toward where the pole falls (angle + angular velocity): scores about 490 on CartPole."""
+
+    def forward(self, obs):
+        lean = obs[:, 2] + obs[:, 3]
+        return torch.stack([-lean, lean], dim=1)
+
+
+@pytest.mark.parametrize(("target", "evaluations"), [(400.0, 2), (None, 1), (501.0, 1)])
+def test_an_evaluation_that_reaches_the_target_is_confirmed_on_new_episodes(trainer_server, tmp_path, target, evaluations):
+    _, loop, _, _ = trainer_server
+    loop.cfg = make_config(f"budget.target_eval_return={'null' if target is None else target}", *logging_overrides(tmp_path))
+    loop.trainer.policy = BalancingPolicy()
+    loop._evaluate()
+    assert loop._evals == evaluations
+    assert loop.last_eval > 450
