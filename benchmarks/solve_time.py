@@ -66,7 +66,8 @@ def run_titan(seed: int, budget: int, work: Path, final_seed: int) -> dict:
         f"logging.checkpoint_path={ckpt}",
     ]
     launched = time.time()
-    subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL, env={**os.environ, "WANDB_MODE": "offline"})
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     wall = time.time() - launched
     rows = [json.loads(line) for line in (work / name / "metrics.jsonl").read_text().splitlines()]
     evals = [
