@@ -1,0 +1,167 @@
+"""Buffer service throughput from one client, against a raw-bytes gRPC stream (the ceiling).
+
+Measures, with a real `python -m titan_rl.buffer` subprocess (rate limiting effectively off):
+  inserts: CartPole transitions/s through Add with ChunkSender (what actors use: encodes each chunk,
+           at most 2 unacknowledged) for chunks of 64, 256, 1024 and 4096 transitions;
+  samples: batches/s through SampleStream with BatchPrefetcher (what the learner uses: the config's
+           batches_per_request and prefetch_requests) for batch 64 and 256.
+Diagnostic rows: the same streams driven by the bare stub with pre-encoded requests (Add) or
+protobuf-parsed replies only (SampleStream), and the in-process ReplayBuffer (no gRPC).
+
+Baseline (the ceiling): benchmarks.raw_stream_server, another subprocess on the same gRPC server
+options, moving bytes messages of exactly our message sizes with the same flow control (every
+message answered, at most 2 unanswered). Ceiling and ours alternate, 3 repetitions, median.
+Target: every row >= 0.7x the raw-stream ceiling (the verdict uses the worst row).
+
+    .venv/bin/python -m benchmarks.buffer_throughput [--quick]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Mapping
+
+import numpy as np
+
+from benchmarks.common import (
+    CONFIG,
+    HOST,
+    acked_stream_rate,
+    alternate,
+    buffer_service,
+    cartpole_transitions,
+    describe_mode,
+    emit_json,
+    fill_buffer,
+    new_address,
+    parse_args,
+    print_table,
+    rate_for,
+    service,
+    verdict,
+)
+from benchmarks.raw_stream_server import SINK, SOURCE
+from titan_rl import wire
+from titan_rl.buffer.client import BatchPrefetcher, ChunkSender
+from titan_rl.buffer.replay import ReplayBuffer
+from titan_rl.config import load_config
+from titan_rl.rpc import make_channel
+from titan_rl.v1 import buffer_pb2, buffer_pb2_grpc
+
+TARGET = 0.7
+IN_FLIGHT = 2  # unacknowledged chunks: ChunkSender's default, which the rollout workers use
+
+
+def chunk_sender_rate(address: str, fields: Mapping[str, np.ndarray], duration_s: float, warmup: int = 5) -> float:
+    """Transitions/s that ChunkSender gets acknowledged."""
+    rows = len(fields["reward"])
+    sender = ChunkSender(address, max_in_flight=IN_FLIGHT)
+    try:
+        for _ in range(warmup):
+            sender.send(fields, 0, 0)
+        sender.flush(30.0)
+        sent, t0 = 0, time.monotonic()
+        while time.monotonic() - t0 < duration_s:
+            sender.send(fields, 0, 0)
+            sent += 1
+        if not sender.flush(30.0):
+            raise RuntimeError("chunks still unacknowledged after 30 s")
+        return sent * rows / (time.monotonic() - t0)
+    finally:
+        sender.close()
+
+
+def prefetcher_rate(address: str, batch_size: int, per_request: int, prefetch: int, duration_s: float) -> float:
+    """Batches/s that the learner gets from BatchPrefetcher.next()."""
+    prefetcher = BatchPrefetcher(address, batch_size, per_request, prefetch)
+
+    def one() -> int:
+        if prefetcher.next(timeout_s=30.0) is None:
+            raise RuntimeError("no batch within 30 s")
+        return 1
+
+    try:
+        return rate_for(one, duration_s)
+    finally:
+        prefetcher.close()
+
+
+def sample_response_bytes(replay: ReplayBuffer, batch_size: int, per_request: int) -> int:
+    """Size of one SampleStreamResponse as the buffer service builds it."""
+    fields, indices, inserts = replay.sample(batch_size, per_request)
+    sampled = buffer_pb2.SampledBatch(batch=wire.encode_chunk(fields), indices=wire.encode(indices), inserts_total=inserts)
+    return buffer_pb2.SampleStreamResponse(sample=sampled).ByteSize()
+
+
+def table(results: list[dict], key: str) -> None:
+    cols = ["raw", "titan", "stub", "in_process"]
+    print_table([key, "bytes/msg", *cols, "titan/raw"], [[r[key], r["bytes"], *(r[c] for c in cols), f"{r['ratio']:.2f}"] for r in results])
+
+
+def main() -> None:
+    args = parse_args(__doc__)
+    chunks, batches = ((64, 1024), (64,)) if args.quick else ((64, 256, 1024, 4096), (64, 256))
+    duration_s, reps = (0.3, 2) if args.quick else (2.0, 3)
+    cfg = load_config(CONFIG)
+    per_request, prefetch = cfg.train.batches_per_request, cfg.train.prefetch_requests
+    capacity = cfg.buffer_server.capacity_transitions
+    buffer_port, buffer_address = new_address()
+    raw_port, raw_address = new_address()
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(buffer_service(buffer_port))
+        stack.enter_context(service("benchmarks.raw_stream_server", ["--host", HOST, "--port", str(raw_port)], raw_address))
+        raw = stack.enter_context(make_channel(raw_address))
+        stub = buffer_pb2_grpc.BufferServiceStub(stack.enter_context(make_channel(buffer_address)))
+        local = ReplayBuffer(capacity, seed=0)
+        data = cartpole_transitions(capacity)
+        local.add(data)
+        fill_buffer(buffer_address, data)  # both run full, as a replay buffer does in steady state
+
+        def insert_rates(rows: int) -> dict:
+            fields = cartpole_transitions(rows)
+            request = buffer_pb2.AddRequest(chunk=wire.encode_chunk(fields))
+            size = request.ByteSize()
+            r = alternate(
+                {
+                    "raw": lambda: rows * acked_stream_rate(raw.stream_stream(SINK), bytes(size), duration_s, in_flight=IN_FLIGHT),
+                    "titan": lambda: chunk_sender_rate(buffer_address, fields, duration_s),
+                    "stub": lambda: rows * acked_stream_rate(stub.Add, request, duration_s, in_flight=IN_FLIGHT),
+                    "in_process": lambda: rate_for(lambda: local.add(fields), duration_s),
+                },
+                reps,
+            )
+            return {"chunk": rows, "bytes": size, **r, "ratio": r["titan"] / r["raw"]}
+
+        def sample_rates(batch_size: int) -> dict:
+            size = sample_response_bytes(local, batch_size, per_request)
+            credit = buffer_pb2.SampleStreamRequest(batch_size=batch_size, num_batches=per_request)
+            raw_credit = size.to_bytes(8, "little")
+            r = alternate(
+                {
+                    "raw": lambda: per_request * acked_stream_rate(raw.stream_stream(SOURCE), raw_credit, duration_s, in_flight=prefetch),
+                    "titan": lambda: prefetcher_rate(buffer_address, batch_size, per_request, prefetch, duration_s),
+                    "stub": lambda: per_request * acked_stream_rate(stub.SampleStream, credit, duration_s, in_flight=prefetch),
+                    "in_process": lambda: rate_for(lambda: len(local.sample(batch_size, per_request)[1]) // batch_size, duration_s),
+                },
+                reps,
+            )
+            return {"batch": batch_size, "bytes": size, **r, "ratio": r["titan"] / r["raw"]}
+
+        inserts = [insert_rates(rows) for rows in chunks]
+        samples = [sample_rates(batch_size) for batch_size in batches]
+
+    mode = describe_mode(args.quick, reps, duration_s)
+    print(f"\nbuffer throughput, one client, {mode}")
+    print("\ninserts, transitions/s (titan = ChunkSender over Add; stub = Add with pre-encoded requests)")
+    table(inserts, "chunk")
+    print(f"\nsamples, batches/s ({per_request} batches per message; titan = BatchPrefetcher.next(); stub = parsed replies only)")
+    table(samples, "batch")
+    worst = min(r["ratio"] for r in inserts + samples)
+    print()
+    met = verdict("worst titan/raw-stream ratio", worst, TARGET)
+    emit_json("buffer_throughput", args.quick, inserts=inserts, samples=samples, worst_ratio=worst, target=TARGET, met=met)
+
+
+if __name__ == "__main__":
+    main()

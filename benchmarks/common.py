@@ -1,0 +1,192 @@
+"""Shared helpers for the throughput benchmarks: service subprocesses, CartPole data, timing, reporting."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+
+import numpy as np
+
+from titan_rl.buffer.client import ChunkSender
+from titan_rl.launch import free_port
+from titan_rl.rpc import is_serving
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIG = "config/cartpole.yaml"
+HOST = "127.0.0.1"
+NO_RATE_LIMIT = "buffer_server.rate_limit_slack_transitions=1000000000"  # inserts and samples never wait on each other
+QUICK_MODE = "QUICK MODE (a smoke test, not a measurement)"
+_PR_SET_PDEATHSIG = 1
+
+
+def parse_args(doc: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes and short windows: a smoke test, not a measurement")
+    return parser.parse_args()
+
+
+def describe_mode(quick: bool, reps: int, duration_s: float) -> str:
+    return QUICK_MODE if quick else f"median of {reps} alternating repetitions of {duration_s:g} s"
+
+
+def cartpole_transitions(n: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """n CartPole-shaped transitions: obs/next_obs float32[4], action int64, reward float32, terminated/truncated bool."""
+    rng = np.random.default_rng(seed)
+    obs = rng.standard_normal((n, 4)).astype(np.float32)
+    return {
+        "obs": obs,
+        "action": rng.integers(0, 2, n).astype(np.int64),
+        "reward": np.ones(n, dtype=np.float32),
+        "next_obs": (obs + 0.01).astype(np.float32),
+        "terminated": rng.random(n) < 0.05,
+        "truncated": np.zeros(n, dtype=bool),
+    }
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: own session (Ctrl-C reaches only the benchmark, which stops it) and SIGTERM if we die."""
+    os.setsid()
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def stop_process(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL after `grace_s`."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@contextlib.contextmanager
+def service(
+    module: str, args: list[str], address: str, env: dict[str, str] | None = None, timeout_s: float = 90.0
+) -> Iterator[subprocess.Popen]:
+    """Run `python -m module *args` from the repo root until the block ends; yields once `address` reports SERVING.
+
+    Output goes to a temporary file whose tail is shown if the process dies during start-up.
+    """
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", module, *args],
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+            preexec_fn=_die_with_parent,
+        )
+        try:
+            deadline = time.monotonic() + timeout_s
+            while not is_serving(address, timeout_s=0.5):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    log.seek(0)
+                    tail = "\n".join(log.read().decode(errors="replace").splitlines()[-20:])
+                    raise RuntimeError(f"{module} did not start serving on {address} (exit code {proc.poll()}):\n{tail}")
+                time.sleep(0.1)
+            yield proc
+        finally:
+            stop_process(proc)
+
+
+def buffer_service(port: int, *overrides: str) -> contextlib.AbstractContextManager[subprocess.Popen]:
+    """A real `python -m titan_rl.buffer` on HOST:port with rate limiting effectively off."""
+    args = ["--config", CONFIG, "--host", HOST, "--port", str(port), NO_RATE_LIMIT, *overrides]
+    return service("titan_rl.buffer", args, f"{HOST}:{port}")
+
+
+def fill_buffer(address: str, data: Mapping[str, np.ndarray], chunk: int = 1024) -> None:
+    """Insert `data` into the buffer service through Add, `chunk` rows a message; raises unless every chunk is acknowledged."""
+    rows = len(data["reward"])
+    sender = ChunkSender(address)
+    for i in range(0, rows, chunk):
+        sender.send({k: a[i : i + chunk] for k, a in data.items()}, 0, 0)
+    sender.close(flush_timeout_s=120.0)
+    if sender.chunks_acked != -(-rows // chunk):
+        raise RuntimeError(f"filling the buffer: {sender.chunks_acked} of {-(-rows // chunk)} chunks acknowledged")
+
+
+def new_address() -> tuple[int, str]:
+    port = free_port(HOST)
+    return port, f"{HOST}:{port}"
+
+
+def acked_stream_rate(
+    open_call: Callable[[Iterator], Iterator], request: object, duration_s: float, warmup: int = 5, in_flight: int = 2
+) -> float:
+    """Responses/s of a bidi stream where every request is answered by one response and at most
+    `in_flight` requests are unanswered (the protocol of Add and SampleStream).
+
+    `open_call(requests)` starts the call. Requests stop `duration_s` after the `warmup`-th
+    response; the rate counts the responses after it, up to the last one.
+    """
+    slots = threading.Semaphore(in_flight)
+    end = float("inf")
+
+    def requests() -> Iterator:
+        while time.monotonic() < end:
+            slots.acquire()
+            yield request
+
+    count, t0 = 0, 0.0
+    for _ in open_call(requests()):
+        slots.release()
+        count += 1
+        if count == warmup:
+            t0 = time.monotonic()
+            end = t0 + duration_s
+    return (count - warmup) / (time.monotonic() - t0)
+
+
+def rate_for(step: Callable[[], int], duration_s: float, warmup_s: float = 0.2) -> float:
+    """Units/s of calling `step()` (returns how many units it did) for `duration_s`, after `warmup_s` of the same."""
+    end = time.monotonic() + warmup_s
+    while time.monotonic() < end:
+        step()
+    done, t0 = 0, time.monotonic()
+    while (now := time.monotonic()) - t0 < duration_s:
+        done += step()
+    return done / (now - t0)
+
+
+def alternate(runs: dict[str, Callable[[], float]], reps: int) -> dict[str, float]:
+    """Run every measurement `reps` times, interleaved (A B A B ...); the median of each."""
+    values: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(reps):
+        for name, run in runs.items():
+            values[name].append(run())
+    return {name: statistics.median(v) for name, v in values.items()}
+
+
+def print_table(headers: list[str], rows: list[list[object]]) -> None:
+    cells = [list(headers)] + [[f"{c:,.1f}" if isinstance(c, float) else str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    for i, row in enumerate(cells):
+        print("  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(row, widths, strict=True))))
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def verdict(what: str, ratio: float, target: float, at_most: bool = False) -> bool:
+    """Print `what: ratio (target >= t): MET/NOT MET` and return whether it is met."""
+    met = ratio <= target if at_most else ratio >= target
+    print(f"{what}: {ratio:.2f}x (target {'<=' if at_most else '>='} {target:.2f}x): {'MET' if met else 'NOT MET'}")
+    return met
+
+
+def emit_json(benchmark: str, quick: bool, **results: object) -> None:
+    print(json.dumps({"benchmark": benchmark, "quick": quick, **results}))

@@ -1,0 +1,53 @@
+"""The ceiling for buffer traffic: a gRPC server that moves raw bytes with no protobuf and no work.
+
+`python -m benchmarks.raw_stream_server --port P` serves, next to the standard health service and
+with the buffer's own server options and thread pool (titan_rl.rpc.make_server):
+  /bench.RawStream/Sink    answers every message with a 4-byte ack, as Add answers every chunk;
+  /bench.RawStream/Source  answers every request (the payload size, 8 bytes) with that many bytes,
+                           as SampleStream answers every credit with a batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Iterator
+
+import grpc
+
+from titan_rl.rpc import make_server, set_serving
+from titan_rl.service import serve_until_signal, setup_logging
+
+SERVICE = "bench.RawStream"
+SINK = f"/{SERVICE}/Sink"
+SOURCE = f"/{SERVICE}/Source"
+ACK = bytes(4)
+
+
+def _sink(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+    for _ in requests:
+        yield ACK
+
+
+def _source(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+    payloads: dict[int, bytes] = {}
+    for request in requests:
+        size = int.from_bytes(request, "little")
+        yield payloads.setdefault(size, bytes(size))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    args = parser.parse_args()
+    setup_logging()
+    server, _, health = make_server(args.host, args.port)
+    handlers = {"Sink": grpc.stream_stream_rpc_method_handler(_sink), "Source": grpc.stream_stream_rpc_method_handler(_source)}
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE, handlers)])
+    server.start()
+    set_serving(health, [SERVICE])
+    serve_until_signal(server, "raw stream server")
+
+
+if __name__ == "__main__":
+    main()
