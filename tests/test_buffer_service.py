@@ -102,3 +102,29 @@ def test_chunk_sender_surfaces_a_rejected_chunk(buffer_server):
         for _ in range(50):
             sender.send(transitions(8), 0, 0)
             sender.flush(0.1)
+
+
+def test_many_open_streams_do_not_starve_other_calls(buffer_server):
+    """Each open stream holds a server thread: 40 idle Add streams (say 40 actors) must not block Info."""
+    import queue
+
+    address, _ = buffer_server
+    channel = grpc.insecure_channel(address)
+    stub = buffer_pb2_grpc.BufferServiceStub(channel)
+    outboxes = [queue.Queue() for _ in range(40)]
+
+    def requests(outbox):
+        while (item := outbox.get()) is not None:
+            yield item
+
+    calls = [stub.Add(requests(q), timeout=20) for q in outboxes]
+    try:
+        for q in outboxes:
+            q.put(buffer_pb2.AddRequest(chunk=wire.encode_chunk(transitions(1))))
+        for call in calls:
+            next(call)  # every stream is open and answered once
+        assert BufferClient(address, timeout_s=2).info().inserts_total == 40
+    finally:
+        for q in outboxes:
+            q.put(None)
+        channel.close()

@@ -34,13 +34,24 @@ def make_channel(address: str) -> grpc.Channel:
     return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
 
 
-def make_server(host: str, port: int, max_workers: int = 32) -> tuple[grpc.Server, int, health.HealthServicer]:
+# Every open stream (an actor's Add, a learner's SampleStream, an actor's WatchPolicy) holds one
+# server thread for its whole life. The pool starts threads only when needed, so a large cap costs
+# nothing idle; past the RPC cap a caller gets RESOURCE_EXHAUSTED instead of waiting forever.
+MAX_SERVER_THREADS = 1024
+MAX_CONCURRENT_RPCS = MAX_SERVER_THREADS - 16
+
+
+def make_server(host: str, port: int) -> tuple[grpc.Server, int, health.HealthServicer]:
     """A server bound to host:port (0 picks a free port) with the standard health service.
 
     Health reports NOT_SERVING until the caller sets SERVING once everything is ready.
     Returns the server (not started), the bound port and the health servicer.
     """
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=SERVER_OPTIONS)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=MAX_SERVER_THREADS),
+        options=SERVER_OPTIONS,
+        maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS,
+    )
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"cannot bind {host}:{port}: address in use or not available")
