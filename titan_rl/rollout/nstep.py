@@ -46,33 +46,28 @@ class NStepAccumulator:
 
         order = [(t - n + 1 + k) % n for k in range(n)]  # oldest first
         full = valid & (self._episode_len >= n)
-        parts = [
-            {
-                "obs": self._obs[order[0]][full],
-                "action": self._action[order[0]][full],
-                "reward": (self._reward[order][:, full] * self._discounts[:, None]).sum(axis=0),
-                "next_obs": next_obs[full],
-                "terminated": terminated[full],
-                "truncated": truncated[full],
-            }
-        ]
-        for env in np.flatnonzero(valid & terminated):
-            for m in range(1, min(int(self._episode_len[env]), n - 1) + 1):  # windows of m < n steps ending here
-                start = (t - m + 1) % n
-                steps = [(start + k) % n for k in range(m)]
-                parts.append(
-                    {
-                        "obs": self._obs[start, env][None],
-                        "action": self._action[start, env][None],
-                        "reward": np.array([(self._reward[steps, env] * self._discounts[:m]).sum()]),
-                        "next_obs": next_obs[env][None],
-                        "terminated": np.array([True]),
-                        "truncated": truncated[env][None],
-                    }
-                )
-        out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if len(parts) > 1 else parts[0]
-        out["reward"] = out["reward"].astype(np.float32)
-        out["action"] = out["action"].astype(np.int64)
-        out["terminated"] = out["terminated"].astype(bool)
-        out["truncated"] = out["truncated"].astype(bool)
-        return out
+        parts = [self._windows(order, full, next_obs, terminated[full], truncated)]
+        ended = valid & terminated
+        if ended.any():
+            for m in range(1, n):  # windows of m < n steps ending at a termination, every such env at once
+                envs = ended & (self._episode_len >= m)
+                if envs.any():
+                    steps = [(t - m + 1 + k) % n for k in range(m)]
+                    parts.append(self._windows(steps, envs, next_obs, np.ones(envs.sum(), dtype=bool), truncated))
+        if len(parts) == 1:
+            return parts[0]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def _windows(
+        self, steps: list[int], envs: np.ndarray, next_obs: np.ndarray, terminated: np.ndarray, truncated: np.ndarray
+    ) -> dict[str, np.ndarray]:
+        """Transitions of the given envs over the ring `steps` (oldest first), ending at `next_obs`."""
+        rewards = self._reward[steps][:, envs] * self._discounts[: len(steps), None]
+        return {
+            "obs": self._obs[steps[0]][envs],
+            "action": self._action[steps[0]][envs],
+            "reward": rewards.sum(axis=0).astype(np.float32),
+            "next_obs": next_obs[envs],
+            "terminated": terminated.astype(bool),
+            "truncated": truncated[envs].astype(bool),
+        }
