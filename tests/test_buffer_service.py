@@ -1,5 +1,7 @@
 """The buffer service over real gRPC on a free port."""
 
+import time
+
 import grpc
 import numpy as np
 import pytest
@@ -128,3 +130,31 @@ def test_many_open_streams_do_not_starve_other_calls(buffer_server):
         for q in outboxes:
             q.put(None)
         channel.close()
+
+
+def test_chunk_sender_reconnects_when_the_buffer_comes_back(caplog):
+    """A dead peer is retried with back-off and logged: the sender survives a buffer restart."""
+    from tests.helpers import make_config
+    from titan_rl.buffer.__main__ import start
+    from titan_rl.launch import free_port
+
+    port = free_port("127.0.0.1")
+    cfg = make_config(f"buffer_server.port={port}", "train.min_buffer_size=64")
+    server, _, replay = start(cfg)
+    sender = ChunkSender(f"127.0.0.1:{port}")
+    try:
+        sender.send(transitions(8), 0, 0)
+        assert sender.flush(5) and replay.info().size == 8
+        replay.close()
+        server.stop(grace=None).wait()
+        server, _, replay = start(cfg)  # same port, empty buffer
+        deadline = time.monotonic() + 20
+        while replay.info().size == 0 and time.monotonic() < deadline:
+            sender.send(transitions(8), 0, 0, keep_waiting=lambda: time.monotonic() < deadline)
+            sender.flush(0.5)
+        assert replay.info().size > 0
+        assert "reconnecting" in caplog.text
+    finally:
+        sender.close(0)
+        replay.close()
+        server.stop(grace=None).wait()

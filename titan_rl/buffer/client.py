@@ -47,14 +47,13 @@ class ChunkSender:
     At most `max_in_flight` chunks are unacknowledged at once: `send()` blocks beyond
     that, so a slow (or rate-limited) buffer slows the actor down instead of letting
     stale data pile up in transport buffers. A broken stream is reopened with back-off;
-    chunks in flight when it broke are lost and counted in `chunks_lost`.
+    chunks in flight when it broke are lost, and the log says how many.
     INVALID_ARGUMENT is not retried: it is a bug in the sender, raised from the next `send()`.
     """
 
     def __init__(self, address: str, max_in_flight: int = 2, give_up_after_s: float = 120.0):
         self.address = address
         self.give_up_after_s = give_up_after_s
-        self.chunks_lost = 0
         self.chunks_acked = 0
         self._max_in_flight = max_in_flight
         self._slots = threading.Semaphore(max_in_flight)
@@ -107,12 +106,13 @@ class ChunkSender:
         while (item := requests.get()) is not _END:
             yield item
 
-    def _release_in_flight(self, lost: bool) -> None:
+    def _release_in_flight(self) -> int:
+        """Free the slots of chunks that will never be acknowledged; returns how many."""
         with self._lock:
             n, self._in_flight = self._in_flight, 0
-        self.chunks_lost += n if lost else 0
         for _ in range(n):
             self._slots.release()
+        return n
 
     def _run(self) -> None:
         channel = make_channel(self.address)
@@ -133,7 +133,7 @@ class ChunkSender:
                     return  # the stream ended because close() was called
                 except grpc.RpcError as e:
                     self._requests = queue.Queue()  # the old request iterator belongs to the dead call
-                    self._release_in_flight(lost=True)
+                    lost = self._release_in_flight()
                     if self._closing.is_set():
                         return
                     if e.code() not in RETRYABLE:
@@ -146,7 +146,9 @@ class ChunkSender:
                         self._error = PeerUnavailableError(f"buffer {self.address} unreachable for {self.give_up_after_s:.0f}s")
                         log.error("%s", self._error)
                         return
-                    log.warning("buffer stream %s: %s; reconnecting in %.1fs", self.address, e.code().name, backoff.delay_s)
+                    log.warning(
+                        "buffer stream %s: %s, %d chunks lost; reconnecting in %.1fs", self.address, e.code().name, lost, backoff.delay_s
+                    )
                     backoff.sleep()
         finally:
             channel.close()

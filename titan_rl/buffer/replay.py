@@ -101,9 +101,6 @@ class ReplayBuffer:
                 sample_calls_total=self._sample_calls,
             )
 
-    def nbytes(self) -> int:
-        return self._storage.nbytes()
-
     def close(self) -> None:
         """Wake every waiter with `Closed`; used at shutdown."""
         with self._cond:

@@ -79,6 +79,3 @@ class RingStorage:
     def gather(self, indices: np.ndarray) -> dict[str, np.ndarray]:
         """Copies of the rows at `indices` (fancy indexing always copies)."""
         return {name: a[indices] for name, a in self._arrays.items()}
-
-    def nbytes(self) -> int:
-        return sum(a.nbytes for a in self._arrays.values())
