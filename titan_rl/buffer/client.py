@@ -70,7 +70,8 @@ class ChunkSender:
         self, fields: Mapping[str, np.ndarray], worker_id: int, policy_version: int, keep_waiting: Callable[[], bool] = lambda: True
     ) -> bool:
         """Queue a chunk once a slot is free; False if `keep_waiting()` turned False first."""
-        request = buffer_pb2.AddRequest(chunk=wire.encode_chunk(fields, worker_id, policy_version))
+        request = buffer_pb2.AddRequest()
+        wire.fill_chunk(request.chunk, fields, worker_id, policy_version)
         while not self._slots.acquire(timeout=0.2):
             if self._error is not None or not self._thread.is_alive():
                 raise self._error or TitanError("chunk sender stopped")

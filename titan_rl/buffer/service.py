@@ -6,6 +6,7 @@ import logging
 from collections.abc import Iterator
 
 import grpc
+import numpy as np
 
 from titan_rl import wire
 from titan_rl.buffer.rate_limiter import RateLimiter
@@ -26,8 +27,11 @@ def replay_from_config(cfg: Config) -> ReplayBuffer:
     return ReplayBuffer(cfg.buffer_server.capacity_transitions, limiter, seed=cfg.seed)
 
 
-def _sampled(fields: dict, indices, inserts: int) -> buffer_pb2.SampledBatch:
-    return buffer_pb2.SampledBatch(batch=wire.encode_chunk(fields), indices=wire.encode(indices), inserts_total=inserts)
+def _fill_sample(sample: buffer_pb2.SampledBatch, fields: dict, indices: np.ndarray, inserts: int) -> None:
+    """Fill the response's SampledBatch in place: nesting a separately built one would copy every byte again."""
+    wire.fill_chunk(sample.batch, fields)
+    wire.fill(sample.indices, indices)
+    sample.inserts_total = inserts
 
 
 def _check_sample_request(request: buffer_pb2.SampleRequest | buffer_pb2.SampleStreamRequest, context: grpc.ServicerContext) -> int:
@@ -59,9 +63,12 @@ class BufferServicer(buffer_pb2_grpc.BufferServiceServicer):
     def Sample(self, request: buffer_pb2.SampleRequest, context: grpc.ServicerContext) -> buffer_pb2.SampleResponse:
         num_batches = _check_sample_request(request, context)
         try:
-            return buffer_pb2.SampleResponse(sample=_sampled(*self.replay.sample(request.batch_size, num_batches)))
+            sampled = self.replay.sample(request.batch_size, num_batches)
         except NotEnoughDataError as e:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+        response = buffer_pb2.SampleResponse()
+        _fill_sample(response.sample, *sampled)
+        return response
 
     def SampleStream(
         self, request_iterator: Iterator[buffer_pb2.SampleStreamRequest], context: grpc.ServicerContext
@@ -72,7 +79,9 @@ class BufferServicer(buffer_pb2_grpc.BufferServiceServicer):
                 sampled = self.replay.sample(request.batch_size, num_batches, block=True, should_wait=context.is_active)
             except Closed:
                 return
-            yield buffer_pb2.SampleStreamResponse(sample=_sampled(*sampled))
+            response = buffer_pb2.SampleStreamResponse()
+            _fill_sample(response.sample, *sampled)
+            yield response
 
     def Info(self, request: buffer_pb2.InfoRequest, context: grpc.ServicerContext) -> buffer_pb2.InfoResponse:
         i = self.replay.info()
