@@ -118,3 +118,24 @@ def test_blocked_sample_waits_for_inserts_and_close_releases_waiters():
     buf.close()
     t.join(2.0)
     assert result == {"ok": True, "closed": True}
+
+
+def test_records_keep_every_field_exact_for_odd_shapes_and_dtypes():
+    rng = np.random.default_rng(0)
+    n = 9
+    fields = {
+        "obs": rng.integers(0, 256, (n, 3, 5, 5), dtype=np.uint8),
+        "action": rng.integers(-5, 5, n).astype(np.int32),
+        "reward": rng.standard_normal(n).astype(">f8"),  # big-endian input is stored by value
+        "next_obs": rng.integers(0, 256, (n, 3, 5, 5), dtype=np.uint8),
+        "terminated": rng.random(n) < 0.5,
+        "truncated": rng.random(n) < 0.5,
+    }
+    s = RingStorage(capacity=7)
+    s.add({k: a[:4] for k, a in fields.items()})
+    s.add({k: a[4:] for k, a in fields.items()})  # wraps: slots 0..1 now hold rows 7..8
+    got = s.gather(np.array([2, 3, 4, 5, 6, 0, 1]))
+    for name, want in fields.items():
+        assert got[name].flags.c_contiguous
+        np.testing.assert_array_equal(got[name], want[2:], err_msg=name)
+    assert got["reward"].dtype == np.float64 and got["obs"].shape == (7, 3, 5, 5)
