@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import json
 import os
 import signal
@@ -22,13 +21,13 @@ import numpy as np
 from titan_rl.buffer.client import ChunkSender
 from titan_rl.launch import free_port
 from titan_rl.rpc import is_serving
+from titan_rl.service import child_env
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = "config/cartpole.yaml"
 HOST = "127.0.0.1"
 NO_RATE_LIMIT = "buffer_server.rate_limit_slack_transitions=1000000000"  # inserts and samples never wait on each other
 QUICK_MODE = "QUICK MODE (a smoke test, not a measurement)"
-_PR_SET_PDEATHSIG = 1
 
 
 def parse_args(doc: str) -> argparse.Namespace:
@@ -53,12 +52,6 @@ def cartpole_transitions(n: int, seed: int = 0) -> dict[str, np.ndarray]:
         "terminated": rng.random(n) < 0.05,
         "truncated": np.zeros(n, dtype=bool),
     }
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: own session (Ctrl-C reaches only the benchmark, which stops it) and SIGTERM if we die."""
-    os.setsid()
-    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def stop_process(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
@@ -87,8 +80,8 @@ def service(
             cwd=REPO,
             stdout=log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
-            preexec_fn=_die_with_parent,
+            env=child_env({**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}),
+            start_new_session=True,  # Ctrl-C reaches only the benchmark, which stops it
         )
         try:
             deadline = time.monotonic() + timeout_s

@@ -141,6 +141,22 @@ def test_ctrl_c_stops_every_process_and_keeps_the_last_checkpoint(tmp_path):
     assert (tmp_path / "checkpoint_last.pth").exists()
 
 
+def test_killing_the_launcher_outright_takes_every_service_with_it(tmp_path):
+    """SIGKILL leaves the launcher no time to stop anything: the services must notice on their own."""
+    proc, _ = launch(tmp_path, "budget.max_env_steps=10000000", "budget.target_eval_return=null")
+    try:
+        wait_for_line(proc, "services up")
+        tree = descendants(proc.pid)
+        assert len(tree) >= 5, tree
+    finally:
+        proc.kill()
+        proc.wait()
+    deadline = time.monotonic() + 20
+    while any(alive(p) for p in tree) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [p for p in tree if alive(p)], f"left behind: {[p for p in tree if alive(p)]}"
+
+
 def test_a_bad_config_key_fails_before_anything_starts():
     result = subprocess.run(
         [sys.executable, "-m", "titan_rl.launch", "train.gama=0.9"], cwd=REPO, capture_output=True, text=True, timeout=60

@@ -3,13 +3,12 @@
 `bash run.sh [--config FILE] [--seed N] [section.key=value ...]` ends up here. Ports left at 0
 in the config are picked free here and handed to every service, so all three agree. Ctrl-C or
 SIGTERM asks the trainer to finish (it writes its checkpoint), then stops the others; children
-also die with this process (PR_SET_PDEATHSIG), so none is left behind.
+also die with this process (see `titan_rl.service.die_with_parent`), so none is left behind.
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import signal
@@ -22,24 +21,18 @@ from pathlib import Path
 from titan_rl.config import Config, load_config
 from titan_rl.errors import TitanError
 from titan_rl.rpc import is_serving
+from titan_rl.service import child_env
 
 SERVICES = (("buffer", "buffer_server"), ("trainer", "trainer_server"), ("rollout", "rollout_server"))
 HEALTH_TIMEOUT_S = 120.0
 TRAINER_GRACE_S = 60.0
 OTHERS_GRACE_S = 10.0
-_PR_SET_PDEATHSIG = 1
 
 
 def free_port(host: str) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
-
-
-def _child_setup() -> None:
-    """In the child before exec: own session (the terminal's Ctrl-C reaches only the launcher) and die with the launcher."""
-    os.setsid()
-    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class Launcher:
@@ -58,12 +51,12 @@ class Launcher:
     def _start(self, service: str) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", f"titan_rl.{service}", "--config", self.config_path, *self.overrides]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = child_env({**os.environ, "PYTHONUNBUFFERED": "1"})
         if service == "trainer":  # its progress is what the user watches
             out = None
         else:
             out = open(self.run_dir / f"{service}.log", "w")
-        self.procs[service] = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if out else None, env=env, preexec_fn=_child_setup)
+        self.procs[service] = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if out else None, env=env, start_new_session=True)
 
     def _log_tail(self, service: str, lines: int = 15) -> str:
         path = self.run_dir / f"{service}.log"

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
 import dataclasses
 import logging
+import os
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import grpc
 
@@ -16,6 +18,29 @@ from titan_rl.config import Config, load_config
 from titan_rl.errors import TitanError
 
 log = logging.getLogger(__name__)
+
+PARENT_PID_ENV = "TITAN_RL_PARENT_PID"
+_PR_SET_PDEATHSIG = 1
+
+
+def child_env(env: Mapping[str, str]) -> dict[str, str]:
+    """`env` for a service process that must not outlive this one (see `die_with_parent`)."""
+    return {**env, PARENT_PID_ENV: str(os.getpid())}
+
+
+def die_with_parent() -> None:
+    """Get SIGTERM when the process named by $TITAN_RL_PARENT_PID (the launcher) dies; exit now if it already has.
+
+    Asked for here, after exec, and not in a `preexec_fn`: a preexec_fn makes subprocess fork() instead
+    of vfork(), which runs gRPC's fork handlers, and those hung a parent that had live channels.
+    The variable is removed so this process's own children (rollout workers) do not inherit it.
+    """
+    parent = os.environ.pop(PARENT_PID_ENV, None)
+    if parent is None or not sys.platform.startswith("linux"):
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != int(parent):
+        sys.exit(f"parent {parent} exited before this service started")
 
 
 def parse_service_args(service: str, section: str, argv: list[str] | None = None) -> Config:
@@ -38,6 +63,7 @@ def parse_service_args(service: str, section: str, argv: list[str] | None = None
     if args.seed is not None:
         overrides.append(f"seed={args.seed}")
     setup_logging()
+    die_with_parent()
     try:
         return load_config(args.config, overrides)
     except TitanError as e:
