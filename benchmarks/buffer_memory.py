@@ -1,7 +1,7 @@
 """Resident memory of the buffer service holding 1M CartPole transitions vs the raw bytes of that data.
 
 A real `python -m titan_rl.buffer` subprocess (capacity_transitions=1,000,000) receives 1,000,000
-CartPole transitions through Add (ChunkSender, the config's transitions_per_chunk). Its VmRSS (and
+CartPole transitions through Add (ChunkSender, chunks of the config's vector_steps_per_chunk x envs_per_worker). Its VmRSS (and
 peak VmHWM) from /proc/<pid>/status is read once it serves (interpreter + imports + gRPC server,
 after one Info call) and again after the inserts. Baseline: the raw bytes of the data,
 1M x (4*4 + 8 + 4 + 4*4 + 1 + 1) = 46 MB.
@@ -48,7 +48,8 @@ def status_kib(pid: int, key: str) -> int:
 def main() -> None:
     args = parse_args(__doc__)
     capacity = 100_000 if args.quick else 1_000_000
-    chunk = load_config(CONFIG).rollout_server.transitions_per_chunk
+    rollout = load_config(CONFIG).rollout_server
+    chunk = rollout.vector_steps_per_chunk * rollout.envs_per_worker
     data = cartpole_transitions(capacity)
     raw_bytes = sum(a.nbytes for a in data.values())
     port, address = new_address()

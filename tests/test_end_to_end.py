@@ -120,6 +120,21 @@ def test_three_services_learn_cartpole_and_the_checkpoint_plays_it(tmp_path):
     assert mean_return >= 475, played.stdout
 
 
+def test_a_chunk_that_never_fills_is_still_sent_after_chunk_max_delay_s(tmp_path):
+    """Chunks far larger than the run: only the delay bound gets transitions to the learner."""
+    proc, _ = launch(
+        tmp_path, "rollout_server.vector_steps_per_chunk=10000000", "rollout_server.chunk_max_delay_s=0.05", "budget.max_env_steps=3000"
+    )
+    try:
+        output = proc.communicate(timeout=120)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, output
+    summary = json.loads((tmp_path / "runs" / "test" / "summary.json").read_text())
+    assert summary["env_steps"] >= 3000 and summary["updates"] > 0, summary
+
+
 def test_ctrl_c_stops_every_process_and_keeps_the_last_checkpoint(tmp_path):
     proc, _ = launch(tmp_path, "budget.max_env_steps=10000000", "budget.target_eval_return=null")  # never ends by itself
     try:

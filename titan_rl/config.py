@@ -59,8 +59,13 @@ class RolloutConfig(ServerConfig):
     """Env steps (all workers together) over which epsilon decays; 0 for a constant epsilon."""
     replica_id: int = field(default=0, metadata=_range(0))
     """Which rollout replica this is, when several feed one buffer: seeds and worker ids differ per replica."""
-    transitions_per_chunk: int = field(default=256, metadata=_range(1))
-    """Transitions a worker gathers before it sends them to the buffer in one message."""
+    vector_steps_per_chunk: int = field(default=32, metadata=_range(1))
+    """Vector-env steps a worker gathers into one message to the buffer: a chunk holds this many steps of
+    each of its envs, so messages grow with envs_per_worker (fewer, bigger messages cost less per
+    transition) while how far data lags the policy, in steps per env, stays the same."""
+    chunk_max_delay_s: float = field(default=0.02, metadata=_range(0))
+    """A worker sends what it has once its oldest unsent transition is this old, so small or throttled
+    collection still reaches the learner fresh; 0 sends after every vector step."""
 
 
 @dataclass(frozen=True)
