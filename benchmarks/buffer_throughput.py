@@ -4,7 +4,7 @@ Measures, with a real `python -m titan_rl.buffer` subprocess (rate limiting effe
   inserts: CartPole transitions/s through Add with ChunkSender (what actors use: encodes each chunk,
            at most 2 unacknowledged) for chunks of 64, 256, 1024 and 4096 transitions;
   samples: batches/s through SampleStream with BatchPrefetcher (what the learner uses: the config's
-           batches_per_request and prefetch_requests) for batch 64 and 256.
+           rows_per_request and prefetch_requests) for batch 64 and 256.
 Diagnostic rows: the same streams driven by the bare stub with pre-encoded requests (Add) or
 protobuf-parsed replies only (SampleStream), and the in-process ReplayBuffer (no gRPC).
 
@@ -94,9 +94,10 @@ def sample_response_bytes(replay: ReplayBuffer, batch_size: int, per_request: in
     return buffer_pb2.SampleStreamResponse(sample=sampled).ByteSize()
 
 
-def table(results: list[dict], key: str) -> None:
+def table(results: list[dict], *keys: str) -> None:
     cols = ["raw", "titan", "stub", "in_process"]
-    print_table([key, "bytes/msg", *cols, "titan/raw"], [[r[key], r["bytes"], *(r[c] for c in cols), f"{r['ratio']:.2f}"] for r in results])
+    rows = [[*(r[k] for k in keys), r["bytes"], *(r[c] for c in cols), f"{r['ratio']:.2f}"] for r in results]
+    print_table([*keys, "bytes/msg", *cols, "titan/raw"], rows)
 
 
 def main() -> None:
@@ -104,7 +105,7 @@ def main() -> None:
     chunks, batches = ((64, 1024), (64,)) if args.quick else ((64, 256, 1024, 4096), (64, 256))
     duration_s, reps = (0.3, 2) if args.quick else (2.0, 3)
     cfg = load_config(CONFIG)
-    per_request, prefetch = cfg.train.batches_per_request, cfg.train.prefetch_requests
+    prefetch = cfg.train.prefetch_requests
     capacity = cfg.buffer_server.capacity_transitions
     buffer_port, buffer_address = new_address()
     raw_port, raw_address = new_address()
@@ -134,6 +135,7 @@ def main() -> None:
             return {"chunk": rows, "bytes": size, **r, "ratio": r["titan"] / r["raw"]}
 
         def sample_rates(batch_size: int) -> dict:
+            per_request = cfg.train.batches_per_request(batch_size)
             size = sample_response_bytes(local, batch_size, per_request)
             credit = buffer_pb2.SampleStreamRequest(batch_size=batch_size, num_batches=per_request)
             raw_credit = size.to_bytes(8, "little")
@@ -146,7 +148,7 @@ def main() -> None:
                 },
                 reps,
             )
-            return {"batch": batch_size, "bytes": size, **r, "ratio": r["titan"] / r["raw"]}
+            return {"batch": batch_size, "per_message": per_request, "bytes": size, **r, "ratio": r["titan"] / r["raw"]}
 
         inserts = [insert_rates(rows) for rows in chunks]
         samples = [sample_rates(batch_size) for batch_size in batches]
@@ -155,8 +157,10 @@ def main() -> None:
     print(f"\nbuffer throughput, one client, {mode}")
     print("\ninserts, transitions/s (titan = ChunkSender over Add; stub = Add with pre-encoded requests)")
     table(inserts, "chunk")
-    print(f"\nsamples, batches/s ({per_request} batches per message; titan = BatchPrefetcher.next(); stub = parsed replies only)")
-    table(samples, "batch")
+    print(
+        f"\nsamples, batches/s ({cfg.train.rows_per_request} rows per message; titan = BatchPrefetcher.next(); stub = parsed replies only)"
+    )
+    table(samples, "batch", "per_message")
     worst = min(r["ratio"] for r in inserts + samples)
     print()
     met = verdict("worst titan/raw-stream ratio", worst, TARGET)

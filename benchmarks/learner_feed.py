@@ -2,7 +2,7 @@
 
 One DQNTrainer built from config/cartpole.yaml (its policy and train settings, batch 64, one torch
 thread) runs `trainer.update(batch)` as fast as it can, with batches from:
-  grpc:       BatchPrefetcher (the trainer's own client, the config's batches_per_request and
+  grpc:       BatchPrefetcher (the trainer's own client, the config's rows_per_request and
               prefetch_requests) on a real `python -m titan_rl.buffer` subprocess pre-filled with
               50,000 transitions, rate limiting effectively off;
   in-process: ReplayBuffer.sample(64) on a buffer in this process holding the same transitions (the baseline).
@@ -81,7 +81,7 @@ def main() -> None:
         fill_buffer(address, data)
         r = alternate(
             {
-                "grpc": lambda: grpc_rate(trainer, address, t.batch_size, t.batches_per_request, t.prefetch_requests, duration_s),
+                "grpc": lambda: grpc_rate(trainer, address, t.batch_size, t.batches_per_request(), t.prefetch_requests, duration_s),
                 "in_process": lambda: updates_rate(trainer, lambda: local.sample(t.batch_size)[0], duration_s),
             },
             reps,

@@ -77,3 +77,10 @@ def test_the_kubernetes_config_map_holds_a_valid_config():
     (config_map,) = yaml.safe_load_all((REPO / "deploy" / "k8s" / "config.yaml").read_text())
     cfg = config_from_dict(yaml.safe_load(config_map["data"]["cluster.yaml"]), "deploy/k8s/config.yaml")
     assert cfg.buffer_server.dial_address == "titan-buffer:50052" and cfg.trainer_server.host == "0.0.0.0"
+
+
+def test_sample_messages_hold_whole_batches_of_about_rows_per_request():
+    train = make_config("train.rows_per_request=2048").train
+    assert train.batches_per_request() == 2048 // train.batch_size
+    assert train.batches_per_request(256) == 8 and train.batches_per_request(300) == 6
+    assert train.batches_per_request(4096) == 1  # never less than one batch

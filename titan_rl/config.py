@@ -103,11 +103,18 @@ class TrainConfig:
     """Steps per transition: rewards summed over n steps, bootstrapped with gamma**n (actors build them)."""
     policy_sync_every_updates: int = field(default=50, metadata=_range(1))
     """Publish new weights to rollout every this many updates."""
-    batches_per_request: int = field(default=4, metadata=_range(1, 1024))
-    """Batches the buffer samples and sends in one message."""
+    rows_per_request: int = field(default=2048, metadata=_range(1, 1_000_000))
+    """Transitions the buffer samples and sends in one message, as whole batches (at least one).
+
+    Sized in rows rather than batches so a message stays about as big whatever the batch size:
+    per-message costs want it large, and the copies of one huge message stop overlapping."""
     prefetch_requests: int = field(default=2, metadata=_range(1, 64))
     """Sample requests kept in flight so the learner never waits on the network."""
     torch_threads: int = field(default=1, metadata=_range(1, 256))
+
+    def batches_per_request(self, batch_size: int | None = None) -> int:
+        """Whole batches of `batch_size` (default: this config's) in one sample message."""
+        return max(1, self.rows_per_request // (batch_size or self.batch_size))
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ zero-copy `np.frombuffer` view (read-only), never pickle.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import numpy as np
@@ -19,17 +20,7 @@ except ImportError as e:  # the generated package is not committed
 
 TRANSITION_FIELDS = ("obs", "action", "reward", "next_obs", "terminated", "truncated")
 
-_ALLOWED_DTYPES = {
-    "float16",
-    "float32",
-    "float64",
-    "int8",
-    "int16",
-    "int32",
-    "int64",
-    "uint8",
-    "bool",
-}
+_ALLOWED_DTYPES = {name: np.dtype(name) for name in ("float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "bool")}
 
 
 def fill(tensor: common_pb2.Tensor, array: np.ndarray) -> common_pb2.Tensor:
@@ -54,17 +45,22 @@ def encode(array: np.ndarray) -> common_pb2.Tensor:
 
 
 def decode(tensor: common_pb2.Tensor, name: str = "tensor") -> np.ndarray:
-    """View a Tensor message as a read-only array; `name` goes into the error message."""
-    if tensor.dtype not in _ALLOWED_DTYPES:
+    """View a Tensor message as a read-only array; `name` goes into the error message.
+
+    Runs once per field of every chunk and batch, so it reads `data` once (each read copies the
+    bytes) and avoids numpy calls on Python ints.
+    """
+    dtype = _ALLOWED_DTYPES.get(tensor.dtype)
+    if dtype is None:
         raise WireError(f"{name}: unknown dtype {tensor.dtype!r}")
-    dtype = np.dtype(tensor.dtype)
     shape = tuple(tensor.shape)
     if any(d < 0 for d in shape):
         raise WireError(f"{name}: negative dimension in shape {shape}")
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if len(tensor.data) != expected:
-        raise WireError(f"{name}: {len(tensor.data)} bytes do not fill shape {shape} of {dtype.name} ({expected} bytes)")
-    return np.frombuffer(tensor.data, dtype=dtype).reshape(shape)
+    data = tensor.data
+    expected = math.prod(shape) * dtype.itemsize
+    if len(data) != expected:
+        raise WireError(f"{name}: {len(data)} bytes do not fill shape {shape} of {dtype.name} ({expected} bytes)")
+    return np.frombuffer(data, dtype=dtype).reshape(shape)
 
 
 def fill_chunk(

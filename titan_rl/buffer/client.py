@@ -159,9 +159,10 @@ class BatchPrefetcher:
     """Keeps `prefetch_requests` SampleStream requests in flight and decodes replies in a
     background thread, so a batch is usually ready before the learner asks for it.
 
-    Each request asks for `batches_per_request` batches stacked in one message; they
-    are split here, so `next()` returns ordinary batches of `batch_size` rows. A broken
-    stream is reopened with back-off.
+    Each request asks for `batches_per_request` batches stacked in one message; `next()`
+    slices them off one at a time, so it returns ordinary batches of `batch_size` rows
+    while the queue between the threads moves whole messages (one hand-off per message,
+    not per batch). A broken stream is reopened with back-off.
     """
 
     def __init__(self, address: str, batch_size: int, batches_per_request: int = 4, prefetch_requests: int = 2):
@@ -171,7 +172,9 @@ class BatchPrefetcher:
         self._request = buffer_pb2.SampleStreamRequest(batch_size=batch_size, num_batches=batches_per_request)
         self._prefetch_requests = prefetch_requests
         self._credits: queue.Queue = queue.Queue()
-        self._ready: queue.Queue = queue.Queue(maxsize=batches_per_request * prefetch_requests)
+        self._ready: queue.Queue = queue.Queue(maxsize=prefetch_requests)
+        self._current: dict[str, np.ndarray] = {}
+        self._offset = 0
         self._error: Exception | None = None
         self._stop = threading.Event()
         self._channel = make_channel(address)
@@ -182,18 +185,20 @@ class BatchPrefetcher:
 
     def next(self, timeout_s: float | None = None) -> dict[str, np.ndarray] | None:
         """The next batch, or None if none arrived within `timeout_s` (the rate limiter may hold it back)."""
-        try:
-            batch = self._ready.get(timeout=timeout_s)
-        except queue.Empty:
-            if self._error is not None:
-                raise self._error from None
-            return None
-        return batch
+        if self._offset >= len(self._current.get("reward", ())):
+            try:
+                self._current, self._offset = self._ready.get(timeout=timeout_s), 0
+            except queue.Empty:
+                if self._error is not None:
+                    raise self._error from None
+                return None
+        i, self._offset = self._offset, self._offset + self.batch_size
+        return {name: a[i : i + self.batch_size] for name, a in self._current.items()}
 
-    def _put(self, batch: dict[str, np.ndarray]) -> bool:
+    def _put(self, rows: dict[str, np.ndarray]) -> bool:
         while not self._stop.is_set():
             try:
-                self._ready.put(batch, timeout=0.2)
+                self._ready.put(rows, timeout=0.2)
                 return True
             except queue.Full:
                 continue
@@ -214,10 +219,8 @@ class BatchPrefetcher:
                 self._call = self._stub.SampleStream(self._requests(credits), wait_for_ready=True)
                 for reply in self._call:
                     self.inserts_total = reply.sample.inserts_total
-                    rows = wire.decode_chunk(reply.sample.batch)
-                    for i in range(0, len(rows["reward"]), self.batch_size):
-                        if not self._put({name: a[i : i + self.batch_size] for name, a in rows.items()}):
-                            return
+                    if not self._put(wire.decode_chunk(reply.sample.batch)):
+                        return
                     credits.put(self._request)  # only once the reply is queued: prefetch stays bounded
                     backoff.reset()
             except grpc.RpcError as e:

@@ -61,6 +61,7 @@ class RingStorage:
         self._next = 0
         self._slots: dict[str, FieldSlot] = {}
         self._records = np.empty((0, 0), np.uint8)
+        self._columns: dict[str, np.ndarray] = {}  # per field: a [capacity, words] view into _records
 
     @property
     def spec(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
@@ -96,16 +97,19 @@ class RingStorage:
         if not self._slots:
             self._slots, record = _layout(fields)
             self._records = np.zeros((self.capacity, record), np.uint8)
+            self._columns = {name: self._records[:, s.offset : s.offset + s.nbytes].view(s.word) for name, s in self._slots.items()}
         if n > self.capacity:  # only the newest `capacity` rows survive anyway
             fields = {name: a[-self.capacity :] for name, a in fields.items()}
             self.inserts_total += n - self.capacity
             n = self.capacity
-        first = min(n, self.capacity - self._next)
+        start = self._next
+        first = min(n, self.capacity - start)
         for name, slot in self._slots.items():
             src = np.ascontiguousarray(fields[name], dtype=slot.dtype).view(slot.word).reshape(n, -1)
-            self._column(name, self._next, self._next + first)[...] = src[:first]
+            column = self._columns[name]
+            column[start : start + first] = src[:first]
             if first < n:
-                self._column(name, 0, n - first)[...] = src[first:]
+                column[: n - first] = src[first:]
         self._next = (self._next + n) % self.capacity
         self.size = min(self.size + n, self.capacity)
         self.inserts_total += n
@@ -119,7 +123,3 @@ class RingStorage:
             words = records[:, slot.offset : slot.offset + slot.nbytes].view(slot.word)
             out[name] = np.ascontiguousarray(words).view(slot.dtype).reshape(len(indices), *slot.shape)
         return out
-
-    def _column(self, name: str, start: int, stop: int) -> np.ndarray:
-        slot = self._slots[name]
-        return self._records[start:stop, slot.offset : slot.offset + slot.nbytes].view(slot.word)

@@ -58,7 +58,7 @@ def run(cfg: Config) -> Summary:
     logger = MetricsLogger(cfg, Path(cfg.logging.run_dir) / name, name)
     store = PolicyStore()
     t = cfg.train
-    batches = BatchPrefetcher(cfg.buffer_server.dial_address, t.batch_size, t.batches_per_request, t.prefetch_requests)
+    batches = BatchPrefetcher(cfg.buffer_server.dial_address, t.batch_size, t.batches_per_request(), t.prefetch_requests)
     rollout = RolloutClient(cfg.rollout_server.dial_address)
     loop = TrainingLoop(cfg, trainer, batches, store, logger, rollout)
     server, port, health = make_server(cfg.trainer_server.host, cfg.trainer_server.port)
