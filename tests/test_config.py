@@ -84,3 +84,8 @@ def test_sample_messages_hold_whole_batches_of_about_rows_per_request():
     assert train.batches_per_request() == 2048 // train.batch_size
     assert train.batches_per_request(256) == 8 and train.batches_per_request(300) == 6
     assert train.batches_per_request(4096) == 1  # never less than one batch
+
+
+def test_a_key_whose_unit_changed_says_so_instead_of_suggesting_a_rename():
+    with pytest.raises(ConfigError, match=r"train\.batches_per_request \(renamed: train\.rows_per_request counts rows"):
+        make_config("train.batches_per_request=32")

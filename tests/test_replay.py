@@ -139,3 +139,10 @@ def test_records_keep_every_field_exact_for_odd_shapes_and_dtypes():
         assert got[name].flags.c_contiguous
         np.testing.assert_array_equal(got[name], want[2:], err_msg=name)
     assert got["reward"].dtype == np.float64 and got["obs"].shape == (7, 3, 5, 5)
+
+
+def test_an_empty_batch_stores_nothing_before_and_after_the_first_rows():
+    s = RingStorage(capacity=5)
+    assert s.add(transitions(0)) == 0 and s.size == 0
+    s.add(transitions(3))
+    assert s.add(transitions(0)) == 0 and s.size == 3 and s.inserts_total == 3

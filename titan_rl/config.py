@@ -208,6 +208,14 @@ def _check_value(where: str, key: str, value: Any, f: dataclasses.Field, hint: A
     return value
 
 
+_RENAMED = {
+    "train.batches_per_request": "renamed: train.rows_per_request counts rows, i.e. batches x batch_size",
+    "rollout_server.transitions_per_chunk": "renamed: rollout_server.vector_steps_per_chunk counts steps of each env, "
+    "i.e. transitions / envs_per_worker",
+}
+"""Keys of earlier versions whose unit changed: renaming alone would silently change behaviour."""
+
+
 def _build(cls: type, data: Any, where: str, prefix: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: {prefix or 'the file'} must be a mapping, got {data!r}")
@@ -220,6 +228,7 @@ def _build(cls: type, data: Any, where: str, prefix: str) -> Any:
         if key not in fields:
             close = difflib.get_close_matches(str(key), list(fields), n=1)
             hint = f" (did you mean {prefix}{close[0]}?)" if close else f" (known keys: {', '.join(fields)})"
+            hint = f" ({_RENAMED[dotted]})" if dotted in _RENAMED else hint
             raise ConfigError(f"{where}: unknown key {dotted}{hint}")
         hint = hints[key]
         if dataclasses.is_dataclass(hint):

@@ -162,7 +162,8 @@ class BatchPrefetcher:
     Each request asks for `batches_per_request` batches stacked in one message; `next()`
     slices them off one at a time, so it returns ordinary batches of `batch_size` rows
     while the queue between the threads moves whole messages (one hand-off per message,
-    not per batch). A broken stream is reopened with back-off.
+    not per batch). A broken stream is reopened with back-off. `next()` is for one
+    consumer thread (the training loop).
     """
 
     def __init__(self, address: str, batch_size: int, batches_per_request: int = 4, prefetch_requests: int = 2):

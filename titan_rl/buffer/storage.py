@@ -105,7 +105,7 @@ class RingStorage:
         start = self._next
         first = min(n, self.capacity - start)
         for name, slot in self._slots.items():
-            src = np.ascontiguousarray(fields[name], dtype=slot.dtype).view(slot.word).reshape(n, -1)
+            src = np.ascontiguousarray(fields[name], dtype=slot.dtype).view(slot.word).reshape(n, slot.nbytes // slot.word.itemsize)
             column = self._columns[name]
             column[start : start + first] = src[:first]
             if first < n:
