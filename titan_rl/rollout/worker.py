@@ -62,7 +62,7 @@ def run_worker(cfg: Config, worker_id: int, stop: mp.Event, reports: mp.Queue) -
         version = -1
         steps = 0
         pending: list[dict[str, np.ndarray]] = []
-        pending_rows = pending_steps = 0
+        pending_rows = 0
         report = WorkerReport(worker_id, 0, r.epsilon_start, version)
         next_report = time.monotonic() + REPORT_EVERY_S
         while not stop.is_set():
@@ -74,19 +74,18 @@ def run_worker(cfg: Config, worker_id: int, stop: mp.Event, reports: mp.Queue) -
             rows = len(result.transitions["reward"])
             steps += rows
             now = time.monotonic()
-            if not pending_steps:
+            if not pending:
                 send_by = now + r.chunk_max_delay_s
             pending.append(result.transitions)
             pending_rows += rows
-            pending_steps += 1
             report.episode_returns += result.episode_returns
             report.episode_lengths += result.episode_lengths
-            if pending_steps >= r.vector_steps_per_chunk or now >= send_by:
+            if len(pending) >= r.vector_steps_per_chunk or now >= send_by:
                 if pending_rows:
                     chunk = {k: np.concatenate([p[k] for p in pending]) for k in pending[0]}
                     if not sender.send(chunk, global_id, version, keep_waiting=lambda: not stop.is_set()):
                         break
-                pending, pending_rows, pending_steps = [], 0, 0
+                pending, pending_rows = [], 0
             if now >= next_report:
                 report.env_steps, report.epsilon, report.policy_version = steps, epsilon, version
                 reports.put(report)
