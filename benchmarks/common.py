@@ -156,13 +156,27 @@ def rate_for(step: Callable[[], int], duration_s: float, warmup_s: float = 0.2) 
     return done / (now - t0)
 
 
-def alternate(runs: dict[str, Callable[[], float]], reps: int) -> dict[str, float]:
-    """Run every measurement `reps` times, interleaved (A B A B ...); the median of each."""
+def alternate_runs(runs: dict[str, Callable[[], float]], reps: int) -> dict[str, list[float]]:
+    """Run every measurement `reps` times, interleaved (A B A B ...); every value of each."""
     values: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(reps):
         for name, run in runs.items():
             values[name].append(run())
-    return {name: statistics.median(v) for name, v in values.items()}
+    return values
+
+
+def alternate(runs: dict[str, Callable[[], float]], reps: int) -> dict[str, float]:
+    """`alternate_runs`, reduced to the median of each measurement."""
+    return {name: statistics.median(v) for name, v in alternate_runs(runs, reps).items()}
+
+
+def paired_ratio(values: Mapping[str, list[float]], numerator: str, denominator: str) -> float:
+    """Median over repetitions of numerator / denominator measured side by side in that repetition.
+
+    On a shared 2-core VM the machine's speed drifts by tens of percent over seconds; a ratio of
+    neighbours cancels that drift, where a ratio of two medians taken apart does not.
+    """
+    return statistics.median(a / b for a, b in zip(values[numerator], values[denominator], strict=True))
 
 
 def print_table(headers: list[str], rows: list[list[object]]) -> None:

@@ -37,6 +37,7 @@ from titan_rl.buffer.client import BatchPrefetcher
 from titan_rl.buffer.replay import ReplayBuffer
 from titan_rl.config import load_config
 from titan_rl.registry import build, build_policy
+from titan_rl.service import keep_freed_memory
 from trainers.base import Trainer
 
 TARGET = 0.9
@@ -67,6 +68,7 @@ def grpc_rate(trainer: Trainer, address: str, batch_size: int, per_request: int,
 
 def main() -> None:
     args = parse_args(__doc__)
+    keep_freed_memory()  # this process is the client, as a rollout worker or the trainer is, and they call it too
     prefill, duration_s, reps = (5_000, 0.75, 2) if args.quick else (50_000, 5.0, 3)
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -82,7 +84,7 @@ def main() -> None:
         r = alternate(
             {
                 "grpc": lambda: grpc_rate(trainer, address, t.batch_size, t.batches_per_request(), t.prefetch_requests, duration_s),
-                "in_process": lambda: updates_rate(trainer, lambda: local.sample(t.batch_size)[0], duration_s),
+                "in_process": lambda: updates_rate(trainer, lambda: local.sample(t.batch_size).fields(), duration_s),
             },
             reps,
         )

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import grpc
 
 from titan_rl.rpc import make_server, set_serving
-from titan_rl.service import die_with_parent, serve_until_signal, setup_logging
+from titan_rl.service import die_with_parent, keep_freed_memory, serve_until_signal, setup_logging
 
 SERVICE = "bench.RawStream"
 SINK = f"/{SERVICE}/Sink"
@@ -42,6 +42,7 @@ def main() -> None:
     args = parser.parse_args()
     setup_logging()
     die_with_parent()
+    keep_freed_memory()  # as every TITAN-RL service does
     server, _, health = make_server(args.host, args.port)
     handlers = {"Sink": grpc.stream_stream_rpc_method_handler(_sink), "Source": grpc.stream_stream_rpc_method_handler(_source)}
     server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE, handlers)])

@@ -34,20 +34,52 @@ def test_sampling_before_enough_data_is_failed_precondition(buffer_server):
     assert "fewer than batch_size=8" in e.value.details()
 
 
+def _without_field(name: str):
+    def mutate(chunk):
+        kept = [f for f in chunk.transitions.layout.fields if f.name != name]
+        del chunk.transitions.layout.fields[:]
+        chunk.transitions.layout.fields.extend(kept)
+        return chunk
+
+    return mutate
+
+
+def _field_set(name: str, **values):
+    def mutate(chunk):
+        field = next(f for f in chunk.transitions.layout.fields if f.name == name)
+        for key, value in values.items():
+            if key == "shape":
+                field.shape[:] = value
+            else:
+                setattr(field, key, value)
+        return chunk
+
+    return mutate
+
+
 @pytest.mark.parametrize(
-    ("mutate", "field"),
+    ("chunk", "field"),
     [
-        (lambda f: {**f, "obs": np.zeros((10, 3), np.float32), "next_obs": np.zeros((10, 3), np.float32)}, "chunk.obs"),
-        (lambda f: {**f, "reward": np.zeros(9, np.float32)}, "chunk.reward"),
-        (lambda f: {**f, "terminated": np.zeros(10, np.float32)}, "chunk.terminated"),
+        (
+            lambda: wire.encode_chunk({**transitions(10), "obs": np.zeros((10, 3), np.float32), "next_obs": np.zeros((10, 3), np.float32)}),
+            "chunk.transitions.obs: got rows of shape (3,)",
+        ),
+        (
+            lambda: wire.encode_chunk({**transitions(10), "terminated": np.zeros(10, np.float32)}),
+            "chunk.transitions.terminated: dtype float32 must be bool",
+        ),
+        (lambda: _without_field("reward")(wire.encode_chunk(transitions(10))), "chunk.transitions.reward: missing"),
+        (lambda: _field_set("action", offset=48)(wire.encode_chunk(transitions(10))), "chunk.transitions.action: 8 bytes at offset 48"),
+        (lambda: _field_set("obs", dtype="object")(wire.encode_chunk(transitions(10))), "chunk.transitions.obs: unknown dtype"),
+        (lambda: _field_set("obs", shape=[-4])(wire.encode_chunk(transitions(10))), "chunk.transitions.obs: negative dimension"),
     ],
 )
-def test_malformed_insert_is_invalid_argument_naming_the_field_and_the_service_keeps_serving(buffer_server, mutate, field):
+def test_malformed_insert_is_invalid_argument_naming_the_field_and_the_service_keeps_serving(buffer_server, chunk, field):
     address, _ = buffer_server
     client = BufferClient(address)
     _add(client.stub, wire.encode_chunk(transitions(10)))
     with pytest.raises(grpc.RpcError) as e:
-        _add(client.stub, wire.encode_chunk(mutate(transitions(10))))
+        _add(client.stub, chunk())
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert e.value.details().startswith(field)
     assert client.info().size == 10  # nothing of the bad chunk was stored
@@ -55,13 +87,13 @@ def test_malformed_insert_is_invalid_argument_naming_the_field_and_the_service_k
     assert client.info().size == 20
 
 
-def test_bytes_that_do_not_fill_the_shape_are_invalid_argument(buffer_server):
+def test_bytes_that_do_not_fill_the_rows_are_invalid_argument(buffer_server):
     client = BufferClient(buffer_server[0])
     chunk = wire.encode_chunk(transitions(10))
-    chunk.action.data = chunk.action.data[:-3]
+    chunk.transitions.data = chunk.transitions.data[:-3]
     with pytest.raises(grpc.RpcError) as e:
         _add(client.stub, chunk)
-    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "chunk.action" in e.value.details()
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "chunk.transitions.data" in e.value.details()
     with pytest.raises(grpc.RpcError) as e:
         list(client.stub.Add(iter([buffer_pb2.AddRequest()]), timeout=5))
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "chunk" in e.value.details()
@@ -100,7 +132,7 @@ def test_chunk_sender_surfaces_a_rejected_chunk(buffer_server):
     sender.send({**transitions(8), "obs": np.zeros((8, 5), np.float32), "next_obs": np.zeros((8, 5), np.float32)}, 0, 0)
     from titan_rl.errors import TitanError
 
-    with pytest.raises(TitanError, match="INVALID_ARGUMENT: chunk.obs"):
+    with pytest.raises(TitanError, match="INVALID_ARGUMENT: chunk.transitions.obs"):
         for _ in range(50):
             sender.send(transitions(8), 0, 0)
             sender.flush(0.1)
@@ -158,3 +190,41 @@ def test_chunk_sender_reconnects_when_the_buffer_comes_back(caplog):
         sender.close(0)
         replay.close()
         server.stop(grace=None).wait()
+
+
+def test_a_bad_credit_on_sample_stream_is_invalid_argument_naming_the_field(buffer_server):
+    address, replay = buffer_server
+    replay.add(transitions(100))
+    stub = buffer_pb2_grpc.BufferServiceStub(grpc.insecure_channel(address))
+    credits = [buffer_pb2.SampleStreamRequest(batch_size=8), buffer_pb2.SampleStreamRequest(batch_size=8, num_batches=-1)]
+    replies = stub.SampleStream(iter(credits), timeout=5)
+    assert len(next(replies).sample.indices.data) == 8 * 8
+    with pytest.raises(grpc.RpcError) as e:
+        next(replies)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "num_batches" in e.value.details()
+
+
+def test_cancelled_sample_streams_stop_their_producer_threads(buffer_server):
+    """Streams waiting on an empty buffer, then cancelled, must not leave a thread behind each."""
+    import threading
+
+    def producers() -> int:
+        return sum(t.name == "sample-producer" for t in threading.enumerate())
+
+    address, replay = buffer_server
+    channel = grpc.insecure_channel(address)
+    stub = buffer_pb2_grpc.BufferServiceStub(channel)
+    calls = [stub.SampleStream(iter([buffer_pb2.SampleStreamRequest(batch_size=8)]), timeout=10) for _ in range(5)]
+    deadline = time.monotonic() + 5
+    while producers() < 5 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert producers() == 5  # every handler is waiting for data
+    for call in calls:
+        call.cancel()
+    while producers() and time.monotonic() < deadline + 5:
+        time.sleep(0.05)
+    assert producers() == 0
+    replay.add(transitions(100))
+    replies = stub.SampleStream(iter([buffer_pb2.SampleStreamRequest(batch_size=8)]), timeout=5)
+    assert next(replies).sample.records.rows == 8
+    channel.close()

@@ -9,6 +9,7 @@ from titan_rl.buffer.rate_limiter import RateLimiter
 from titan_rl.buffer.replay import Closed, ReplayBuffer
 from titan_rl.buffer.storage import RingStorage
 from titan_rl.errors import NotEnoughDataError, ShapeMismatchError
+from titan_rl.records import RecordLayout
 
 
 def test_ring_overwrites_oldest_first_across_the_wrap():
@@ -16,14 +17,14 @@ def test_ring_overwrites_oldest_first_across_the_wrap():
     s.add(transitions(7, start=0))
     s.add(transitions(6, start=7))  # wraps: rows 0..2 now hold 10..12
     assert s.size == 10 and s.inserts_total == 13
-    stored = sorted(s.gather(np.arange(10))["obs"][:, 0])
+    stored = sorted(s.layout.views(s.gather(np.arange(10)))["obs"][:, 0])
     assert stored == list(range(3, 13))
 
 
 def test_batch_larger_than_capacity_keeps_the_newest_rows():
     s = RingStorage(capacity=4)
     s.add(transitions(10, start=0))
-    assert sorted(s.gather(np.arange(4))["obs"][:, 0]) == [6, 7, 8, 9]
+    assert sorted(s.layout.views(s.gather(np.arange(4)))["obs"][:, 0]) == [6, 7, 8, 9]
     assert s.inserts_total == 10
 
 
@@ -35,11 +36,11 @@ def test_batch_larger_than_capacity_keeps_the_newest_rows():
             {"obs": np.zeros((5, 3), np.float32), "next_obs": np.zeros((5, 3), np.float32)},
             "obs: got rows of shape (3,) float32, the buffer stores (4,) float32",
         ),
-        ("next_obs", {"next_obs": np.zeros((5, 3), np.float32)}, "next_obs: shape (5, 3) != obs shape (5, 4)"),
+        ("next_obs", {"next_obs": np.zeros((5, 3), np.float32)}, "next_obs: rows of shape (3,) != obs rows of shape (4,)"),
         ("next_obs", {"next_obs": np.zeros((5, 4), np.float64)}, "next_obs: got rows of shape (4,) float64"),
         ("reward", {"reward": np.zeros(4, np.float32)}, "reward: has 4 rows but obs has 5"),
         ("terminated", {"terminated": np.zeros(5, np.int64)}, "terminated: dtype int64 must be bool"),
-        ("action", {"action": np.zeros((5, 2), np.int64)}, "action: shape (5, 2) must be [N]"),
+        ("action", {"action": np.zeros((5, 2), np.int64)}, "action: rows of shape (2,) must be scalars"),
     ],
 )
 def test_inserts_that_disagree_with_the_stored_spec_name_the_field_and_store_nothing(field, bad, message):
@@ -56,8 +57,9 @@ def test_sample_shapes_and_not_enough_data():
     with pytest.raises(NotEnoughDataError, match="fewer than batch_size=8"):
         buf.sample(8)
     buf.add(transitions(20))
-    fields, idx, inserts = buf.sample(8, num_batches=3)
-    assert fields["obs"].shape == (24, 4) and idx.shape == (24,) and inserts == 20
+    sampled = buf.sample(8, num_batches=3)
+    fields = sampled.fields()
+    assert fields["obs"].shape == (24, 4) and sampled.indices.shape == (24,) and sampled.inserts_total == 20
     assert np.all(fields["next_obs"] == fields["obs"] + 1)  # rows stay whole
     info = buf.info()
     assert (info.size, info.inserts_total, info.sampled_rows_total, info.sample_calls_total) == (20, 20, 24, 1)
@@ -66,7 +68,7 @@ def test_sample_shapes_and_not_enough_data():
 def test_sampling_is_uniform_over_stored_rows():
     buf = ReplayBuffer(capacity=10, seed=1)
     buf.add(transitions(10))
-    fields, _, _ = buf.sample(10, num_batches=1000)
+    fields = buf.sample(10, num_batches=1000).fields()
     counts = np.bincount(fields["obs"][:, 0].astype(int), minlength=10)
     assert counts.min() > 800 and counts.max() < 1200  # 1000 expected per row
 
@@ -134,9 +136,8 @@ def test_records_keep_every_field_exact_for_odd_shapes_and_dtypes():
     s = RingStorage(capacity=7)
     s.add({k: a[:4] for k, a in fields.items()})
     s.add({k: a[4:] for k, a in fields.items()})  # wraps: slots 0..1 now hold rows 7..8
-    got = s.gather(np.array([2, 3, 4, 5, 6, 0, 1]))
+    got = s.layout.views(s.gather(np.array([2, 3, 4, 5, 6, 0, 1])))
     for name, want in fields.items():
-        assert got[name].flags.c_contiguous
         np.testing.assert_array_equal(got[name], want[2:], err_msg=name)
     assert got["reward"].dtype == np.float64 and got["obs"].shape == (7, 3, 5, 5)
 
@@ -146,3 +147,39 @@ def test_an_empty_batch_stores_nothing_before_and_after_the_first_rows():
     assert s.add(transitions(0)) == 0 and s.size == 0
     s.add(transitions(3))
     assert s.add(transitions(0)) == 0 and s.size == 3 and s.inserts_total == 3
+
+
+def test_records_in_the_stored_layout_are_copied_whole_and_others_field_by_field_across_the_wrap():
+    fields = transitions(9)
+    layout = RecordLayout.for_fields(fields)
+    swapped = {**layout.slots, "obs": layout.slots["next_obs"], "next_obs": layout.slots["obs"]}  # a sender with another order
+    other = RecordLayout(swapped, layout.record_size)
+    s = RingStorage(capacity=7)
+    s.add(transitions(2, start=100))
+    assert layout == s.layout and other != s.layout
+    assert s.add_records(layout.pack({k: a[:4] for k, a in fields.items()}, 4), layout) == 4
+    assert s.add_records(other.pack({k: a[4:] for k, a in fields.items()}, 5), other) == 5  # wraps
+    got = s.layout.views(s.gather(np.array([4, 5, 6, 0, 1, 2, 3])))  # rows 2..8, oldest first
+    for name, want in fields.items():
+        np.testing.assert_array_equal(got[name], want[2:], err_msg=name)
+    assert (s.size, s.inserts_total) == (7, 11)
+
+
+def test_more_records_than_capacity_keep_the_newest():
+    fields = transitions(10)
+    layout = RecordLayout.for_fields(fields)
+    s = RingStorage(capacity=4)
+    s.add(transitions(1))
+    s.add_records(layout.pack(fields, 10), layout)
+    assert sorted(s.layout.views(s.gather(np.arange(4)))["obs"][:, 0]) == [6, 7, 8, 9]
+    assert s.inserts_total == 11
+
+
+def test_records_that_disagree_with_the_stored_spec_store_nothing():
+    buf = ReplayBuffer(capacity=10)
+    buf.add(transitions(3))
+    bad = {**transitions(3), "obs": np.zeros((3, 5), np.float32), "next_obs": np.zeros((3, 5), np.float32)}
+    layout = RecordLayout.for_fields(bad)
+    with pytest.raises(ShapeMismatchError, match="obs: got rows of shape"):
+        buf.add_records(layout.pack(bad, 3), layout)
+    assert buf.info().size == 3

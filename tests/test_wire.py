@@ -4,6 +4,7 @@ import torch
 
 from titan_rl import wire
 from titan_rl.errors import WireError
+from titan_rl.records import RecordLayout
 from titan_rl.v1 import common_pb2
 
 
@@ -36,10 +37,39 @@ def test_unknown_dtype_is_rejected():
         wire.encode(np.array(["a"]))
 
 
-def test_chunk_missing_a_field_names_it():
+def test_chunk_round_trip_keeps_every_field_in_records_of_the_stored_layout():
+    fields = {
+        "obs": np.arange(12, dtype=np.float32).reshape(3, 4),
+        "action": np.array([0, 1, 1]),
+        "reward": np.array([1.0, 0.5, -1.0], ">f8"),  # big-endian input travels by value
+        "next_obs": np.arange(12, 24, dtype=np.float32).reshape(3, 4),
+        "terminated": np.array([False, True, False]),
+        "truncated": np.array([True, False, False]),
+    }
+    chunk = wire.encode_chunk(fields, worker_id=2, policy_version=5)
+    records, layout = wire.decode_chunk(chunk)
+    assert records.shape == (3, layout.record_size) and layout == RecordLayout.for_fields(fields)
+    for name, want in fields.items():
+        np.testing.assert_array_equal(layout.views(records)[name], want, err_msg=name)
+    assert (chunk.worker_id, chunk.policy_version) == (2, 5)
+
+
+def test_chunk_with_unequal_rows_or_a_missing_field_is_refused_before_sending():
+    fields = {name: np.zeros(3, dtype=bool) for name in wire.TRANSITION_FIELDS}
+    with pytest.raises(WireError, match="reward: has 2 rows but obs has 3"):
+        wire.encode_chunk({**fields, "reward": np.zeros(2, np.float32)})
+    with pytest.raises(WireError, match="truncated: missing"):
+        wire.encode_chunk({name: a for name, a in fields.items() if name != "truncated"})
+    with pytest.raises(WireError, match="obs: dtype str32 cannot travel"):
+        wire.encode_chunk({**fields, "obs": np.array(["a", "b", "c"])})
+
+
+def test_records_whose_layout_lacks_a_field_name_it():
     chunk = wire.encode_chunk({name: np.zeros(3, dtype=bool) for name in wire.TRANSITION_FIELDS})
-    chunk.ClearField("reward")
-    with pytest.raises(WireError, match="reward: missing"):
+    kept = [f for f in chunk.transitions.layout.fields if f.name != "reward"]
+    del chunk.transitions.layout.fields[:]
+    chunk.transitions.layout.fields.extend(kept)
+    with pytest.raises(WireError, match="transitions.reward: missing"):
         wire.decode_chunk(chunk)
 
 

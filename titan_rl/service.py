@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 
 PARENT_PID_ENV = "TITAN_RL_PARENT_PID"
 _PR_SET_PDEATHSIG = 1
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
 
 def child_env(env: Mapping[str, str]) -> dict[str, str]:
@@ -41,6 +42,20 @@ def die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     if os.getppid() != int(parent):
         sys.exit(f"parent {parent} exited before this service started")
+
+
+def keep_freed_memory() -> None:
+    """Make glibc keep freed blocks of up to a few MB for reuse instead of handing them back to the kernel.
+
+    By default a block of 128 KB or more is mmap()ed, or trimmed off the heap, when freed, and the
+    next one is page-faulted back in: every 4,096-row chunk or sampled batch then paid ~2.5 us per
+    4 KB page here (encoding and serialising a 196 KB chunk took ~360 us instead of ~20 us). Costs
+    at most 32 MB of freed memory kept resident. A no-op where glibc's `mallopt` is missing.
+    """
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    if mallopt is not None:
+        mallopt(_M_MMAP_THRESHOLD, 4 << 20)
+        mallopt(_M_TRIM_THRESHOLD, 32 << 20)
 
 
 def parse_service_args(service: str, section: str, argv: list[str] | None = None) -> Config:
@@ -64,6 +79,7 @@ def parse_service_args(service: str, section: str, argv: list[str] | None = None
         overrides.append(f"seed={args.seed}")
     setup_logging()
     die_with_parent()
+    keep_freed_memory()
     try:
         return load_config(args.config, overrides)
     except TitanError as e:

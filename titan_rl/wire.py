@@ -1,17 +1,20 @@
 """numpy <-> protobuf codec: the only module that touches tensor bytes.
 
-A tensor travels as raw little-endian bytes plus shape and dtype name; decoding is a
-zero-copy `np.frombuffer` view (read-only), never pickle.
+A tensor travels as raw little-endian bytes plus shape and dtype name; transitions travel as
+one record per row (titan_rl.records) plus the layout of a row. Decoding is a zero-copy
+`np.frombuffer` view (read-only), never pickle.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 
 from titan_rl.errors import WireError
+from titan_rl.records import RecordLayout
 
 try:
     from titan_rl.v1 import common_pb2
@@ -63,12 +66,88 @@ def decode(tensor: common_pb2.Tensor, name: str = "tensor") -> np.ndarray:
     return np.frombuffer(data, dtype=dtype).reshape(shape)
 
 
+def encode_layout(layout: RecordLayout) -> common_pb2.RecordLayout:
+    """`layout` as a message, for `fill_records`. Build it once per layout: adding the six fields
+    of a CartPole layout costs ~18 us, copying a prepared message into a batch ~1 us."""
+    message = common_pb2.RecordLayout(record_size=layout.record_size)
+    for name, slot in layout.slots.items():
+        message.fields.add(name=name, dtype=slot.dtype.name, shape=slot.shape, offset=slot.offset)
+    return message
+
+
+def fill_records(batch: common_pb2.RecordBatch, records: np.ndarray, layout: common_pb2.RecordLayout) -> common_pb2.RecordBatch:
+    """Write [rows, record_size] uint8 `records`, laid out as `layout` says, into an existing RecordBatch (see `fill`)."""
+    batch.layout.CopyFrom(layout)
+    batch.data = records.tobytes()
+    batch.rows = len(records)
+    return batch
+
+
+@functools.lru_cache(maxsize=64)
+def _decode_layout(serialized: bytes) -> RecordLayout:
+    """Check a layout once: keyed on its bytes (~1 us to get), where reading its fields cost ~15 us a message."""
+    message = common_pb2.RecordLayout.FromString(serialized)
+    record_size = message.record_size
+    if record_size <= 0:
+        raise WireError(f"record_size must be > 0, got {record_size}")
+    spans = {}
+    for field in message.fields:
+        name, shape, offset = field.name, tuple(field.shape), field.offset
+        dtype = _ALLOWED_DTYPES.get(field.dtype)
+        if dtype is None:
+            raise WireError(f"{name}: unknown dtype {field.dtype!r}")
+        if any(d < 0 for d in shape):
+            raise WireError(f"{name}: negative dimension in shape {shape}")
+        nbytes = math.prod(shape) * dtype.itemsize
+        if offset < 0 or offset + nbytes > record_size:
+            raise WireError(f"{name}: {nbytes} bytes at offset {offset} do not fit a {record_size}-byte record")
+        if name in spans:
+            raise WireError(f"{name}: appears twice")
+        spans[name] = (shape, dtype, offset, nbytes)
+    return RecordLayout.from_spans(spans, record_size)
+
+
+def decode_records(batch: common_pb2.RecordBatch, required: Iterable[str] = TRANSITION_FIELDS) -> tuple[np.ndarray, RecordLayout]:
+    """A RecordBatch as a read-only [rows, record_size] uint8 view of its bytes and its layout
+    (`layout.views(records)` gives the fields). A field in `required` that is missing, or a
+    layout that does not fit the data, is a WireError naming it."""
+    layout = _decode_layout(batch.layout.SerializeToString())
+    for name in required:
+        if name not in layout.slots:
+            raise WireError(f"{name}: missing")
+    data, rows = batch.data, batch.rows
+    if rows < 0 or len(data) != rows * layout.record_size:
+        raise WireError(f"data: {len(data)} bytes are not {rows} rows of {layout.record_size} bytes")
+    return np.frombuffer(data, np.uint8).reshape(rows, layout.record_size), layout
+
+
+@functools.lru_cache(maxsize=64)
+def _packing(spec: tuple[tuple[str, tuple[int, ...], np.dtype], ...]) -> tuple[RecordLayout, common_pb2.RecordLayout]:
+    for name, _, dtype in spec:
+        if dtype.name not in _ALLOWED_DTYPES:
+            raise WireError(f"{name}: dtype {dtype.name} cannot travel; use one of {sorted(_ALLOWED_DTYPES)}")
+    layout = RecordLayout.for_spec({name: (shape, dtype) for name, shape, dtype in spec})
+    return layout, encode_layout(layout)
+
+
 def fill_chunk(
     chunk: common_pb2.TransitionChunk, fields: Mapping[str, np.ndarray], worker_id: int = 0, policy_version: int = -1
 ) -> common_pb2.TransitionChunk:
-    """Write transition fields into an existing TransitionChunk message (see `fill`)."""
+    """Pack transition fields (equal-length arrays) into an existing TransitionChunk, one record per row.
+
+    The layout is `RecordLayout.for_fields`, the one the buffer stores, so it copies the rows whole.
+    """
+    arrays = {}
     for name in TRANSITION_FIELDS:
-        fill(getattr(chunk, name), fields[name])
+        if name not in fields:
+            raise WireError(f"{name}: missing")
+        arrays[name] = np.asarray(fields[name])
+    rows = len(arrays["obs"]) if arrays["obs"].ndim else -1
+    for name, a in arrays.items():
+        if a.ndim == 0 or len(a) != rows:
+            raise WireError(f"{name}: has {len(a) if a.ndim else 'no'} rows but obs has {rows}")
+    layout, message = _packing(tuple((name, a.shape[1:], a.dtype) for name, a in arrays.items()))
+    fill_records(chunk.transitions, layout.pack(arrays, rows), message)
     chunk.worker_id = worker_id
     chunk.policy_version = policy_version
     return chunk
@@ -78,14 +157,14 @@ def encode_chunk(fields: Mapping[str, np.ndarray], worker_id: int = 0, policy_ve
     return fill_chunk(common_pb2.TransitionChunk(), fields, worker_id, policy_version)
 
 
-def decode_chunk(chunk: common_pb2.TransitionChunk) -> dict[str, np.ndarray]:
-    """Every transition field as an array; a missing field is a WireError naming it."""
-    out = {}
-    for name in TRANSITION_FIELDS:
-        if not chunk.HasField(name):
-            raise WireError(f"{name}: missing")
-        out[name] = decode(getattr(chunk, name), name)
-    return out
+def decode_chunk(chunk: common_pb2.TransitionChunk) -> tuple[np.ndarray, RecordLayout]:
+    """A chunk's records and their layout (see `decode_records`); errors name `transitions.<field>`."""
+    if not chunk.HasField("transitions"):
+        raise WireError("transitions: missing")
+    try:
+        return decode_records(chunk.transitions)
+    except WireError as e:
+        raise WireError(f"transitions.{e}") from None
 
 
 def encode_weights(arrays: Mapping[str, np.ndarray], version: int) -> common_pb2.PolicyWeights:

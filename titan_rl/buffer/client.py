@@ -35,7 +35,8 @@ class BufferClient:
 
     def sample(self, batch_size: int, num_batches: int = 1) -> dict[str, np.ndarray]:
         reply = self.stub.Sample(buffer_pb2.SampleRequest(batch_size=batch_size, num_batches=num_batches), timeout=self.timeout_s)
-        return wire.decode_chunk(reply.sample.batch)
+        records, layout = wire.decode_records(reply.sample.records)
+        return layout.views(records)
 
     def close(self) -> None:
         self._channel.close()
@@ -219,10 +220,11 @@ class BatchPrefetcher:
             try:
                 self._call = self._stub.SampleStream(self._requests(credits), wait_for_ready=True)
                 for reply in self._call:
+                    credits.put(self._request)  # at once, so the server samples while this reply is decoded
                     self.inserts_total = reply.sample.inserts_total
-                    if not self._put(wire.decode_chunk(reply.sample.batch)):
+                    records, layout = wire.decode_records(reply.sample.records)
+                    if not self._put(layout.views(records)):  # blocks while the queue is full: prefetch stays bounded
                         return
-                    credits.put(self._request)  # only once the reply is queued: prefetch stays bounded
                     backoff.reset()
             except grpc.RpcError as e:
                 if self._stop.is_set():

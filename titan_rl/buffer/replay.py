@@ -11,6 +11,7 @@ import numpy as np
 from titan_rl.buffer.rate_limiter import RateLimiter
 from titan_rl.buffer.storage import RingStorage
 from titan_rl.errors import NotEnoughDataError
+from titan_rl.records import RecordLayout
 
 
 @dataclass
@@ -20,6 +21,20 @@ class BufferInfo:
     inserts_total: int
     sampled_rows_total: int
     sample_calls_total: int
+
+
+@dataclass
+class SampledRows:
+    """Rows drawn by `ReplayBuffer.sample`, as the records they are stored in."""
+
+    records: np.ndarray  # [rows, layout.record_size] uint8, a copy
+    layout: RecordLayout
+    indices: np.ndarray  # [rows] int64 ring positions
+    inserts_total: int  # env steps stored when these were drawn
+
+    def fields(self) -> dict[str, np.ndarray]:
+        """Every transition field as a strided view into `records`."""
+        return self.layout.views(self.records)
 
 
 class Closed(Exception):
@@ -32,7 +47,7 @@ class ReplayBuffer:
     Example:
         >>> buf = ReplayBuffer(capacity=1000)
         >>> buf.add(fields)  # dict of equal-length arrays, see titan_rl.wire.TRANSITION_FIELDS
-        >>> batch, idx, inserts = buf.sample(batch_size=64)
+        >>> batch = buf.sample(batch_size=64).fields()
     """
 
     def __init__(self, capacity: int, rate_limiter: RateLimiter | None = None, seed: int | None = None):
@@ -43,6 +58,7 @@ class ReplayBuffer:
         self._sampled_rows = 0
         self._sample_calls = 0
         self._closed = False
+        self._accepted_layout: RecordLayout | None = None
 
     def add(self, fields: Mapping[str, np.ndarray], should_wait: Callable[[], bool] = lambda: True) -> int:
         """Insert rows, first waiting while the rate limiter says collection is too far ahead.
@@ -59,14 +75,25 @@ class ReplayBuffer:
             self._cond.notify_all()
         return n
 
+    def add_records(self, records: np.ndarray, layout: RecordLayout, should_wait: Callable[[], bool] = lambda: True) -> int:
+        """`add` for rows packed as [n, layout.record_size] uint8 records (as they arrive on the wire)."""
+        if layout is not self._accepted_layout:
+            self._storage.check_spec(layout.spec)
+        with self._cond:
+            if self._limiter is not None:
+                self._wait(lambda: self._limiter.can_insert(self._storage.inserts_total, self._sampled_rows), should_wait)
+            n = self._storage.add_records(records, layout)
+            self._accepted_layout = layout  # checked against the stored spec, which never changes once set
+            self._cond.notify_all()
+        return n
+
     def sample(
         self, batch_size: int, num_batches: int = 1, block: bool = False, should_wait: Callable[[], bool] = lambda: True
-    ) -> tuple[dict[str, np.ndarray], np.ndarray, int]:
+    ) -> SampledRows:
         """Draw `num_batches * batch_size` rows uniformly with replacement.
 
         With `block`, waits for the rate limiter (and for min size); without it, raises
         NotEnoughDataError when fewer than `batch_size` rows are stored.
-        Returns (fields, indices, inserts_total at sampling time).
         """
         rows = batch_size * num_batches
         with self._cond:
@@ -78,12 +105,12 @@ class ReplayBuffer:
             if size < batch_size:
                 raise NotEnoughDataError(f"the buffer holds {size} transitions, fewer than batch_size={batch_size}")
             indices = self._rng.integers(0, size, rows)
-            fields = self._storage.gather(indices)
+            records = self._storage.gather(indices)
             self._sampled_rows += rows
             self._sample_calls += 1
-            inserts = self._storage.inserts_total
+            sampled = SampledRows(records, self._storage.layout, indices, self._storage.inserts_total)
             self._cond.notify_all()
-        return fields, indices, inserts
+        return sampled
 
     def _wait(self, ready: Callable[[], bool], should_wait: Callable[[], bool]) -> None:
         while not ready():

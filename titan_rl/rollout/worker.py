@@ -20,7 +20,7 @@ from titan_rl.registry import build_policy, check_policy_fits
 from titan_rl.rollout.actor import VectorActor, linear_epsilon
 from titan_rl.rollout.service import CONFIG_ERROR_EXIT_CODE
 from titan_rl.rollout.stats import WorkerReport
-from titan_rl.service import setup_logging
+from titan_rl.service import keep_freed_memory, setup_logging
 from titan_rl.trainer.client import PolicySubscriber
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,7 @@ def run_worker(cfg: Config, worker_id: int, stop: mp.Event, reports: mp.Queue) -
     """Process entry point; returns when `stop` is set or the parent dies."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the rollout service stops us through `stop`
     setup_logging()
+    keep_freed_memory()
     torch.set_num_threads(1)
     parent = os.getppid()
     r = cfg.rollout_server
