@@ -9,6 +9,7 @@ import pytest
 from tests.helpers import transitions
 from titan_rl import wire
 from titan_rl.buffer.client import BatchPrefetcher, BufferClient, ChunkSender
+from titan_rl.errors import TitanError
 from titan_rl.v1 import buffer_pb2, buffer_pb2_grpc
 
 
@@ -130,7 +131,6 @@ def test_chunk_sender_surfaces_a_rejected_chunk(buffer_server):
     sender.send(transitions(8), 0, 0)
     sender.flush(5)
     sender.send({**transitions(8), "obs": np.zeros((8, 5), np.float32), "next_obs": np.zeros((8, 5), np.float32)}, 0, 0)
-    from titan_rl.errors import TitanError
 
     with pytest.raises(TitanError, match="INVALID_ARGUMENT: chunk.transitions.obs"):
         for _ in range(50):
@@ -228,3 +228,36 @@ def test_cancelled_sample_streams_stop_their_producer_threads(buffer_server):
     replies = stub.SampleStream(iter([buffer_pb2.SampleStreamRequest(batch_size=8)]), timeout=5)
     assert next(replies).sample.records.rows == 8
     channel.close()
+
+
+def test_prefetcher_reports_an_unreadable_batch_instead_of_waiting_forever():
+    """A peer speaking the protocol wrongly (here: a layout whose field overruns the record) is an error for the learner."""
+    from concurrent import futures
+
+    from titan_rl.launch import free_port
+
+    def bad_sample_stream(requests, context):
+        for _ in requests:
+            reply = buffer_pb2.SampleStreamResponse()
+            reply.sample.records.rows = 8
+            reply.sample.records.data = bytes(8 * 4)
+            reply.sample.records.layout.record_size = 4
+            reply.sample.records.layout.fields.add(name="obs", dtype="float32", shape=[4], offset=0)
+            yield reply
+
+    port = free_port("127.0.0.1")
+    server = grpc.server(futures.ThreadPoolExecutor(4))
+    handler = grpc.stream_stream_rpc_method_handler(
+        bad_sample_stream, buffer_pb2.SampleStreamRequest.FromString, buffer_pb2.SampleStreamResponse.SerializeToString
+    )
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("titan_rl.v1.BufferService", {"SampleStream": handler})])
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    prefetcher = BatchPrefetcher(f"127.0.0.1:{port}", batch_size=8)
+    try:
+        with pytest.raises(TitanError, match="unreadable batch: obs: 16 bytes at offset 0 do not fit a 4-byte record"):
+            for _ in range(50):
+                prefetcher.next(timeout_s=0.1)
+    finally:
+        prefetcher.close()
+        server.stop(None)

@@ -12,7 +12,7 @@ import grpc
 import numpy as np
 
 from titan_rl import wire
-from titan_rl.errors import PeerUnavailableError, TitanError
+from titan_rl.errors import PeerUnavailableError, TitanError, WireError
 from titan_rl.rpc import RETRYABLE, Backoff, call_with_retry, make_channel
 from titan_rl.v1 import buffer_pb2, buffer_pb2_grpc
 
@@ -175,8 +175,8 @@ class BatchPrefetcher:
         self._prefetch_requests = prefetch_requests
         self._credits: queue.Queue = queue.Queue()
         self._ready: queue.Queue = queue.Queue(maxsize=prefetch_requests)
-        self._current: dict[str, np.ndarray] = {}
-        self._offset = 0
+        self._current: dict[str, np.ndarray] = {}  # every field as [batches, batch_size, ...]
+        self._next_batch = 0
         self._error: Exception | None = None
         self._stop = threading.Event()
         self._channel = make_channel(address)
@@ -187,15 +187,15 @@ class BatchPrefetcher:
 
     def next(self, timeout_s: float | None = None) -> dict[str, np.ndarray] | None:
         """The next batch, or None if none arrived within `timeout_s` (the rate limiter may hold it back)."""
-        if self._offset >= len(self._current.get("reward", ())):
+        if self._next_batch >= len(self._current.get("reward", ())):
             try:
-                self._current, self._offset = self._ready.get(timeout=timeout_s), 0
+                self._current, self._next_batch = self._ready.get(timeout=timeout_s), 0
             except queue.Empty:
                 if self._error is not None:
                     raise self._error from None
                 return None
-        i, self._offset = self._offset, self._offset + self.batch_size
-        return {name: a[i : i + self.batch_size] for name, a in self._current.items()}
+        k, self._next_batch = self._next_batch, self._next_batch + 1
+        return {name: a[k] for name, a in self._current.items()}
 
     def _put(self, rows: dict[str, np.ndarray]) -> bool:
         while not self._stop.is_set():
@@ -223,7 +223,11 @@ class BatchPrefetcher:
                     credits.put(self._request)  # at once, so the server samples while this reply is decoded
                     self.inserts_total = reply.sample.inserts_total
                     records, layout = wire.decode_records(reply.sample.records)
-                    if not self._put(layout.views(records)):  # blocks while the queue is full: prefetch stays bounded
+                    batches = len(records) // self.batch_size
+                    if batches * self.batch_size != len(records):
+                        raise WireError(f"records: {len(records)} rows are not whole batches of {self.batch_size}")
+                    fields = {name: a.reshape(batches, self.batch_size, *a.shape[1:]) for name, a in layout.views(records).items()}
+                    if not self._put(fields):  # blocks while the queue is full: prefetch stays bounded
                         return
                     backoff.reset()
             except grpc.RpcError as e:
@@ -234,6 +238,11 @@ class BatchPrefetcher:
                     log.error("%s", self._error)
                     return
                 log.warning("sample stream %s: %s; reopening in %.1fs", self.address, e.code().name, backoff.delay_s)
+            except WireError as e:  # a reply this client cannot read: retrying would get the same
+                self._error = TitanError(f"buffer {self.address} SampleStream sent an unreadable batch: {e}")
+                log.error("%s", self._error)
+                self._call.cancel()
+                return
             finally:
                 credits.put(_END)
             if not self._stop.is_set():
