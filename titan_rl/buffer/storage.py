@@ -31,7 +31,7 @@ class RingStorage:
         self._next = 0
         self.layout: RecordLayout | None = None  # set by the first add
         self._records = np.empty((0, 0), np.uint8)
-        self._columns: dict[str, np.ndarray] = {}  # per field: a [capacity, words] view into _records
+        self._columns: dict[str, np.ndarray] = {}  # per field: its cells of _records (FieldSlot.cells)
         self._same_layout: RecordLayout | None = None
 
     @property
@@ -72,7 +72,7 @@ class RingStorage:
     def _init(self, spec: Mapping[str, tuple[tuple[int, ...], np.dtype]]) -> None:
         self.layout = RecordLayout.for_spec({name: spec[name] for name in TRANSITION_FIELDS})
         self._records = np.zeros((self.capacity, self.layout.record_size), np.uint8)
-        self._columns = {name: self._records[:, s.offset : s.offset + s.nbytes].view(s.word) for name, s in self.layout.slots.items()}
+        self._columns = {name: s.cells(self._records) for name, s in self.layout.slots.items() if s.nbytes}
 
     def add(self, fields: Mapping[str, np.ndarray]) -> int:
         """Copy a batch of arrays in, field by field; returns the number of rows written."""
@@ -85,9 +85,8 @@ class RingStorage:
             n = self.capacity
         start = self._next
         first = min(n, self.capacity - start)
-        for name, slot in self.layout.slots.items():
-            src = np.ascontiguousarray(fields[name], dtype=slot.dtype).view(slot.word).reshape(n, slot.nbytes // slot.word.itemsize)
-            column = self._columns[name]
+        for name, column in self._columns.items():
+            src = self.layout.slots[name].cells_of(fields[name])
             column[start : start + first] = src[:first]
             if first < n:
                 column[: n - first] = src[first:]
