@@ -45,6 +45,14 @@ def _without_field(name: str):
     return mutate
 
 
+def _with_field(**field):
+    def mutate(chunk):
+        chunk.transitions.layout.fields.add(**field)
+        return chunk
+
+    return mutate
+
+
 def _field_set(name: str, **values):
     def mutate(chunk):
         field = next(f for f in chunk.transitions.layout.fields if f.name == name)
@@ -72,7 +80,16 @@ def _field_set(name: str, **values):
         (lambda: _without_field("reward")(wire.encode_chunk(transitions(10))), "chunk.transitions.reward: missing"),
         (lambda: _field_set("action", offset=48)(wire.encode_chunk(transitions(10))), "chunk.transitions.action: 8 bytes at offset 48"),
         (lambda: _field_set("obs", dtype="object")(wire.encode_chunk(transitions(10))), "chunk.transitions.obs: unknown dtype"),
-        (lambda: _field_set("obs", shape=[-4])(wire.encode_chunk(transitions(10))), "chunk.transitions.obs: negative dimension"),
+        (lambda: _field_set("obs", shape=[-4])(wire.encode_chunk(transitions(10))), "chunk.transitions.obs: shape (-4,) needs"),
+        (
+            lambda: _with_field(name="junk", dtype="uint8", shape=[1] * 70, offset=0)(wire.encode_chunk(transitions(10))),
+            "chunk.transitions.junk: shape (1, 1, 1",
+        ),
+        (
+            lambda: _with_field(name="junk", dtype="uint8", shape=[0, 2**40, 2**40], offset=0)(wire.encode_chunk(transitions(10))),
+            "chunk.transitions.junk: shape (0, 1099511627776, 1099511627776) of uint8 cannot fit",
+        ),
+        (lambda: _field_set("reward", offset=0)(wire.encode_chunk(transitions(10))), "chunk.transitions.action: overlaps reward"),
     ],
 )
 def test_malformed_insert_is_invalid_argument_naming_the_field_and_the_service_keeps_serving(buffer_server, chunk, field):
@@ -255,9 +272,26 @@ def test_prefetcher_reports_an_unreadable_batch_instead_of_waiting_forever():
     server.start()
     prefetcher = BatchPrefetcher(f"127.0.0.1:{port}", batch_size=8)
     try:
-        with pytest.raises(TitanError, match="unreadable batch: obs: 16 bytes at offset 0 do not fit a 4-byte record"):
+        with pytest.raises(TitanError, match=r"unreadable batch: obs: shape \(4,\) of float32 cannot fit a 4-byte record"):
             for _ in range(50):
                 prefetcher.next(timeout_s=0.1)
     finally:
         prefetcher.close()
         server.stop(None)
+
+
+def test_prefetcher_reports_any_failure_of_its_thread_instead_of_waiting_forever(buffer_server, monkeypatch):
+    address, replay = buffer_server
+    replay.add(transitions(100))
+
+    def broken(batch, required=()):
+        raise RuntimeError("decoder bug")
+
+    monkeypatch.setattr(wire, "decode_records", broken)
+    prefetcher = BatchPrefetcher(address, batch_size=8)
+    try:
+        with pytest.raises(TitanError, match="decoder bug"):
+            for _ in range(50):
+                prefetcher.next(timeout_s=0.1)
+    finally:
+        prefetcher.close()

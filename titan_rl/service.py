@@ -50,7 +50,9 @@ def keep_freed_memory() -> None:
     By default a block of 128 KB or more is mmap()ed, or trimmed off the heap, when freed, and the
     next one is page-faulted back in: every 4,096-row chunk or sampled batch then paid ~2.5 us per
     4 KB page here (encoding and serialising a 196 KB chunk took ~360 us instead of ~20 us). Costs
-    at most 32 MB of freed memory kept resident. A no-op where glibc's `mallopt` is missing.
+    up to 32 MB of freed memory kept resident at the top of each malloc arena (glibc makes up to
+    8 per core, and never trims freed blocks below an arena's top anyway). A no-op where glibc's
+    `mallopt` is missing.
     """
     mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
     if mallopt is not None:

@@ -8,6 +8,7 @@ one record per row (titan_rl.records) plus the layout of a row. Decoding is a ze
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from collections.abc import Iterable, Mapping
 
@@ -23,6 +24,7 @@ except ImportError as e:  # the generated package is not committed
 
 TRANSITION_FIELDS = ("obs", "action", "reward", "next_obs", "terminated", "truncated")
 
+_MAX_DIMS = 32  # numpy's limit is 64; no transition field needs more than a handful
 _ALLOWED_DTYPES = {name: np.dtype(name) for name in ("float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "bool")}
 
 
@@ -96,14 +98,20 @@ def _decode_layout(serialized: bytes) -> RecordLayout:
         dtype = _ALLOWED_DTYPES.get(field.dtype)
         if dtype is None:
             raise WireError(f"{name}: unknown dtype {field.dtype!r}")
-        if any(d < 0 for d in shape):
-            raise WireError(f"{name}: negative dimension in shape {shape}")
+        if len(shape) > _MAX_DIMS or any(d < 0 for d in shape):
+            raise WireError(f"{name}: shape {shape} needs at most {_MAX_DIMS} dimensions, none negative")
+        if math.prod(d for d in shape if d) * dtype.itemsize > record_size:  # also bounds the dims of a zero-size field
+            raise WireError(f"{name}: shape {shape} of {dtype.name} cannot fit a {record_size}-byte record")
         nbytes = math.prod(shape) * dtype.itemsize
         if offset < 0 or offset + nbytes > record_size:
             raise WireError(f"{name}: {nbytes} bytes at offset {offset} do not fit a {record_size}-byte record")
         if name in spans:
             raise WireError(f"{name}: appears twice")
         spans[name] = (shape, dtype, offset, nbytes)
+    placed = sorted((offset, offset + nbytes, name) for name, (_, _, offset, nbytes) in spans.items() if nbytes)
+    for (_, end, first), (start, _, second) in itertools.pairwise(placed):
+        if start < end:
+            raise WireError(f"{second}: overlaps {first} in the record")
     return RecordLayout.from_spans(spans, record_size)
 
 

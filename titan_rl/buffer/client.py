@@ -238,10 +238,11 @@ class BatchPrefetcher:
                     log.error("%s", self._error)
                     return
                 log.warning("sample stream %s: %s; reopening in %.1fs", self.address, e.code().name, backoff.delay_s)
-            except WireError as e:  # a reply this client cannot read: retrying would get the same
+            except Exception as e:  # a reply this client cannot read (retrying would get the same), or a bug here
                 self._error = TitanError(f"buffer {self.address} SampleStream sent an unreadable batch: {e}")
-                log.error("%s", self._error)
-                self._call.cancel()
+                log.exception("%s", self._error)
+                if self._call is not None:
+                    self._call.cancel()
                 return
             finally:
                 credits.put(_END)
