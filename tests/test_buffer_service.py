@@ -295,3 +295,17 @@ def test_prefetcher_reports_any_failure_of_its_thread_instead_of_waiting_forever
                 prefetcher.next(timeout_s=0.1)
     finally:
         prefetcher.close()
+
+
+def test_a_sample_too_large_for_one_message_is_invalid_argument_before_anything_is_allocated(buffer_server):
+    address, replay = buffer_server
+    replay.add(transitions(100))
+    stub = buffer_pb2_grpc.BufferServiceStub(grpc.insecure_channel(address))
+    huge = {"batch_size": 8, "num_batches": 2**30}
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Sample(buffer_pb2.SampleRequest(**huge), timeout=5)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "batch_size * num_batches" in e.value.details()
+    with pytest.raises(grpc.RpcError) as e:
+        next(stub.SampleStream(iter([buffer_pb2.SampleStreamRequest(**huge)]), timeout=5))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "batch_size * num_batches" in e.value.details()
+    assert BufferClient(address).sample(batch_size=8)["obs"].shape == (8, 4)  # still serving

@@ -21,6 +21,10 @@ class ShapeMismatchError(TitanError, ValueError):
         self.field = field
 
 
+class SampleTooLargeError(TitanError, ValueError):
+    """A sample was asked for whose rows would not fit one message."""
+
+
 class NotEnoughDataError(TitanError):
     """A sample was asked for before the buffer holds enough transitions."""
 

@@ -10,7 +10,7 @@ import numpy as np
 
 from titan_rl.buffer.rate_limiter import RateLimiter
 from titan_rl.buffer.storage import RingStorage
-from titan_rl.errors import NotEnoughDataError
+from titan_rl.errors import NotEnoughDataError, SampleTooLargeError
 from titan_rl.records import RecordLayout
 
 
@@ -50,7 +50,9 @@ class ReplayBuffer:
         >>> batch = buf.sample(batch_size=64).fields()
     """
 
-    def __init__(self, capacity: int, rate_limiter: RateLimiter | None = None, seed: int | None = None):
+    def __init__(
+        self, capacity: int, rate_limiter: RateLimiter | None = None, seed: int | None = None, max_sample_bytes: int | None = None
+    ):
         self._storage = RingStorage(capacity)
         self._limiter = rate_limiter
         self._cond = threading.Condition()
@@ -59,6 +61,7 @@ class ReplayBuffer:
         self._sample_calls = 0
         self._closed = False
         self._accepted_layout: RecordLayout | None = None
+        self._max_sample_bytes = max_sample_bytes
 
     def add(self, fields: Mapping[str, np.ndarray], should_wait: Callable[[], bool] = lambda: True) -> int:
         """Insert rows, first waiting while the rate limiter says collection is too far ahead.
@@ -93,7 +96,8 @@ class ReplayBuffer:
         """Draw `num_batches * batch_size` rows uniformly with replacement.
 
         With `block`, waits for the rate limiter (and for min size); without it, raises
-        NotEnoughDataError when fewer than `batch_size` rows are stored.
+        NotEnoughDataError when fewer than `batch_size` rows are stored. Rows that would take more
+        than `max_sample_bytes` raise SampleTooLargeError (before anything is allocated).
         """
         rows = batch_size * num_batches
         with self._cond:
@@ -104,6 +108,11 @@ class ReplayBuffer:
             size = self._storage.size
             if size < batch_size:
                 raise NotEnoughDataError(f"the buffer holds {size} transitions, fewer than batch_size={batch_size}")
+            record_size = self._storage.layout.record_size + 8  # a record and its int64 index
+            if self._max_sample_bytes is not None and rows * record_size > self._max_sample_bytes:
+                raise SampleTooLargeError(
+                    f"batch_size * num_batches = {rows} rows of {record_size} bytes is over the {self._max_sample_bytes}-byte limit"
+                )
             indices = self._rng.integers(0, size, rows)
             records = self._storage.gather(indices)
             self._sampled_rows += rows

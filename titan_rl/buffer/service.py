@@ -14,8 +14,9 @@ from titan_rl import wire
 from titan_rl.buffer.rate_limiter import RateLimiter
 from titan_rl.buffer.replay import Closed, ReplayBuffer, SampledRows
 from titan_rl.config import Config
-from titan_rl.errors import NotEnoughDataError, ShapeMismatchError, WireError
+from titan_rl.errors import NotEnoughDataError, SampleTooLargeError, ShapeMismatchError, WireError
 from titan_rl.records import RecordLayout
+from titan_rl.rpc import MAX_MESSAGE_BYTES
 from titan_rl.v1 import buffer_pb2, buffer_pb2_grpc, common_pb2
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ def replay_from_config(cfg: Config) -> ReplayBuffer:
         min_size_to_sample=cfg.train.min_buffer_size,
         slack_transitions=cfg.buffer_server.rate_limit_slack_transitions,
     )
-    return ReplayBuffer(cfg.buffer_server.capacity_transitions, limiter, seed=cfg.seed)
+    return ReplayBuffer(cfg.buffer_server.capacity_transitions, limiter, seed=cfg.seed, max_sample_bytes=MAX_MESSAGE_BYTES)
 
 
 def _sample_request_problem(request: buffer_pb2.SampleRequest | buffer_pb2.SampleStreamRequest) -> str | None:
@@ -80,6 +81,8 @@ class BufferServicer(buffer_pb2_grpc.BufferServiceServicer):
             sampled = self.replay.sample(request.batch_size, max(request.num_batches, 1))
         except NotEnoughDataError as e:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+        except SampleTooLargeError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         response = buffer_pb2.SampleResponse()
         self.fill_sample(response.sample, sampled)
         return response
@@ -120,7 +123,10 @@ class BufferServicer(buffer_pb2_grpc.BufferServiceServicer):
             for request in request_iterator:
                 if problem := _sample_request_problem(request):
                     raise _BadRequest(problem)
-                sampled = self.replay.sample(request.batch_size, max(request.num_batches, 1), block=True, should_wait=context.is_active)
+                try:
+                    sampled = self.replay.sample(request.batch_size, max(request.num_batches, 1), block=True, should_wait=context.is_active)
+                except SampleTooLargeError as e:
+                    raise _BadRequest(str(e)) from None
                 response = buffer_pb2.SampleStreamResponse()
                 self.fill_sample(response.sample, sampled)
                 offer(response)
