@@ -19,6 +19,8 @@ from titan_rl.v1 import buffer_pb2, buffer_pb2_grpc
 log = logging.getLogger(__name__)
 
 _END = object()
+_BUFFER_SERVICE = buffer_pb2.DESCRIPTOR.services_by_name["BufferService"]
+ADD_METHOD = f"/{_BUFFER_SERVICE.full_name}/Add"  # ChunkSender calls it with AddRequests it serialised itself
 
 
 class BufferClient:
@@ -73,6 +75,7 @@ class ChunkSender:
         """Queue a chunk once a slot is free; False if `keep_waiting()` turned False first."""
         request = buffer_pb2.AddRequest()
         wire.fill_chunk(request.chunk, fields, worker_id, policy_version)
+        payload = request.SerializeToString()  # here, while earlier chunks are in flight, not on the sending thread
         while not self._slots.acquire(timeout=0.2):
             if self._error is not None or not self._thread.is_alive():
                 raise self._error or TitanError("chunk sender stopped")
@@ -82,7 +85,7 @@ class ChunkSender:
             raise self._error
         with self._lock:
             self._in_flight += 1
-        self._requests.put(request)
+        self._requests.put(payload)
         return True
 
     def flush(self, timeout_s: float) -> bool:
@@ -104,7 +107,7 @@ class ChunkSender:
             self._call.cancel()
         self._thread.join(1.0)
 
-    def _stream(self, requests: queue.Queue) -> Iterator[buffer_pb2.AddRequest]:
+    def _stream(self, requests: queue.Queue) -> Iterator[bytes]:
         while (item := requests.get()) is not _END:
             yield item
 
@@ -118,13 +121,13 @@ class ChunkSender:
 
     def _run(self) -> None:
         channel = make_channel(self.address)
-        stub = buffer_pb2_grpc.BufferServiceStub(channel)
+        add = channel.stream_stream(ADD_METHOD, request_serializer=None, response_deserializer=buffer_pb2.AddResponse.FromString)
         backoff = Backoff()
         failing_since = None
         try:
             while True:
                 try:
-                    self._call = stub.Add(self._stream(self._requests), wait_for_ready=True)
+                    self._call = add(self._stream(self._requests), wait_for_ready=True)
                     for _ in self._call:
                         self.chunks_acked += 1
                         with self._lock:
