@@ -37,6 +37,8 @@ class FieldSlot:
 
 @dataclass(frozen=True)
 class RecordLayout:
+    """Where every field sits in a record of `record_size` bytes; equal layouts copy rows whole."""
+
     slots: dict[str, FieldSlot]
     record_size: int
 
