@@ -60,7 +60,6 @@ class ReplayBuffer:
         self._sampled_rows = 0
         self._sample_calls = 0
         self._closed = False
-        self._accepted_layout: RecordLayout | None = None
         self._max_sample_bytes = max_sample_bytes
 
     def add(self, fields: Mapping[str, np.ndarray], should_wait: Callable[[], bool] = lambda: True) -> int:
@@ -80,13 +79,11 @@ class ReplayBuffer:
 
     def add_records(self, records: np.ndarray, layout: RecordLayout, should_wait: Callable[[], bool] = lambda: True) -> int:
         """`add` for rows packed as [n, layout.record_size] uint8 records (as they arrive on the wire)."""
-        if layout is not self._accepted_layout:
-            self._storage.check_spec(layout.spec)
+        self._storage.check_layout(layout)
         with self._cond:
             if self._limiter is not None:
                 self._wait(lambda: self._limiter.can_insert(self._storage.inserts_total, self._sampled_rows), should_wait)
             n = self._storage.add_records(records, layout)
-            self._accepted_layout = layout  # checked against the stored spec, which never changes once set
             self._cond.notify_all()
         return n
 

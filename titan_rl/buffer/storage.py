@@ -56,6 +56,11 @@ class RingStorage:
             if got_shape != shape or got_dtype.newbyteorder("=") != dtype:
                 raise ShapeMismatchError(name, f"got rows of shape {got_shape} {got_dtype}, the buffer stores {shape} {dtype}")
 
+    def check_layout(self, layout: RecordLayout) -> None:
+        """`check_spec` for records, skipped for the stored layout's twin already seen (senders reuse one per stream)."""
+        if layout is not self._same_layout:
+            self.check_spec(layout.spec)
+
     def validate(self, fields: Mapping[str, np.ndarray]) -> int:
         """Check a batch of arrays against the stored spec (see `check_spec`); returns its row count."""
         missing = [name for name in TRANSITION_FIELDS if name not in fields]
