@@ -16,11 +16,13 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
+import grpc
+import grpc.experimental
 import numpy as np
 
 from titan_rl.buffer.client import ChunkSender
 from titan_rl.launch import free_port
-from titan_rl.rpc import is_serving
+from titan_rl.rpc import CHANNEL_OPTIONS, is_serving
 from titan_rl.service import child_env
 
 REPO = Path(__file__).resolve().parent.parent
@@ -143,6 +145,25 @@ def acked_stream_rate(
             t0 = time.monotonic()
             end = t0 + duration_s
     return (count - warmup) / (time.monotonic() - t0)
+
+
+def pushed_stream_rate(address: str, method: str, request: bytes, duration_s: float, warmup: int = 5) -> float:
+    """Responses/s of a server-streaming call that pushes until cancelled: no per-message flow
+    control of ours, and gRPC's single-threaded client, which reads on the calling thread."""
+    options = [*CHANNEL_OPTIONS, (grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1)]
+    with grpc.insecure_channel(address, options=options) as channel:
+        call = channel.unary_stream(method)(request)
+        count, t0 = 0, 0.0
+        try:
+            for _ in call:
+                count += 1
+                if count == warmup:
+                    t0 = time.monotonic()
+                elif count > warmup and time.monotonic() - t0 >= duration_s:
+                    break
+            return (count - warmup) / (time.monotonic() - t0)
+        finally:
+            call.cancel()
 
 
 def rate_for(step: Callable[[], int], duration_s: float, warmup_s: float = 0.2) -> float:

@@ -4,7 +4,10 @@
 with the buffer's own server options and thread pool (titan_rl.rpc.make_server):
   /bench.RawStream/Sink    answers every message with a 4-byte ack, as Add answers every chunk;
   /bench.RawStream/Source  answers every request (the payload size, 8 bytes) with that many bytes,
-                           as SampleStream answers every credit with a batch.
+                           as SampleStream answers every credit with a batch;
+  /bench.RawStream/Push    (server streaming) answers one request (the payload size) with messages of
+                           that many bytes until the client cancels: a free stream, paced only by
+                           HTTP/2 flow control.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from titan_rl.service import die_with_parent, keep_freed_memory, serve_until_sig
 SERVICE = "bench.RawStream"
 SINK = f"/{SERVICE}/Sink"
 SOURCE = f"/{SERVICE}/Source"
+PUSH = f"/{SERVICE}/Push"
 ACK = bytes(4)
 
 
@@ -35,6 +39,12 @@ def _source(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterato
         yield payloads.setdefault(size, bytes(size))
 
 
+def _push(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+    payload = bytes(int.from_bytes(request, "little"))
+    while context.is_active():
+        yield payload
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
@@ -44,7 +54,11 @@ def main() -> None:
     die_with_parent()
     keep_freed_memory()  # as every TITAN-RL service does
     server, _, health = make_server(args.host, args.port)
-    handlers = {"Sink": grpc.stream_stream_rpc_method_handler(_sink), "Source": grpc.stream_stream_rpc_method_handler(_source)}
+    handlers = {
+        "Sink": grpc.stream_stream_rpc_method_handler(_sink),
+        "Source": grpc.stream_stream_rpc_method_handler(_source),
+        "Push": grpc.unary_stream_rpc_method_handler(_push),
+    }
     server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE, handlers)])
     server.start()
     set_serving(health, [SERVICE])

@@ -1,0 +1,182 @@
+"""CPU time per message of the process serving a stream: where buffer_throughput's gap goes.
+
+Rates on this shared 2-core VM drift by tens of percent between repetitions; CPU seconds per
+message do not, so they show what each side of a stream costs. For every stream below, a
+fixed window is timed while one client streams; the serving process's user and system CPU
+(from /proc/<pid>/stat) and this (client) process's CPU are divided by the messages moved in it.
+
+  samples, batch 64 (2,048 rows, ~115 KB a message):
+    raw push     benchmarks.raw_stream_server's free server stream, single-threaded client
+    raw acked    its Source: every message answered a credit, at most 2 credits out
+    titan        the buffer's SampleStream read by BatchPrefetcher.next() (32 batches a message)
+  inserts, 1,024-row chunks (~49 KB a message):
+    raw free     its Sink, the sender never waiting for an ack
+    raw acked    its Sink, at most 2 unacknowledged
+    titan        ChunkSender into the buffer's Add
+
+Ratio: the serving process's CPU per message over the raw stream's with the same flow control.
+Linux only (/proc).
+
+    .venv/bin/python -m benchmarks.buffer_cpu [--quick]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import grpc
+import grpc.experimental
+
+from benchmarks.buffer_throughput import FREE_WINDOW, IN_FLIGHT, sample_response_bytes
+from benchmarks.common import (
+    CONFIG,
+    HOST,
+    buffer_service,
+    cartpole_transitions,
+    fill_buffer,
+    new_address,
+    parse_args,
+    print_table,
+    service,
+)
+from benchmarks.raw_stream_server import PUSH, SINK, SOURCE
+from titan_rl import wire
+from titan_rl.buffer.client import BatchPrefetcher, ChunkSender
+from titan_rl.buffer.replay import ReplayBuffer
+from titan_rl.config import load_config
+from titan_rl.rpc import CHANNEL_OPTIONS, make_channel
+from titan_rl.service import keep_freed_memory
+from titan_rl.v1 import buffer_pb2
+
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu_s(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of process `pid`, all threads."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return int(fields[11]) / TICKS, int(fields[12]) / TICKS
+
+
+def cpu_per_message(server_pid: int, messages: Iterator[object], duration_s: float, warmup_s: float = 0.3) -> dict[str, float]:
+    """Drain `messages` (one item per message moved) for `duration_s` after `warmup_s`; CPU us per message."""
+    end_warmup = time.monotonic() + warmup_s
+    for _ in messages:
+        if time.monotonic() >= end_warmup:
+            break
+    count, t0, server0, client0 = 0, time.monotonic(), process_cpu_s(server_pid), time.process_time()
+    for _ in messages:
+        count += 1
+        if time.monotonic() - t0 >= duration_s:
+            break
+    elapsed, server1, client1 = time.monotonic() - t0, process_cpu_s(server_pid), time.process_time()
+    return {
+        "msgs_per_s": count / elapsed,
+        "server_user_us": (server1[0] - server0[0]) / count * 1e6,
+        "server_sys_us": (server1[1] - server0[1]) / count * 1e6,
+        "client_us": (client1 - client0) / count * 1e6,
+    }
+
+
+def acked_messages(open_call: Callable[[Iterator], Iterator], request: object, in_flight: int) -> Iterator[object]:
+    """Responses of a bidi stream with at most `in_flight` unanswered requests (see benchmarks.common.acked_stream_rate)."""
+    slots = threading.Semaphore(in_flight)
+    done = threading.Event()
+
+    def requests() -> Iterator:
+        while not done.is_set():
+            slots.acquire()
+            yield request
+
+    call = open_call(requests())
+    try:
+        for reply in call:
+            slots.release()
+            yield reply
+    finally:
+        done.set()
+        slots.release()
+        call.cancel()
+
+
+def pushed_messages(address: str, request: bytes) -> Iterator[object]:
+    with grpc.insecure_channel(
+        address, options=[*CHANNEL_OPTIONS, (grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1)]
+    ) as channel:
+        call = channel.unary_stream(PUSH)(request)
+        try:
+            yield from call
+        finally:
+            call.cancel()
+
+
+def prefetched_messages(address: str, batch_size: int, per_request: int, prefetch: int) -> Iterator[object]:
+    prefetcher = BatchPrefetcher(address, batch_size, per_request, prefetch)
+    try:
+        while True:
+            for _ in range(per_request):
+                if prefetcher.next(timeout_s=30.0) is None:
+                    raise RuntimeError("no batch within 30 s")
+            yield None
+    finally:
+        prefetcher.close()
+
+
+def sent_chunks(address: str, rows: int) -> Iterator[object]:
+    fields = cartpole_transitions(rows)
+    sender = ChunkSender(address, max_in_flight=IN_FLIGHT)
+    try:
+        while True:
+            sender.send(fields, 0, 0)
+            yield None
+    finally:
+        sender.close(flush_timeout_s=0)
+
+
+def main() -> None:
+    args = parse_args(__doc__)
+    keep_freed_memory()
+    duration_s = 0.5 if args.quick else 4.0
+    cfg = load_config(CONFIG)
+    batch_size, rows = 64, 1024
+    per_request = cfg.train.batches_per_request(batch_size)
+    prefetch = cfg.train.prefetch_requests
+    buffer_port, buffer_address = new_address()
+    raw_port, raw_address = new_address()
+    with contextlib.ExitStack() as stack:
+        buffer = stack.enter_context(buffer_service(buffer_port))
+        raw_server = stack.enter_context(service("benchmarks.raw_stream_server", ["--host", HOST, "--port", str(raw_port)], raw_address))
+        raw = stack.enter_context(make_channel(raw_address))
+        fill_buffer(buffer_address, cartpole_transitions(cfg.buffer_server.capacity_transitions))
+        local = ReplayBuffer(batch_size * per_request)
+        local.add(cartpole_transitions(batch_size * per_request))
+        credit = sample_response_bytes(local, batch_size, per_request).to_bytes(8, "little")
+        chunk_bytes = buffer_pb2.AddRequest(chunk=wire.encode_chunk(cartpole_transitions(rows))).ByteSize()
+        runs = {
+            ("samples b64", "raw push"): (raw_server.pid, lambda: pushed_messages(raw_address, credit)),
+            ("samples b64", "raw acked"): (raw_server.pid, lambda: acked_messages(raw.stream_stream(SOURCE), credit, prefetch)),
+            ("samples b64", "titan"): (buffer.pid, lambda: prefetched_messages(buffer_address, batch_size, per_request, prefetch)),
+            ("inserts 1024", "raw free"): (
+                raw_server.pid,
+                lambda: acked_messages(raw.stream_stream(SINK), bytes(chunk_bytes), FREE_WINDOW),
+            ),
+            ("inserts 1024", "raw acked"): (raw_server.pid, lambda: acked_messages(raw.stream_stream(SINK), bytes(chunk_bytes), IN_FLIGHT)),
+            ("inserts 1024", "titan"): (buffer.pid, lambda: sent_chunks(buffer_address, rows)),
+        }
+        results = {key: cpu_per_message(pid, messages(), duration_s) for key, (pid, messages) in runs.items()}
+
+    print(f"\nCPU per message, one client, {duration_s:g} s windows{' (QUICK MODE: a smoke test)' if args.quick else ''}")
+    table = []
+    for (stream, who), r in results.items():
+        acked = results[(stream, "raw acked")]
+        ratio = (r["server_user_us"] + r["server_sys_us"]) / (acked["server_user_us"] + acked["server_sys_us"])
+        table.append([stream, who, r["msgs_per_s"], r["server_user_us"], r["server_sys_us"], r["client_us"], f"{ratio:.2f}"])
+    print_table(["stream", "who", "msgs/s", "server user us", "server sys us", "client us", "server cpu / raw acked"], table)
+
+
+if __name__ == "__main__":
+    main()
