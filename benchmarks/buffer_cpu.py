@@ -10,8 +10,8 @@ fixed window is timed while one client streams; the serving process's user and s
     raw acked    its Source: every message answered a credit, at most 2 credits out
     titan        the buffer's SampleStream read by BatchPrefetcher.next() (32 batches a message)
   inserts, 1,024-row chunks (~49 KB a message):
-    raw free     its Sink, the sender never waiting for an ack
-    raw acked    its Sink, at most 2 unacknowledged
+    raw free     its Drain: a client stream answered once, at its end
+    raw acked    its Sink with Add's protocol for such chunks: 2 unanswered, each answered
     titan        ChunkSender into the buffer's Add
 
 Ratio: the serving process's CPU per message over the raw stream's with the same flow control.
@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterator
 import grpc
 import grpc.experimental
 
-from benchmarks.buffer_throughput import FREE_WINDOW, IN_FLIGHT, sample_response_bytes
+from benchmarks.buffer_throughput import sample_response_bytes
 from benchmarks.common import (
     CONFIG,
     HOST,
@@ -43,9 +43,9 @@ from benchmarks.common import (
     print_table,
     service,
 )
-from benchmarks.raw_stream_server import PUSH, SINK, SOURCE
+from benchmarks.raw_stream_server import DRAIN, PUSH, SINK, SOURCE, sink_round
 from titan_rl import wire
-from titan_rl.buffer.client import BatchPrefetcher, ChunkSender
+from titan_rl.buffer.client import BatchPrefetcher, ChunkSender, ack_every, chunks_in_flight
 from titan_rl.buffer.replay import ReplayBuffer
 from titan_rl.config import load_config
 from titan_rl.rpc import CHANNEL_OPTIONS, make_channel
@@ -53,6 +53,7 @@ from titan_rl.service import keep_freed_memory
 from titan_rl.v1 import buffer_pb2
 
 TICKS = os.sysconf("SC_CLK_TCK")
+ORDER = [(stream, who) for stream in ("samples b64", "inserts 1024") for who in ("raw push", "raw free", "raw acked", "titan")]
 
 
 def process_cpu_s(pid: int) -> tuple[float, float]:
@@ -68,11 +69,22 @@ def cpu_per_message(server_pid: int, messages: Iterator[object], duration_s: flo
     for _ in messages:
         if time.monotonic() >= end_warmup:
             break
-    count, t0, server0, client0 = 0, time.monotonic(), process_cpu_s(server_pid), time.process_time()
-    for _ in messages:
-        count += 1
-        if time.monotonic() - t0 >= duration_s:
-            break
+
+    def drain_for_duration() -> int:
+        count, t0 = 0, time.monotonic()
+        for _ in messages:
+            count += 1
+            if time.monotonic() - t0 >= duration_s:
+                break
+        return count
+
+    return measured_per_message(server_pid, drain_for_duration)
+
+
+def measured_per_message(server_pid: int, move: Callable[[], int]) -> dict[str, float]:
+    """CPU us per message of the server process and of this one while `move()` moves messages (returns how many)."""
+    t0, server0, client0 = time.monotonic(), process_cpu_s(server_pid), time.process_time()
+    count = move()
     elapsed, server1, client1 = time.monotonic() - t0, process_cpu_s(server_pid), time.process_time()
     return {
         "msgs_per_s": count / elapsed,
@@ -82,21 +94,38 @@ def cpu_per_message(server_pid: int, messages: Iterator[object], duration_s: flo
     }
 
 
-def acked_messages(open_call: Callable[[Iterator], Iterator], request: object, in_flight: int) -> Iterator[object]:
-    """Responses of a bidi stream with at most `in_flight` unanswered requests (see benchmarks.common.acked_stream_rate)."""
+def drained_cpu(server_pid: int, drain: Callable[[Iterator], bytes], payload: bytes, duration_s: float) -> dict[str, float]:
+    """CPU per message of a client stream answered once (benchmarks.raw_stream_server's Drain), after a 0.3 s warm-up call."""
+
+    def send_for(seconds: float) -> int:
+        def requests() -> Iterator[bytes]:
+            end = time.monotonic() + seconds
+            while time.monotonic() < end:
+                yield payload
+
+        return int.from_bytes(drain(requests()), "little")
+
+    send_for(0.3)
+    return measured_per_message(server_pid, lambda: send_for(duration_s))
+
+
+def acked_messages(open_call: Callable[[Iterator], Iterator], round_: list[object], in_flight: int) -> Iterator[object]:
+    """One item per message of a bidi stream answering each round of requests once (see benchmarks.common.acked_stream_rate)."""
     slots = threading.Semaphore(in_flight)
     done = threading.Event()
 
     def requests() -> Iterator:
         while not done.is_set():
-            slots.acquire()
-            yield request
+            for request in round_:
+                slots.acquire()
+                yield request
 
     call = open_call(requests())
     try:
-        for reply in call:
-            slots.release()
-            yield reply
+        for _ in call:
+            for request in round_:
+                slots.release()
+                yield request
     finally:
         done.set()
         slots.release()
@@ -128,7 +157,7 @@ def prefetched_messages(address: str, batch_size: int, per_request: int, prefetc
 
 def sent_chunks(address: str, rows: int) -> Iterator[object]:
     fields = cartpole_transitions(rows)
-    sender = ChunkSender(address, max_in_flight=IN_FLIGHT)
+    sender = ChunkSender(address, max_in_flight=chunks_in_flight(rows))
     try:
         while True:
             sender.send(fields, 0, 0)
@@ -156,18 +185,20 @@ def main() -> None:
         local.add(cartpole_transitions(batch_size * per_request))
         credit = sample_response_bytes(local, batch_size, per_request).to_bytes(8, "little")
         chunk_bytes = buffer_pb2.AddRequest(chunk=wire.encode_chunk(cartpole_transitions(rows))).ByteSize()
+        sink = sink_round(chunk_bytes, ack_every(chunks_in_flight(rows)))
         runs = {
             ("samples b64", "raw push"): (raw_server.pid, lambda: pushed_messages(raw_address, credit)),
-            ("samples b64", "raw acked"): (raw_server.pid, lambda: acked_messages(raw.stream_stream(SOURCE), credit, prefetch)),
+            ("samples b64", "raw acked"): (raw_server.pid, lambda: acked_messages(raw.stream_stream(SOURCE), [credit], prefetch)),
             ("samples b64", "titan"): (buffer.pid, lambda: prefetched_messages(buffer_address, batch_size, per_request, prefetch)),
-            ("inserts 1024", "raw free"): (
+            ("inserts 1024", "raw acked"): (
                 raw_server.pid,
-                lambda: acked_messages(raw.stream_stream(SINK), bytes(chunk_bytes), FREE_WINDOW),
+                lambda: acked_messages(raw.stream_stream(SINK), sink, chunks_in_flight(rows)),
             ),
-            ("inserts 1024", "raw acked"): (raw_server.pid, lambda: acked_messages(raw.stream_stream(SINK), bytes(chunk_bytes), IN_FLIGHT)),
             ("inserts 1024", "titan"): (buffer.pid, lambda: sent_chunks(buffer_address, rows)),
         }
         results = {key: cpu_per_message(pid, messages(), duration_s) for key, (pid, messages) in runs.items()}
+        results[("inserts 1024", "raw free")] = drained_cpu(raw_server.pid, raw.stream_unary(DRAIN), bytes(chunk_bytes), duration_s)
+        results = dict(sorted(results.items(), key=lambda item: ORDER.index(item[0])))
 
     print(f"\nCPU per message, one client, {duration_s:g} s windows{' (QUICK MODE: a smoke test)' if args.quick else ''}")
     table = []

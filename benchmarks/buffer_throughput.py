@@ -2,7 +2,8 @@
 
 Measures, with a real `python -m titan_rl.buffer` subprocess (rate limiting effectively off):
   inserts: CartPole transitions/s through Add with ChunkSender (what actors use: encodes each chunk,
-           at most 2 unacknowledged) for chunks of 64, 256, 1024 and 4096 transitions;
+           keeps 512 rows unacknowledged, asks for an ack every half of that) for chunks of 64,
+           256, 1024 and 4096 transitions;
   samples: batches/s through SampleStream with BatchPrefetcher (what the learner uses: the config's
            rows_per_request and prefetch_requests) for batch 64 and 256.
 Diagnostic rows: the same streams driven by the bare stub with pre-encoded requests (Add) or
@@ -10,11 +11,12 @@ protobuf-parsed replies only (SampleStream), and the in-process ReplayBuffer (no
 
 Two baselines, both benchmarks.raw_stream_server (another subprocess, the buffer's server options
 and thread pool), moving bytes messages of exactly our message sizes:
-  free:  the ceiling of the target. Inserts: a bidi stream whose sender never waits for an ack
-         (64 may be unacknowledged, so only HTTP/2 flow control paces it). Samples: a server
-         stream pushing until cancelled, read by gRPC's single-threaded client.
-  acked: our own protocol's flow control on raw bytes (every message answered, at most 2
-         unanswered, as Add and SampleStream do): what the protocol costs is free / acked.
+  free:  the ceiling of the target, paced only by HTTP/2 flow control. Inserts: a client stream
+         answered once at its end. Samples: a server stream pushing until cancelled, read by
+         gRPC's single-threaded client.
+  acked: our own protocol's flow control on raw bytes (as Add: the same window and acks; as
+         SampleStream: every credit answered by one message, at most 2 credits out): what the
+         protocol costs is free / acked.
 All four alternate, 5 repetitions of 1.5 s; the rates shown are medians, a ratio is the median of
 the 5 side-by-side ratios (see paired_ratio).
 Target: every row >= 0.7x the free raw stream (the verdict uses the worst row).
@@ -39,6 +41,7 @@ from benchmarks.common import (
     buffer_service,
     cartpole_transitions,
     describe_mode,
+    drained_stream_rate,
     emit_json,
     fill_buffer,
     new_address,
@@ -50,9 +53,9 @@ from benchmarks.common import (
     service,
     verdict,
 )
-from benchmarks.raw_stream_server import PUSH, SINK, SOURCE
+from benchmarks.raw_stream_server import DRAIN, PUSH, SINK, SOURCE, sink_round
 from titan_rl import wire
-from titan_rl.buffer.client import BatchPrefetcher, ChunkSender
+from titan_rl.buffer.client import MAX_UNACKED_ROWS, BatchPrefetcher, ChunkSender, ack_every, chunks_in_flight
 from titan_rl.buffer.replay import ReplayBuffer
 from titan_rl.buffer.service import BufferServicer
 from titan_rl.config import load_config
@@ -61,14 +64,12 @@ from titan_rl.service import keep_freed_memory
 from titan_rl.v1 import buffer_pb2, buffer_pb2_grpc
 
 TARGET = 0.7
-IN_FLIGHT = 2  # unacknowledged chunks: ChunkSender's default, which the rollout workers use
-FREE_WINDOW = 64  # unacknowledged messages in the free insert stream: more than HTTP/2 flow control lets through
 
 
 def chunk_sender_rate(address: str, fields: Mapping[str, np.ndarray], duration_s: float, warmup: int = 5) -> float:
     """Transitions/s that ChunkSender gets acknowledged."""
     rows = len(fields["reward"])
-    sender = ChunkSender(address, max_in_flight=IN_FLIGHT)
+    sender = ChunkSender(address, max_in_flight=chunks_in_flight(rows))  # the window a rollout worker uses for such chunks
     try:
         for _ in range(warmup):
             sender.send(fields, 0, 0)
@@ -140,30 +141,36 @@ def main() -> None:
             fields = cartpole_transitions(rows)
             request = buffer_pb2.AddRequest(chunk=wire.encode_chunk(fields))
             size = request.ByteSize()
+            window = chunks_in_flight(rows)
+            every = ack_every(window)
+            stub_round = [request] * (every - 1) + [buffer_pb2.AddRequest(chunk=request.chunk, ack=True)]
+            raw_round = sink_round(size, every)
             runs = alternate_runs(
                 {
-                    "free": lambda: rows * acked_stream_rate(raw.stream_stream(SINK), bytes(size), duration_s, in_flight=FREE_WINDOW),
-                    "acked": lambda: rows * acked_stream_rate(raw.stream_stream(SINK), bytes(size), duration_s, in_flight=IN_FLIGHT),
+                    "free": lambda: rows * drained_stream_rate(raw.stream_unary(DRAIN), bytes(size), duration_s),
+                    "acked": lambda: rows * acked_stream_rate(raw.stream_stream(SINK), raw_round, duration_s, in_flight=window),
                     "titan": lambda: chunk_sender_rate(buffer_address, fields, duration_s),
-                    "stub": lambda: rows * acked_stream_rate(stub.Add, request, duration_s, in_flight=IN_FLIGHT),
+                    "stub": lambda: rows * acked_stream_rate(stub.Add, stub_round, duration_s, in_flight=window),
                     "in_process": lambda: rate_for(lambda: local.add(fields), duration_s),
                 },
                 reps,
             )
             r = {name: statistics.median(v) for name, v in runs.items()}
-            return {"chunk": rows, "bytes": size, **r, **ratios(runs)}
+            return {"chunk": rows, "window": window, "ack_every": every, "bytes": size, **r, **ratios(runs)}
 
         def sample_rates(batch_size: int) -> dict:
             per_request = cfg.train.batches_per_request(batch_size)
             size = sample_response_bytes(local, batch_size, per_request)
             credit = buffer_pb2.SampleStreamRequest(batch_size=batch_size, num_batches=per_request)
-            raw_credit = size.to_bytes(8, "little")
+            raw_credits = [size.to_bytes(8, "little")]
             runs = alternate_runs(
                 {
-                    "free": lambda: per_request * pushed_stream_rate(raw_address, PUSH, raw_credit, duration_s),
-                    "acked": lambda: per_request * acked_stream_rate(raw.stream_stream(SOURCE), raw_credit, duration_s, in_flight=prefetch),
+                    "free": lambda: per_request * pushed_stream_rate(raw_address, PUSH, raw_credits[0], duration_s),
+                    "acked": lambda: (
+                        per_request * acked_stream_rate(raw.stream_stream(SOURCE), raw_credits, duration_s, in_flight=prefetch)
+                    ),
                     "titan": lambda: prefetcher_rate(buffer_address, batch_size, per_request, prefetch, duration_s),
-                    "stub": lambda: per_request * acked_stream_rate(stub.SampleStream, credit, duration_s, in_flight=prefetch),
+                    "stub": lambda: per_request * acked_stream_rate(stub.SampleStream, [credit], duration_s, in_flight=prefetch),
                     "in_process": lambda: rate_for(lambda: len(local.sample(batch_size, per_request).indices) // batch_size, duration_s),
                 },
                 reps,
@@ -176,8 +183,9 @@ def main() -> None:
 
     mode = describe_mode(args.quick, reps, duration_s)
     print(f"\nbuffer throughput, one client, {mode}")
-    print("\ninserts, transitions/s (titan = ChunkSender over Add; stub = Add with pre-encoded requests)")
-    table(inserts, "chunk")
+    print("\ninserts, transitions/s (titan = ChunkSender over Add; stub = Add with pre-encoded requests;")
+    print(f"window = unacknowledged chunks, {MAX_UNACKED_ROWS} rows as a rollout worker keeps; an ack asked for every ack_every)")
+    table(inserts, "chunk", "window", "ack_every")
     print(
         f"\nsamples, batches/s ({cfg.train.rows_per_request} rows per message; titan = BatchPrefetcher.next(); stub = parsed replies only)"
     )

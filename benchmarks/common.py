@@ -13,7 +13,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import grpc
@@ -121,30 +121,49 @@ def new_address() -> tuple[int, str]:
 
 
 def acked_stream_rate(
-    open_call: Callable[[Iterator], Iterator], request: object, duration_s: float, warmup: int = 5, in_flight: int = 2
+    open_call: Callable[[Iterator], Iterator], round_: Sequence[object], duration_s: float, warmup: int = 5, in_flight: int = 2
 ) -> float:
-    """Responses/s of a bidi stream where every request is answered by one response and at most
-    `in_flight` requests are unanswered (the protocol of Add and SampleStream).
+    """Messages/s of a bidi stream that answers each round of requests once: the requests of
+    `round_` are sent over and over, the last of each round asks for the answer, and at most
+    `in_flight` requests are unanswered (the protocols of Add and SampleStream; a SampleStream
+    round is one credit, answered by one message).
 
     `open_call(requests)` starts the call. Requests stop `duration_s` after the `warmup`-th
-    response; the rate counts the responses after it, up to the last one.
+    answer; the rate counts the messages of the rounds answered after it, up to the last one.
     """
     slots = threading.Semaphore(in_flight)
     end = float("inf")
 
     def requests() -> Iterator:
         while time.monotonic() < end:
-            slots.acquire()
-            yield request
+            for request in round_:
+                slots.acquire()
+                yield request
 
     count, t0 = 0, 0.0
     for _ in open_call(requests()):
-        slots.release()
+        for _ in round_:
+            slots.release()
         count += 1
         if count == warmup:
             t0 = time.monotonic()
             end = t0 + duration_s
-    return (count - warmup) / (time.monotonic() - t0)
+    return (count - warmup) * len(round_) / (time.monotonic() - t0)
+
+
+def drained_stream_rate(open_call: Callable[[Iterator], bytes], request: object, duration_s: float) -> float:
+    """Messages/s the server of a client-streaming call read, sending `request` for `duration_s`:
+    no reply per message, so only HTTP/2 flow control paces the sender. `open_call(requests)`
+    returns the server's count of messages read, as 8 little-endian bytes."""
+
+    def requests() -> Iterator:
+        end = time.monotonic() + duration_s
+        while time.monotonic() < end:
+            yield request
+
+    t0 = time.monotonic()
+    count = int.from_bytes(open_call(requests()), "little")
+    return count / (time.monotonic() - t0)
 
 
 def pushed_stream_rate(address: str, method: str, request: bytes, duration_s: float, warmup: int = 5) -> float:

@@ -2,7 +2,11 @@
 
 `python -m benchmarks.raw_stream_server --port P` serves, next to the standard health service and
 with the buffer's own server options and thread pool (titan_rl.rpc.make_server):
-  /bench.RawStream/Sink    answers every message with a 4-byte ack, as Add answers every chunk;
+  /bench.RawStream/Drain   (client streaming) reads messages until the client ends the stream and
+                           answers once, with how many it read (8 bytes): a free stream, paced only
+                           by HTTP/2 flow control;
+  /bench.RawStream/Sink    answers every message whose first byte is not 0 with a 4-byte ack, as Add
+                           answers every request that asks for one;
   /bench.RawStream/Source  answers every request (the payload size, 8 bytes) with that many bytes,
                            as SampleStream answers every credit with a batch;
   /bench.RawStream/Push    (server streaming) answers one request (the payload size) with messages of
@@ -24,12 +28,19 @@ SERVICE = "bench.RawStream"
 SINK = f"/{SERVICE}/Sink"
 SOURCE = f"/{SERVICE}/Source"
 PUSH = f"/{SERVICE}/Push"
+DRAIN = f"/{SERVICE}/Drain"
 ACK = bytes(4)
 
 
+def sink_round(size: int, every: int) -> list[bytes]:
+    """`every` Sink messages of `size` bytes, of which the last asks for an ack."""
+    return [bytes(size)] * (every - 1) + [b"\x01" + bytes(size - 1)]
+
+
 def _sink(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
-    for _ in requests:
-        yield ACK
+    for request in requests:
+        if request[0]:
+            yield ACK
 
 
 def _source(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
@@ -37,6 +48,10 @@ def _source(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterato
     for request in requests:
         size = int.from_bytes(request, "little")
         yield payloads.setdefault(size, bytes(size))
+
+
+def _drain(requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
+    return sum(1 for _ in requests).to_bytes(8, "little")
 
 
 def _push(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
@@ -58,6 +73,7 @@ def main() -> None:
         "Sink": grpc.stream_stream_rpc_method_handler(_sink),
         "Source": grpc.stream_stream_rpc_method_handler(_source),
         "Push": grpc.unary_stream_rpc_method_handler(_push),
+        "Drain": grpc.stream_unary_rpc_method_handler(_drain),
     }
     server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE, handlers)])
     server.start()

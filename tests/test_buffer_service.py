@@ -9,22 +9,37 @@ import pytest
 from tests.helpers import transitions
 from titan_rl import wire
 from titan_rl.buffer.client import BatchPrefetcher, BufferClient, ChunkSender
+from titan_rl.buffer.service import BufferServicer
 from titan_rl.errors import TitanError
 from titan_rl.v1 import buffer_pb2, buffer_pb2_grpc
 
 
 def _add(stub, *chunks):
-    """Send chunks on one Add stream; returns the acknowledgements."""
-    return list(stub.Add(iter([buffer_pb2.AddRequest(chunk=c) for c in chunks]), timeout=5))
+    """Send chunks on one Add stream, each asking for an ack; returns the acknowledgements."""
+    return list(stub.Add(iter([buffer_pb2.AddRequest(chunk=c, ack=True) for c in chunks]), timeout=5))
 
 
-def test_add_acknowledges_each_chunk_and_info_counts_them(buffer_server):
+def test_add_acknowledges_each_chunk_that_asks_and_info_counts_them(buffer_server):
     address, _ = buffer_server
     client = BufferClient(address)
     acks = _add(client.stub, wire.encode_chunk(transitions(10)), wire.encode_chunk(transitions(5)))
     assert [a.transitions_added for a in acks] == [10, 15]
     info = client.info()
     assert (info.size, info.capacity, info.inserts_total) == (15, 1000, 15)
+
+
+def test_add_answers_only_requests_that_ask_and_an_ack_alone_answers_for_all_before_it(buffer_server):
+    address, _ = buffer_server
+    client = BufferClient(address)
+    requests = [
+        buffer_pb2.AddRequest(chunk=wire.encode_chunk(transitions(10))),
+        buffer_pb2.AddRequest(chunk=wire.encode_chunk(transitions(5)), ack=True),
+        buffer_pb2.AddRequest(chunk=wire.encode_chunk(transitions(3))),
+        buffer_pb2.AddRequest(ack=True),
+    ]
+    acks = list(client.stub.Add(iter(requests), timeout=5))
+    assert [a.transitions_added for a in acks] == [15, 18]
+    assert client.info().size == 18
 
 
 def test_sampling_before_enough_data_is_failed_precondition(buffer_server):
@@ -143,6 +158,44 @@ def test_chunk_sender_and_prefetcher_move_data_end_to_end(buffer_server):
         np.testing.assert_array_equal(b["next_obs"], b["obs"] + 1)
 
 
+class _AckRecorder(BufferServicer):
+    """The real servicer, noting which Add requests asked for an ack (True, False; None: no chunk)."""
+
+    def __init__(self, replay):
+        super().__init__(replay)
+        self.asked: list[bool | None] = []
+
+    def Add(self, request_iterator, context):
+        def noted():
+            for request in request_iterator:
+                self.asked.append(request.ack if request.HasField("chunk") else None)
+                yield request
+
+        yield from super().Add(noted(), context)
+
+
+def test_chunk_sender_asks_for_an_ack_every_half_window_and_flush_asks_for_the_rest():
+    from concurrent import futures
+
+    from titan_rl.buffer.replay import ReplayBuffer
+
+    servicer = _AckRecorder(ReplayBuffer(1000))
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    buffer_pb2_grpc.add_BufferServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    sender = ChunkSender(f"127.0.0.1:{port}", max_in_flight=4)
+    try:
+        for i in range(7):
+            assert sender.send(transitions(8, start=8 * i), 0, 0)
+        assert sender.flush(5)
+        assert sender.chunks_acked == 7 and servicer.replay.info().size == 56
+        assert servicer.asked == [False, True, False, True, False, True, False, None]
+    finally:
+        sender.close()
+        server.stop(None)
+
+
 def test_chunk_sender_surfaces_a_rejected_chunk(buffer_server):
     sender = ChunkSender(buffer_server[0])
     sender.send(transitions(8), 0, 0)
@@ -171,7 +224,7 @@ def test_many_open_streams_do_not_starve_other_calls(buffer_server):
     calls = [stub.Add(requests(q), timeout=20) for q in outboxes]
     try:
         for q in outboxes:
-            q.put(buffer_pb2.AddRequest(chunk=wire.encode_chunk(transitions(1))))
+            q.put(buffer_pb2.AddRequest(chunk=wire.encode_chunk(transitions(1)), ack=True))
         for call in calls:
             next(call)  # every stream is open and answered once
         assert BufferClient(address, timeout_s=2).info().inserts_total == 40

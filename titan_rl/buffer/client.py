@@ -6,6 +6,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 
 import grpc
@@ -19,6 +20,24 @@ from titan_rl.v1 import buffer_pb2, buffer_pb2_grpc
 log = logging.getLogger(__name__)
 
 _END = object()
+_ACK_NOW = buffer_pb2.AddRequest(ack=True).SerializeToString()  # asks for an ack of everything sent, with no chunk
+DEFAULT_MAX_IN_FLIGHT = 4  # unacknowledged chunks, for a sender that does not know its chunk sizes (workers use chunks_in_flight)
+# Transitions a sender may have unacknowledged. While the rate limiter holds inserts back, a worker
+# waits with this many rows in flight, collected by a policy that old: 4,096 rows per worker left a
+# seed unsolved in 2 of 2 solve_time runs, 1,024 in 1 of 4, 512 in none of 2 (docs/architecture.md).
+MAX_UNACKED_ROWS = 512
+
+
+def ack_every(max_in_flight: int) -> int:
+    """How often ChunkSender asks for an ack: every half window, so one is always on its way back."""
+    return max(1, max_in_flight // 2)
+
+
+def chunks_in_flight(rows_per_chunk: int) -> int:
+    """ChunkSender's window for chunks of `rows_per_chunk` rows: MAX_UNACKED_ROWS rows, and at least 2 chunks."""
+    return max(2, MAX_UNACKED_ROWS // max(1, rows_per_chunk))
+
+
 _BUFFER_SERVICE = buffer_pb2.DESCRIPTOR.services_by_name["BufferService"]
 ADD_METHOD = f"/{_BUFFER_SERVICE.full_name}/Add"  # ChunkSender calls it with AddRequests it serialised itself
 
@@ -49,18 +68,25 @@ class ChunkSender:
 
     At most `max_in_flight` chunks are unacknowledged at once: `send()` blocks beyond
     that, so a slow (or rate-limited) buffer slows the actor down instead of letting
-    stale data pile up in transport buffers. A broken stream is reopened with back-off;
-    chunks in flight when it broke are lost, and the log says how many.
-    INVALID_ARGUMENT is not retried: it is a bug in the sender, raised from the next `send()`.
+    stale data pile up in transport buffers. Every `max_in_flight // 2`-th chunk asks for
+    an acknowledgement, which covers it and every chunk before it: a reply per chunk cost
+    both processes as much CPU as the chunk itself. `flush()` asks for one at once.
+    A broken stream is reopened with back-off; chunks in flight when it broke are lost,
+    and the log says how many. INVALID_ARGUMENT is not retried: it is a bug in the sender,
+    raised from the next `send()`. `send()` is for one producer thread.
     """
 
-    def __init__(self, address: str, max_in_flight: int = 2, give_up_after_s: float = 120.0):
+    def __init__(self, address: str, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT, give_up_after_s: float = 120.0):
+        if max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
         self.address = address
         self.give_up_after_s = give_up_after_s
         self.chunks_acked = 0
-        self._max_in_flight = max_in_flight
+        self._ack_every = ack_every(max_in_flight)
         self._slots = threading.Semaphore(max_in_flight)
         self._in_flight = 0
+        self._unasked = 0  # chunks queued since the last one that asked for an ack
+        self._asked: deque[int] = deque()  # chunks each outstanding ack will cover, oldest first
         self._lock = threading.Lock()
         self._requests: queue.Queue = queue.Queue()
         self._error: Exception | None = None
@@ -75,6 +101,8 @@ class ChunkSender:
         """Queue a chunk once a slot is free; False if `keep_waiting()` turned False first."""
         request = buffer_pb2.AddRequest()
         wire.fill_chunk(request.chunk, fields, worker_id, policy_version)
+        with self._lock:
+            request.ack = self._unasked + 1 >= self._ack_every
         payload = request.SerializeToString()  # here, while earlier chunks are in flight, not on the sending thread
         while not self._slots.acquire(timeout=0.2):
             if self._error is not None or not self._thread.is_alive():
@@ -85,11 +113,15 @@ class ChunkSender:
             raise self._error
         with self._lock:
             self._in_flight += 1
-        self._requests.put(payload)
+            self._unasked += 1
+            self._queue(payload, request.ack)
         return True
 
     def flush(self, timeout_s: float) -> bool:
         """Wait until every sent chunk is acknowledged; False on timeout."""
+        with self._lock:
+            if self._unasked:
+                self._queue(_ACK_NOW, ack=True)  # the last chunks did not ask
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             with self._lock:
@@ -107,14 +139,37 @@ class ChunkSender:
             self._call.cancel()
         self._thread.join(1.0)
 
+    def _queue(self, payload: bytes, ack: bool) -> None:
+        """Hand a request to the stream; one that asks for an ack closes the count of chunks it covers. Call with the lock held."""
+        if ack:
+            self._asked.append(self._unasked)
+            self._unasked = 0
+        self._requests.put(payload)
+
+    def _acknowledged(self) -> None:
+        """One ack arrived: it covers the chunks counted when it was asked for."""
+        with self._lock:
+            n = self._asked.popleft()
+            self._in_flight -= n
+        self.chunks_acked += n
+        for _ in range(n):
+            self._slots.release()
+
     def _stream(self, requests: queue.Queue) -> Iterator[bytes]:
         while (item := requests.get()) is not _END:
             yield item
 
     def _release_in_flight(self) -> int:
-        """Free the slots of chunks that will never be acknowledged; returns how many."""
+        """Free the slots of chunks that will never be acknowledged; returns how many.
+
+        The request queue is replaced under the same lock, so a chunk sent meanwhile is either
+        lost with the old stream and counted here, or goes on the next stream and counted there.
+        """
         with self._lock:
             n, self._in_flight = self._in_flight, 0
+            self._unasked = 0
+            self._asked.clear()
+            self._requests = queue.Queue()
         for _ in range(n):
             self._slots.release()
         return n
@@ -129,16 +184,12 @@ class ChunkSender:
                 try:
                     self._call = add(self._stream(self._requests), wait_for_ready=True)
                     for _ in self._call:
-                        self.chunks_acked += 1
-                        with self._lock:
-                            self._in_flight -= 1
-                        self._slots.release()
+                        self._acknowledged()
                         failing_since = None
                         backoff.reset()
                     return  # the stream ended because close() was called
                 except grpc.RpcError as e:
-                    self._requests = queue.Queue()  # the old request iterator belongs to the dead call
-                    lost = self._release_in_flight()
+                    lost = self._release_in_flight()  # and a new request queue: the old one belongs to the dead call
                     if self._closing.is_set():
                         return
                     if e.code() not in RETRYABLE:

@@ -63,16 +63,18 @@ class BufferServicer(buffer_pb2_grpc.BufferServiceServicer):
         added = 0
         for request in request_iterator:
             try:
-                if not request.HasField("chunk"):
-                    raise WireError("missing")
-                added += self.replay.add_records(*wire.decode_chunk(request.chunk), should_wait=context.is_active)
+                if request.HasField("chunk"):
+                    added += self.replay.add_records(*wire.decode_chunk(request.chunk), should_wait=context.is_active)
+                elif not request.ack:
+                    raise WireError("missing (only a request with ack may come without one)")
             except (WireError, ShapeMismatchError) as e:
                 where = f"chunk.transitions.{e}" if isinstance(e, ShapeMismatchError) else f"chunk.{e}"
                 log.warning("rejected chunk from %s: %s", context.peer(), where)
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{where} ({added} transitions were stored before it)")
             except Closed:
                 context.abort(grpc.StatusCode.UNAVAILABLE, "buffer is shutting down")
-            yield buffer_pb2.AddResponse(transitions_added=added)
+            if request.ack:
+                yield buffer_pb2.AddResponse(transitions_added=added)
 
     def Sample(self, request: buffer_pb2.SampleRequest, context: grpc.ServicerContext) -> buffer_pb2.SampleResponse:
         if problem := _sample_request_problem(request):

@@ -12,7 +12,7 @@ import time
 import numpy as np
 import torch
 
-from titan_rl.buffer.client import ChunkSender
+from titan_rl.buffer.client import ChunkSender, chunks_in_flight
 from titan_rl.config import Config
 from titan_rl.envs import check_env_spaces
 from titan_rl.errors import TitanError
@@ -52,7 +52,7 @@ def run_worker(cfg: Config, worker_id: int, stop: mp.Event, reports: mp.Queue) -
         sys.exit(CONFIG_ERROR_EXIT_CODE)
     final_epsilon = cfg.epsilons()[worker_id]
     subscriber = PolicySubscriber(cfg.trainer_server.dial_address)
-    sender = ChunkSender(cfg.buffer_server.dial_address)
+    sender = ChunkSender(cfg.buffer_server.dial_address, max_in_flight=chunks_in_flight(r.envs_per_worker * r.vector_steps_per_chunk))
     actor = None
     try:
         while not subscriber.wait_first(timeout_s=1.0):
