@@ -24,7 +24,7 @@ _ACK_NOW = buffer_pb2.AddRequest(ack=True).SerializeToString()  # asks for an ac
 DEFAULT_MAX_IN_FLIGHT = 4  # unacknowledged chunks, for a sender that does not know its chunk sizes (workers use chunks_in_flight)
 # Transitions a sender may have unacknowledged. While the rate limiter holds inserts back, a worker
 # waits with this many rows in flight, collected by a policy that old: 4,096 rows per worker left a
-# seed unsolved in 2 of 2 solve_time runs, 1,024 in 1 of 4, 512 in none of 2 (docs/architecture.md).
+# seed unsolved in 2 of 2 solve_time runs, 1,024 in 1 of 4, 512 in none of 3 (docs/architecture.md).
 MAX_UNACKED_ROWS = 512
 
 
