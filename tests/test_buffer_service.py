@@ -1,6 +1,9 @@
 """The buffer service over real gRPC on a free port."""
 
+import contextlib
 import time
+from collections.abc import Iterator
+from concurrent import futures
 
 import grpc
 import numpy as np
@@ -9,6 +12,8 @@ import pytest
 from tests.helpers import transitions
 from titan_rl import wire
 from titan_rl.buffer.client import BatchPrefetcher, BufferClient, ChunkSender
+from titan_rl.buffer.rate_limiter import RateLimiter
+from titan_rl.buffer.replay import ReplayBuffer
 from titan_rl.buffer.service import BufferServicer
 from titan_rl.errors import TitanError
 from titan_rl.v1 import buffer_pb2, buffer_pb2_grpc
@@ -174,26 +179,79 @@ class _AckRecorder(BufferServicer):
         yield from super().Add(noted(), context)
 
 
-def test_chunk_sender_asks_for_an_ack_every_half_window_and_flush_asks_for_the_rest():
-    from concurrent import futures
-
-    from titan_rl.buffer.replay import ReplayBuffer
-
-    servicer = _AckRecorder(ReplayBuffer(1000))
+@contextlib.contextmanager
+def _serving(servicer: BufferServicer, port: int = 0) -> Iterator[str]:
+    """`servicer` on a real gRPC server on `port` (0: a free one); yields its address."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     buffer_pb2_grpc.add_BufferServiceServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
+    port = server.add_insecure_port(f"127.0.0.1:{port}")
     server.start()
-    sender = ChunkSender(f"127.0.0.1:{port}", max_in_flight=4)
     try:
-        for i in range(7):
-            assert sender.send(transitions(8, start=8 * i), 0, 0)
-        assert sender.flush(5)
-        assert sender.chunks_acked == 7 and servicer.replay.info().size == 56
-        assert servicer.asked == [False, True, False, True, False, True, False, None]
+        yield f"127.0.0.1:{port}"
     finally:
-        sender.close()
+        servicer.replay.close()
         server.stop(None)
+
+
+def test_chunk_sender_asks_for_an_ack_every_half_window_and_flush_asks_for_the_rest():
+    servicer = _AckRecorder(ReplayBuffer(1000))
+    with _serving(servicer) as address:
+        sender = ChunkSender(address, max_in_flight=4)
+        deadline = time.monotonic() + 10
+        try:
+            for i in range(7):
+                assert sender.send(transitions(8, start=8 * i), 0, 0, keep_waiting=lambda: time.monotonic() < deadline)
+            assert sender.flush(5)
+            assert sender.chunks_acked == 7 and servicer.replay.info().size == 56
+            assert servicer.asked == [False, True, False, True, False, True, False, None]
+        finally:
+            sender.close()
+
+
+def test_chunk_sender_stops_at_its_window_while_the_buffer_holds_inserts_back_and_starts_afresh_after_a_restart():
+    """The rate limiter lets 2 chunks of 8 in, then holds the third: 4 chunks may be unacknowledged, not 5.
+    The buffer then restarts with 2 acks outstanding: the new stream's acks must not be matched to them."""
+    replay = ReplayBuffer(1000, RateLimiter(samples_per_insert=1, min_size_to_sample=0, slack_transitions=8))
+    sender = None
+    try:
+        with _serving(BufferServicer(replay)) as address:
+            sender = ChunkSender(address, max_in_flight=4)
+            deadline = time.monotonic() + 10
+            for i in range(6):
+                assert sender.send(transitions(8, start=8 * i), 0, 0, keep_waiting=lambda: time.monotonic() < deadline)
+            deadline = time.monotonic() + 1
+            assert not sender.send(transitions(8), 0, 0, keep_waiting=lambda: time.monotonic() < deadline)
+            assert sender.chunks_acked == 2 and replay.info().size == 16
+        restarted = ReplayBuffer(1000)
+        with _serving(BufferServicer(restarted), port=int(address.rpartition(":")[2])):
+            deadline = time.monotonic() + 20
+            for _ in range(5):
+                assert sender.send(transitions(8), 0, 0, keep_waiting=lambda: time.monotonic() < deadline)
+            assert sender.flush(10) and sender.chunks_acked == 2 + 5 and restarted.info().size == 40
+    finally:
+        if sender is not None:
+            sender.close(flush_timeout_s=0)
+
+
+class _AcksEveryRequest(BufferServicer):
+    """A buffer from before AddRequest.ack: it answers every request."""
+
+    def Add(self, request_iterator, context):
+        for request in request_iterator:
+            self.replay.add_records(*wire.decode_chunk(request.chunk))
+            yield buffer_pb2.AddResponse()
+
+
+def test_chunk_sender_reports_acks_it_did_not_ask_for_instead_of_miscounting():
+    with _serving(_AcksEveryRequest(ReplayBuffer(1000))) as address:
+        sender = ChunkSender(address, max_in_flight=4)
+        try:
+            with pytest.raises(TitanError, match="did not ask"):
+                for _ in range(50):
+                    sender.send(transitions(8), 0, 0)
+                    time.sleep(0.01)
+        finally:
+            sender.close(flush_timeout_s=0)
 
 
 def test_chunk_sender_surfaces_a_rejected_chunk(buffer_server):
@@ -256,6 +314,10 @@ def test_chunk_sender_reconnects_when_the_buffer_comes_back(caplog):
             sender.flush(0.5)
         assert replay.info().size > 0
         assert "reconnecting" in caplog.text
+        acked = sender.chunks_acked
+        for _ in range(5):
+            sender.send(transitions(8), 0, 0)
+        assert sender.flush(5) and sender.chunks_acked == acked + 5  # the counts of the dead stream are gone
     finally:
         sender.close(0)
         replay.close()

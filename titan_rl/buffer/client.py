@@ -146,14 +146,17 @@ class ChunkSender:
             self._unasked = 0
         self._requests.put(payload)
 
-    def _acknowledged(self) -> None:
-        """One ack arrived: it covers the chunks counted when it was asked for."""
+    def _acknowledged(self) -> bool:
+        """One ack arrived: it covers the chunks counted when it was asked for. False if none was asked for."""
         with self._lock:
+            if not self._asked:
+                return False
             n = self._asked.popleft()
             self._in_flight -= n
-        self.chunks_acked += n
+            self.chunks_acked += n  # with the count, so flush() never returns before it
         for _ in range(n):
             self._slots.release()
+        return True
 
     def _stream(self, requests: queue.Queue) -> Iterator[bytes]:
         while (item := requests.get()) is not _END:
@@ -174,6 +177,12 @@ class ChunkSender:
             self._slots.release()
         return n
 
+    def _fail(self, error: TitanError) -> None:
+        """Stop for good: the error first, then the slots, so a send() woken by them raises it."""
+        self._error = error
+        log.error("%s", error)
+        self._release_in_flight()
+
     def _run(self) -> None:
         channel = make_channel(self.address)
         add = channel.stream_stream(ADD_METHOD, request_serializer=None, response_deserializer=buffer_pb2.AddResponse.FromString)
@@ -184,24 +193,26 @@ class ChunkSender:
                 try:
                     self._call = add(self._stream(self._requests), wait_for_ready=True)
                     for _ in self._call:
-                        self._acknowledged()
+                        if not self._acknowledged():
+                            self._fail(TitanError(f"buffer {self.address} acknowledged chunks that did not ask: an older buffer?"))
+                            self._call.cancel()
+                            return
                         failing_since = None
                         backoff.reset()
                     return  # the stream ended because close() was called
                 except grpc.RpcError as e:
-                    lost = self._release_in_flight()  # and a new request queue: the old one belongs to the dead call
                     if self._closing.is_set():
+                        self._release_in_flight()
                         return
                     if e.code() not in RETRYABLE:
-                        self._error = TitanError(f"buffer {self.address} rejected a chunk: {e.code().name}: {e.details()}")
-                        log.error("%s", self._error)
+                        self._fail(TitanError(f"buffer {self.address} rejected a chunk: {e.code().name}: {e.details()}"))
                         return
                     now = time.monotonic()
                     failing_since = failing_since or now
                     if now - failing_since > self.give_up_after_s:
-                        self._error = PeerUnavailableError(f"buffer {self.address} unreachable for {self.give_up_after_s:.0f}s")
-                        log.error("%s", self._error)
+                        self._fail(PeerUnavailableError(f"buffer {self.address} unreachable for {self.give_up_after_s:.0f}s"))
                         return
+                    lost = self._release_in_flight()  # and a new request queue: the old one belongs to the dead call
                     log.warning(
                         "buffer stream %s: %s, %d chunks lost; reconnecting in %.1fs", self.address, e.code().name, lost, backoff.delay_s
                     )
