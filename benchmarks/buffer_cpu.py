@@ -70,7 +70,7 @@ def cpu_per_message(server_pid: int, messages: Iterator[object], duration_s: flo
         if time.monotonic() >= end_warmup:
             break
 
-    def drain_for_duration() -> int:
+    def count_for_duration() -> int:
         count, t0 = 0, time.monotonic()
         for _ in messages:
             count += 1
@@ -78,7 +78,7 @@ def cpu_per_message(server_pid: int, messages: Iterator[object], duration_s: flo
                 break
         return count
 
-    return measured_per_message(server_pid, drain_for_duration)
+    return measured_per_message(server_pid, count_for_duration)
 
 
 def measured_per_message(server_pid: int, move: Callable[[], int]) -> dict[str, float]:
