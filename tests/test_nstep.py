@@ -73,3 +73,53 @@ def test_one_step_is_the_identity_on_valid_rows():
     out = run(acc, [1.0, 2.0, 3.0], terminated_at=2)
     np.testing.assert_allclose(out["reward"], [1, 2, 3])
     assert out["terminated"].tolist() == [False, False, True]
+
+
+def reference_windows(steps, n, gamma):
+    """The n-step transitions of a vector env's steps, env by env, the plain way, sorted.
+
+    Each is (env, obs, action, reward, next_obs, terminated, truncated).
+    """
+    out, episodes = [], {}
+    for obs, action, reward, next_obs, terminated, truncated, valid in steps:
+        for e in range(len(valid)):
+            if not valid[e]:
+                episodes[e] = []
+                continue
+            episode = episodes.setdefault(e, [])
+            episode.append((obs[e, 0], action[e], reward[e]))
+            lengths = [n] if len(episode) >= n else []
+            if terminated[e]:
+                lengths += range(1, min(n - 1, len(episode)) + 1)
+            for m in lengths:
+                window = episode[-m:]
+                ret = sum(gamma**k * r for k, (_, _, r) in enumerate(window))
+                out.append((e, window[0][0], window[0][1], round(ret, 4), next_obs[e, 0], bool(terminated[e]), bool(truncated[e])))
+    return sorted(out)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5])
+def test_many_envs_match_the_env_by_env_reference(n):
+    rng = np.random.default_rng(n)
+    envs, gamma, steps = 6, 0.9, []
+    resetting = np.zeros(envs, dtype=bool)
+    for t in range(400):
+        obs = (np.arange(envs) * 1000.0 + t)[:, None]  # unique per (env, step): identifies a transition's start
+        terminated, truncated = rng.random(envs) < 0.08, rng.random(envs) < 0.03
+        steps.append((obs, rng.integers(0, 4, envs), rng.random(envs), obs + 0.5, terminated, truncated, ~resetting))
+        resetting = terminated | truncated
+    acc = NStepAccumulator(envs, n, gamma, obs_shape=(1,), obs_dtype=np.float64)
+    got = []
+    for step in steps:
+        out = acc.push(*step)
+        for i in range(len(out["reward"])):
+            start = out["obs"][i, 0]
+            got.append(
+                (int(start // 1000), start, int(out["action"][i]), float(out["reward"][i]), out["next_obs"][i, 0])
+                + (bool(out["terminated"][i]), bool(out["truncated"][i]))
+            )
+    got.sort()
+    want = reference_windows(steps, n, gamma)
+    assert len(got) == len(want) and len(want) > 300
+    for g, w in zip(got, want, strict=True):
+        assert g[:3] == w[:3] and g[4:] == w[4:] and g[3] == pytest.approx(w[3], abs=1e-3)

@@ -59,13 +59,15 @@ class VectorActor:
         next_obs, reward, terminated, truncated, _ = self.env.step(actions)
         valid = ~self._resetting
         transitions = self._nstep.push(self.obs, actions, reward, next_obs, terminated, truncated, valid)
-        self._returns[valid] += reward[valid]
-        self._lengths[valid] += 1
-        done = (terminated | truncated) & valid
-        result = StepResult(transitions, self._returns[done].tolist(), self._lengths[done].tolist())
-        self._returns[done] = 0.0
-        self._lengths[done] = 0
-        self._resetting = terminated | truncated
+        self._returns += reward * valid
+        self._lengths += valid
+        ended = terminated | truncated
+        result = StepResult(transitions, [], [])
+        if (done := ended & valid).any():  # most steps end no episode: skip the indexing
+            result.episode_returns, result.episode_lengths = self._returns[done].tolist(), self._lengths[done].tolist()
+            self._returns[done] = 0.0
+            self._lengths[done] = 0
+        self._resetting = ended
         self.obs = next_obs
         return result
 

@@ -24,8 +24,13 @@ class NStepAccumulator:
         self._action = np.zeros((n, num_envs), dtype=np.int64)
         self._reward = np.zeros((n, num_envs), dtype=np.float64)
         self._episode_len = np.zeros(num_envs, dtype=np.int64)  # steps of the running episode seen so far
-        self._discounts = gamma ** np.arange(n)
         self._t = 0
+        # Every window that can end at a step, one per row: the full one, then 1, 2, ..., n-1 steps
+        # (those only at a termination). Row r covers the last _window_steps[r] of the n steps held.
+        self._window_steps = np.array([n, *range(1, n)])
+        first = n - self._window_steps[:, None]  # oldest-first position of each row's first step
+        k = np.arange(n)[None, :]
+        self._window_discounts = np.where(k >= first, gamma ** np.maximum(k - first, 0), 0.0)  # [row, position]
 
     def push(
         self,
@@ -37,37 +42,27 @@ class NStepAccumulator:
         truncated: np.ndarray,
         valid: np.ndarray,
     ) -> dict[str, np.ndarray]:
-        """Add one vector step (rows where `valid` is False are autoreset steps, not transitions)."""
+        """Add one vector step (rows where `valid` is False are autoreset steps, not transitions).
+
+        Every window ending here is found and read at once, with no loop over window lengths:
+        this runs once per env step, so its numpy call count is the actor's overhead.
+        """
         n, t = self.n, self._t
-        slot = t % n
-        self._obs[slot], self._action[slot], self._reward[slot] = obs, action, reward
+        self._obs[t % n], self._action[t % n], self._reward[t % n] = obs, action, reward
         self._episode_len = np.where(valid, self._episode_len + 1, 0)
         self._t += 1
 
-        order = [(t - n + 1 + k) % n for k in range(n)]  # oldest first
-        full = valid & (self._episode_len >= n)
-        parts = [self._windows(order, full, next_obs, terminated[full], truncated)]
-        ended = valid & terminated
-        if ended.any():
-            for m in range(1, n):  # windows of m < n steps ending at a termination, every such env at once
-                envs = ended & (self._episode_len >= m)
-                if envs.any():
-                    steps = [(t - m + 1 + k) % n for k in range(m)]
-                    parts.append(self._windows(steps, envs, next_obs, np.ones(envs.sum(), dtype=bool), truncated))
-        if len(parts) == 1:
-            return parts[0]
-        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-
-    def _windows(
-        self, steps: list[int], envs: np.ndarray, next_obs: np.ndarray, terminated: np.ndarray, truncated: np.ndarray
-    ) -> dict[str, np.ndarray]:
-        """Transitions of the given envs over the ring `steps` (oldest first), ending at `next_obs`."""
-        rewards = self._reward[steps][:, envs] * self._discounts[: len(steps), None]
+        positions = (t + 1 + np.arange(n)) % n  # ring slots, oldest first
+        steps = self._window_steps[:, None]
+        ends = valid & (self._episode_len >= steps) & ((steps == n) | terminated)  # [row, env]
+        row, env = np.nonzero(ends)
+        start = positions[n - self._window_steps[row]]
+        rewards = self._window_discounts @ self._reward[positions]  # [row, env]
         return {
-            "obs": self._obs[steps[0]][envs],
-            "action": self._action[steps[0]][envs],
-            "reward": rewards.sum(axis=0).astype(np.float32),
-            "next_obs": next_obs[envs],
-            "terminated": terminated.astype(bool),
-            "truncated": truncated[envs].astype(bool),
+            "obs": self._obs[start, env],
+            "action": self._action[start, env],
+            "reward": rewards[row, env].astype(np.float32),
+            "next_obs": next_obs[env],
+            "terminated": terminated[env].astype(bool),
+            "truncated": truncated[env].astype(bool),
         }
