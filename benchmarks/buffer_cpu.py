@@ -7,6 +7,7 @@ fixed window is timed while one client streams; the serving process's user and s
 
   samples, batch 64 (2,048 rows, ~115 KB a message):
     raw push     benchmarks.raw_stream_server's free server stream, single-threaded client
+    raw sampled  its PushSampled: the same, but each message gathered from 1M records (the least work)
     raw acked    its Source: every message answered a credit, at most 2 credits out
     titan        the buffer's SampleStream read by BatchPrefetcher.next() (32 batches a message)
   inserts, 1,024-row chunks (~49 KB a message):
@@ -43,7 +44,7 @@ from benchmarks.common import (
     print_table,
     service,
 )
-from benchmarks.raw_stream_server import DRAIN, PUSH, SINK, SOURCE, sink_round
+from benchmarks.raw_stream_server import DRAIN, PUSH, PUSH_SAMPLED, SINK, SOURCE, sampled_request, sink_round
 from titan_rl import wire
 from titan_rl.buffer.client import BatchPrefetcher, ChunkSender, ack_every, chunks_in_flight
 from titan_rl.buffer.replay import ReplayBuffer
@@ -53,7 +54,9 @@ from titan_rl.service import keep_freed_memory
 from titan_rl.v1 import buffer_pb2
 
 TICKS = os.sysconf("SC_CLK_TCK")
-ORDER = [(stream, who) for stream in ("samples b64", "inserts 1024") for who in ("raw push", "raw free", "raw acked", "titan")]
+ORDER = [
+    (stream, who) for stream in ("samples b64", "inserts 1024") for who in ("raw push", "raw sampled", "raw free", "raw acked", "titan")
+]
 
 
 def process_cpu_s(pid: int) -> tuple[float, float]:
@@ -132,11 +135,11 @@ def acked_messages(open_call: Callable[[Iterator], Iterator], round_: list[objec
         call.cancel()
 
 
-def pushed_messages(address: str, request: bytes) -> Iterator[object]:
+def pushed_messages(address: str, method: str, request: bytes) -> Iterator[object]:
     with grpc.insecure_channel(
         address, options=[*CHANNEL_OPTIONS, (grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1)]
     ) as channel:
-        call = channel.unary_stream(PUSH)(request)
+        call = channel.unary_stream(method)(request)
         try:
             yield from call
         finally:
@@ -184,10 +187,12 @@ def main() -> None:
         local = ReplayBuffer(batch_size * per_request)
         local.add(cartpole_transitions(batch_size * per_request))
         credit = sample_response_bytes(local, batch_size, per_request).to_bytes(8, "little")
+        sampled = sampled_request(batch_size * per_request, local.sample(batch_size).layout.record_size)
         chunk_bytes = buffer_pb2.AddRequest(chunk=wire.encode_chunk(cartpole_transitions(rows))).ByteSize()
         sink = sink_round(chunk_bytes, ack_every(chunks_in_flight(rows)))
         runs = {
-            ("samples b64", "raw push"): (raw_server.pid, lambda: pushed_messages(raw_address, credit)),
+            ("samples b64", "raw push"): (raw_server.pid, lambda: pushed_messages(raw_address, PUSH, credit)),
+            ("samples b64", "raw sampled"): (raw_server.pid, lambda: pushed_messages(raw_address, PUSH_SAMPLED, sampled)),
             ("samples b64", "raw acked"): (raw_server.pid, lambda: acked_messages(raw.stream_stream(SOURCE), [credit], prefetch)),
             ("samples b64", "titan"): (buffer.pid, lambda: prefetched_messages(buffer_address, batch_size, per_request, prefetch)),
             ("inserts 1024", "raw acked"): (

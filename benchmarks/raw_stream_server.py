@@ -12,14 +12,21 @@ with the buffer's own server options and thread pool (titan_rl.rpc.make_server):
   /bench.RawStream/Push    (server streaming) answers one request (the payload size) with messages of
                            that many bytes until the client cancels: a free stream, paced only by
                            HTTP/2 flow control.
+  /bench.RawStream/PushSampled  as Push, but each message is sampled: the least work any replay
+                           buffer does for one, with no protobuf and no protocol of ours. It draws
+                           row indices uniformly from 1M stored records, gathers those records and
+                           sends them with the indices as one bytes object. The request is
+                           `sampled_request`.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 from collections.abc import Iterator
 
 import grpc
+import numpy as np
 
 from titan_rl.rpc import make_server, set_serving
 from titan_rl.service import die_with_parent, keep_freed_memory, serve_until_signal, setup_logging
@@ -29,7 +36,19 @@ SINK = f"/{SERVICE}/Sink"
 SOURCE = f"/{SERVICE}/Source"
 PUSH = f"/{SERVICE}/Push"
 DRAIN = f"/{SERVICE}/Drain"
+PUSH_SAMPLED = f"/{SERVICE}/PushSampled"
 ACK = bytes(4)
+STORED_RECORDS = 1_000_000  # as many as the benchmarks' full buffer holds
+
+
+def sampled_request(rows: int, record_bytes: int) -> bytes:
+    """PushSampled's request: messages of `rows` records of `record_bytes` bytes, then their int64 indices."""
+    return rows.to_bytes(8, "little") + record_bytes.to_bytes(8, "little")
+
+
+@functools.cache
+def _stored_records(record_bytes: int) -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, (STORED_RECORDS, record_bytes), dtype=np.uint8)
 
 
 def sink_round(size: int, every: int) -> list[bytes]:
@@ -60,6 +79,16 @@ def _push(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
         yield payload
 
 
+def _push_sampled(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+    """Samples on the sending thread: in a throwaway A/B, a producer thread sampling ahead moved no
+    more messages (0.63x against 0.61x the free stream, medians of 5 paired runs) for ~40% more CPU."""
+    rows, record_bytes = int.from_bytes(request[:8], "little"), int.from_bytes(request[8:], "little")
+    stored, rng = _stored_records(record_bytes), np.random.default_rng()
+    while context.is_active():
+        indices = rng.integers(0, STORED_RECORDS, rows)
+        yield np.take(stored, indices, axis=0).tobytes() + indices.tobytes()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
@@ -74,6 +103,7 @@ def main() -> None:
         "Source": grpc.stream_stream_rpc_method_handler(_source),
         "Push": grpc.unary_stream_rpc_method_handler(_push),
         "Drain": grpc.stream_unary_rpc_method_handler(_drain),
+        "PushSampled": grpc.unary_stream_rpc_method_handler(_push_sampled),
     }
     server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE, handlers)])
     server.start()
