@@ -98,6 +98,9 @@ def reference_windows(steps, n, gamma):
     return sorted(out)
 
 
+WANT_DTYPES = {"obs": np.float64, "action": np.int64, "reward": np.float32, "next_obs": np.float64, "terminated": bool, "truncated": bool}
+
+
 @pytest.mark.parametrize("n", [1, 2, 3, 5])
 def test_many_envs_match_the_env_by_env_reference(n):
     rng = np.random.default_rng(n)
@@ -112,6 +115,7 @@ def test_many_envs_match_the_env_by_env_reference(n):
     got = []
     for step in steps:
         out = acc.push(*step)
+        assert {k: a.dtype for k, a in out.items()} == WANT_DTYPES
         for i in range(len(out["reward"])):
             start = out["obs"][i, 0]
             got.append(
@@ -123,3 +127,12 @@ def test_many_envs_match_the_env_by_env_reference(n):
     assert len(got) == len(want) and len(want) > 300
     for g, w in zip(got, want, strict=True):
         assert g[:3] == w[:3] and g[4:] == w[4:] and g[3] == pytest.approx(w[3], abs=1e-3)
+
+
+def test_an_infinite_reward_stays_in_its_own_episode():
+    acc = NStepAccumulator(1, n=3, gamma=0.5, obs_shape=(1,), obs_dtype=np.float32)
+    obs, no, yes = np.zeros((1, 1), np.float32), np.array([False]), np.array([True])
+    acc.push(obs, np.array([0]), np.array([-np.inf]), obs, yes, no, yes)  # a 1-step episode with reward -inf
+    acc.push(obs, np.array([0]), np.array([0.0]), obs, no, no, no)  # its reset row
+    out = acc.push(obs, np.array([0]), np.array([1.0]), obs, yes, no, yes)  # the next episode, one step
+    assert out["reward"].tolist() == [1.0]

@@ -49,12 +49,15 @@ class NStepAccumulator:
         """
         n, t = self.n, self._t
         self._obs[t % n], self._action[t % n], self._reward[t % n] = obs, action, reward
+        if not valid.all():  # a new episode: the matmul below weighs its stale rewards by 0, and 0 * inf is nan
+            self._reward[:, ~valid] = 0.0
         self._episode_len = np.where(valid, self._episode_len + 1, 0)
         self._t += 1
 
         positions = (t + 1 + np.arange(n)) % n  # ring slots, oldest first
-        steps = self._window_steps[:, None]
-        ends = valid & (self._episode_len >= steps) & ((steps == n) | terminated)  # [row, env]
+        lengths = self._window_steps[:, None]
+        # [row, env]; invalid rows need no mask of their own: their episode length is 0
+        ends = (self._episode_len >= lengths) & ((lengths == n) | terminated)
         row, env = np.nonzero(ends)
         start = positions[n - self._window_steps[row]]
         rewards = self._window_discounts @ self._reward[positions]  # [row, env]
