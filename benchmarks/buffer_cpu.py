@@ -7,7 +7,7 @@ fixed window is timed while one client streams; the serving process's user and s
 
   samples, batch 64 (2,048 rows, ~115 KB a message):
     raw push     benchmarks.raw_stream_server's free server stream, single-threaded client
-    raw sampled  its PushSampled: the same, but each message gathered from 1M records (the least work)
+    raw sampled  its PushSampled: the same, but each message gathered from the buffer's capacity of records (the least work)
     raw acked    its Source: every message answered a credit, at most 2 credits out
     titan        the buffer's SampleStream read by BatchPrefetcher.next() (32 batches a message)
   inserts, 1,024-row chunks (~49 KB a message):
@@ -187,7 +187,8 @@ def main() -> None:
         local = ReplayBuffer(batch_size * per_request)
         local.add(cartpole_transitions(batch_size * per_request))
         credit = sample_response_bytes(local, batch_size, per_request).to_bytes(8, "little")
-        sampled = sampled_request(batch_size * per_request, local.sample(batch_size).layout.record_size)
+        capacity = cfg.buffer_server.capacity_transitions
+        sampled = sampled_request(batch_size * per_request, local.sample(batch_size).layout.record_size, capacity)
         chunk_bytes = buffer_pb2.AddRequest(chunk=wire.encode_chunk(cartpole_transitions(rows))).ByteSize()
         sink = sink_round(chunk_bytes, ack_every(chunks_in_flight(rows)))
         runs = {

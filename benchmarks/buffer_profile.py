@@ -1,12 +1,13 @@
 """py-spy on both sides of the sample stream: which threads of the buffer and of its client are busy, and with what.
 
-A real `python -m titan_rl.buffer` holding 1M CartPole transitions serves SampleStream to
+A real `python -m titan_rl.buffer`, full (the config's capacity of CartPole transitions), serves SampleStream to
 BatchPrefetcher.next() in this process (batch 64, the config's rows per message and prefetch), as
 in buffer_throughput. Meanwhile py-spy samples both processes (`record --idle --threads`, 200 Hz;
---nonblocking, so neither is paused to be read, which rules out --native). Each sample's innermost Python frame sorts it:
+--nonblocking, so neither is paused to be read, which rules out --native). Each sample's
+innermost Python frame sorts it:
   waiting       a Python lock, condition or queue (threading.py, queue.py)
   gRPC          inside grpc's Python layer or its C core below it (blocked in a poll or busy)
-  our code      titan_rl (with the numpy it calls, which has no Python frame of its own)
+  our code      titan_rl, and numpy called from it (np.take's Python wrapper is numpy's frame)
   other         anything else
 Shares are of all samples of that process, threads included while idle.
 
@@ -35,14 +36,14 @@ BATCH_SIZE = 64
 RATE_HZ = 200
 
 
-def category(frame: str) -> str:
-    """Sort one py-spy frame, `function (file:line)`, into the categories of the docstring."""
-    where = frame.rpartition("(")[2]
-    if where.startswith(("threading.py", "queue.py")):
+def category(frames: list[str]) -> str:
+    """Sort one sample, its py-spy frames `function (file:line)` outermost first, into the categories of the docstring."""
+    where = [frame.rpartition("(")[2] for frame in frames] or [""]
+    if where[-1].startswith(("threading.py", "queue.py")):
         return "waiting"
-    if "grpc/" in where:
+    if "grpc/" in where[-1]:
         return "gRPC"
-    if "titan_rl/" in where:
+    if "titan_rl/" in where[-1] or ("numpy/" in where[-1] and any("titan_rl/" in w for w in where)):
         return "our code"
     return "other"
 
@@ -54,7 +55,7 @@ def summarise(raw: str) -> dict[tuple[str, str], int]:
         stack, _, count = line.rpartition(" ")
         head, *frames = stack.split(";")
         thread = re.sub(r"[-_]?\d+", "", head.partition(": ")[2]) or head  # Thread-3 and Thread-4 are the same role
-        counts[(thread, category(frames[-1]) if frames else "other")] += int(count)
+        counts[(thread, category(frames))] += int(count)
     return counts
 
 
@@ -77,21 +78,24 @@ def main() -> None:
         per_message = cfg.train.batches_per_request(BATCH_SIZE)
         prefetcher = BatchPrefetcher(address, BATCH_SIZE, per_message, cfg.train.prefetch_requests)
 
-        def take_for(seconds: float) -> None:
-            end = time.monotonic() + seconds
-            while time.monotonic() < end:
-                prefetcher.next(timeout_s=30.0)
+        def take(batches: int) -> None:
+            for _ in range(batches):
+                if prefetcher.next(timeout_s=30.0) is None:
+                    raise RuntimeError("no batch within 30 s")
 
-        take_for(1.0)  # past start-up
-        outputs = {"buffer": Path(tmp, "buffer.txt"), "client": Path(tmp, "client.txt")}
-        spies = [record(pid, duration_s, outputs[name]) for name, pid in (("buffer", buffer.pid), ("client", os.getpid()))]
-        batches, t0 = 0, time.monotonic()
-        while any(spy.poll() is None for spy in spies):  # this thread is the learner meanwhile
-            for _ in range(per_message):
-                prefetcher.next(timeout_s=30.0)
-            batches += per_message
-        rate = batches / (time.monotonic() - t0)
-        prefetcher.close()
+        try:
+            take(20 * per_message)  # past start-up
+            outputs = {"buffer": Path(tmp, "buffer.txt"), "client": Path(tmp, "client.txt")}
+            spies = [record(pid, duration_s, outputs[name]) for name, pid in (("buffer", buffer.pid), ("client", os.getpid()))]
+            batches, t0 = 0, time.monotonic()
+            while any(spy.poll() is None for spy in spies):  # this thread is the learner meanwhile
+                take(per_message)
+                batches += per_message
+            rate = batches / (time.monotonic() - t0)
+        finally:
+            prefetcher.close()
+        if any(spy.returncode for spy in spies):
+            raise SystemExit("py-spy failed: it needs ptrace rights over both processes (root, or kernel.yama.ptrace_scope=0)")
         summaries = {name: summarise(path.read_text()) for name, path in outputs.items()}
 
     print(f"\npy-spy, {RATE_HZ} Hz for {duration_s} s, batch {BATCH_SIZE}: {rate:,.0f} batches/s while sampled")
