@@ -77,3 +77,18 @@ def test_workers_of_different_rollout_replicas_get_different_ids_and_seeds():
     identities = {worker_identity(make_config(f"rollout_server.replica_id={r}"), w) for r in range(3) for w in range(2)}
     assert len({i for i, _ in identities}) == 6 and len({s for _, s in identities}) == 6
     assert worker_identity(make_config("seed=1"), 0)[1] != worker_identity(make_config("seed=2"), 0)[1]
+
+
+def test_a_reset_rows_reward_stays_out_of_the_next_episode_return():
+    actor = VectorActor("CartPole-v1", 1, SimplePolicy(4, 2, [16]), seed=0)
+    obs, no, yes = actor.obs, np.array([False]), np.array([True])
+    # (reward, terminated): an episode of one step, its reset row with a reward of inf, a second one-step episode
+    steps = iter([(1.0, yes), (np.inf, no), (2.0, yes)])
+
+    def step(actions):
+        reward, terminated = next(steps)
+        return obs, np.array([reward]), terminated, no, {}
+
+    actor.env.step = step
+    returns = [r for _ in range(3) for r in actor.step(0.0).episode_returns]
+    assert returns == [1.0, 2.0]

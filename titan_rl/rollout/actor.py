@@ -59,7 +59,7 @@ class VectorActor:
         next_obs, reward, terminated, truncated, _ = self.env.step(actions)
         valid = ~self._resetting
         transitions = self._nstep.push(self.obs, actions, reward, next_obs, terminated, truncated, valid)
-        self._returns += reward * valid
+        self._returns += np.where(valid, reward, 0.0)  # not reward * valid: a reset row's inf * 0 would be nan
         self._lengths += valid
         ended = terminated | truncated
         result = StepResult(transitions, [], [])
