@@ -29,9 +29,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
-import grpc
-import grpc.experimental
-
 from benchmarks.buffer_throughput import sample_response_bytes
 from benchmarks.common import (
     CONFIG,
@@ -42,14 +39,16 @@ from benchmarks.common import (
     new_address,
     parse_args,
     print_table,
+    pushed_messages,
     service,
+    take_batches,
 )
 from benchmarks.raw_stream_server import DRAIN, PUSH, PUSH_SAMPLED, SINK, SOURCE, sampled_request, sink_round
 from titan_rl import wire
 from titan_rl.buffer.client import BatchPrefetcher, ChunkSender, ack_every, chunks_in_flight
 from titan_rl.buffer.replay import ReplayBuffer
 from titan_rl.config import load_config
-from titan_rl.rpc import CHANNEL_OPTIONS, make_channel
+from titan_rl.rpc import make_channel
 from titan_rl.service import keep_freed_memory
 from titan_rl.v1 import buffer_pb2
 
@@ -135,24 +134,11 @@ def acked_messages(open_call: Callable[[Iterator], Iterator], round_: list[objec
         call.cancel()
 
 
-def pushed_messages(address: str, method: str, request: bytes) -> Iterator[object]:
-    with grpc.insecure_channel(
-        address, options=[*CHANNEL_OPTIONS, (grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1)]
-    ) as channel:
-        call = channel.unary_stream(method)(request)
-        try:
-            yield from call
-        finally:
-            call.cancel()
-
-
 def prefetched_messages(address: str, batch_size: int, per_request: int, prefetch: int) -> Iterator[object]:
     prefetcher = BatchPrefetcher(address, batch_size, per_request, prefetch)
     try:
         while True:
-            for _ in range(per_request):
-                if prefetcher.next(timeout_s=30.0) is None:
-                    raise RuntimeError("no batch within 30 s")
+            take_batches(prefetcher, per_request)
             yield None
     finally:
         prefetcher.close()

@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import buffer_service, cartpole_transitions, fill_buffer, new_address, parse_args, print_table
+from benchmarks.common import buffer_service, cartpole_transitions, fill_buffer, new_address, parse_args, print_table, take_batches
 from titan_rl.buffer.client import BatchPrefetcher
 from titan_rl.config import load_config
 from titan_rl.service import keep_freed_memory
@@ -78,19 +78,13 @@ def main() -> None:
         per_message = cfg.train.batches_per_request(BATCH_SIZE)
         prefetcher = BatchPrefetcher(address, BATCH_SIZE, per_message, cfg.train.prefetch_requests)
 
-        def take(batches: int) -> None:
-            for _ in range(batches):
-                if prefetcher.next(timeout_s=30.0) is None:
-                    raise RuntimeError("no batch within 30 s")
-
         try:
-            take(20 * per_message)  # past start-up
+            take_batches(prefetcher, 20 * per_message)  # past start-up
             outputs = {"buffer": Path(tmp, "buffer.txt"), "client": Path(tmp, "client.txt")}
             spies = [record(pid, duration_s, outputs[name]) for name, pid in (("buffer", buffer.pid), ("client", os.getpid()))]
             batches, t0 = 0, time.monotonic()
             while any(spy.poll() is None for spy in spies):  # this thread is the learner meanwhile
-                take(per_message)
-                batches += per_message
+                batches += take_batches(prefetcher, per_message)
             rate = batches / (time.monotonic() - t0)
         finally:
             prefetcher.close()

@@ -56,6 +56,7 @@ from benchmarks.common import (
     pushed_stream_rate,
     rate_for,
     service,
+    take_batches,
     verdict,
 )
 from benchmarks.raw_stream_server import DRAIN, PUSH, PUSH_SAMPLED, SINK, SOURCE, sampled_request, sink_round
@@ -93,14 +94,8 @@ def chunk_sender_rate(address: str, fields: Mapping[str, np.ndarray], duration_s
 def prefetcher_rate(address: str, batch_size: int, per_request: int, prefetch: int, duration_s: float) -> float:
     """Batches/s that the learner gets from BatchPrefetcher.next()."""
     prefetcher = BatchPrefetcher(address, batch_size, per_request, prefetch)
-
-    def one() -> int:
-        if prefetcher.next(timeout_s=30.0) is None:
-            raise RuntimeError("no batch within 30 s")
-        return 1
-
     try:
-        return rate_for(one, duration_s)
+        return rate_for(lambda: take_batches(prefetcher, 1), duration_s)
     finally:
         prefetcher.close()
 

@@ -20,7 +20,7 @@ import grpc
 import grpc.experimental
 import numpy as np
 
-from titan_rl.buffer.client import ChunkSender
+from titan_rl.buffer.client import BatchPrefetcher, ChunkSender
 from titan_rl.launch import free_port
 from titan_rl.rpc import CHANNEL_OPTIONS, is_serving
 from titan_rl.service import child_env
@@ -166,23 +166,38 @@ def drained_stream_rate(open_call: Callable[[Iterator], bytes], request: object,
     return count / (time.monotonic() - t0)
 
 
-def pushed_stream_rate(address: str, method: str, request: bytes, duration_s: float, warmup: int = 5) -> float:
-    """Responses/s of a server-streaming call that pushes until cancelled: no per-message flow
-    control of ours, and gRPC's single-threaded client, which reads on the calling thread."""
+def pushed_messages(address: str, method: str, request: bytes) -> Iterator[object]:
+    """The messages of a server-streaming call that pushes until cancelled (cancelled when this
+    generator is closed): no per-message flow control of ours, and gRPC's single-threaded client,
+    which reads on the calling thread."""
     options = [*CHANNEL_OPTIONS, (grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1)]
     with grpc.insecure_channel(address, options=options) as channel:
         call = channel.unary_stream(method)(request)
-        count, t0 = 0, 0.0
         try:
-            for _ in call:
-                count += 1
-                if count == warmup:
-                    t0 = time.monotonic()
-                elif count > warmup and time.monotonic() - t0 >= duration_s:
-                    break
-            return (count - warmup) / (time.monotonic() - t0)
+            yield from call
         finally:
             call.cancel()
+
+
+def pushed_stream_rate(address: str, method: str, request: bytes, duration_s: float, warmup: int = 5) -> float:
+    """Messages/s of `pushed_messages`, counted for `duration_s` after the `warmup`-th."""
+    count, t0 = 0, 0.0
+    with contextlib.closing(pushed_messages(address, method, request)) as messages:
+        for _ in messages:
+            count += 1
+            if count == warmup:
+                t0 = time.monotonic()
+            elif count > warmup and time.monotonic() - t0 >= duration_s:
+                break
+    return (count - warmup) / (time.monotonic() - t0)
+
+
+def take_batches(prefetcher: BatchPrefetcher, batches: int) -> int:
+    """Take `batches` batches from `prefetcher.next()`, as the learner does; raises if one takes over 30 s."""
+    for _ in range(batches):
+        if prefetcher.next(timeout_s=30.0) is None:
+            raise RuntimeError("no batch within 30 s")
+    return batches
 
 
 def rate_for(step: Callable[[], int], duration_s: float, warmup_s: float = 0.2) -> float:
