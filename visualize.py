@@ -24,9 +24,9 @@ from typing import Protocol
 import gymnasium as gym
 import imageio.v2 as imageio
 import numpy as np
-import torch
 from torch import nn
 
+from titan_rl.algorithm import Algorithm
 from titan_rl.checkpoint import load_checkpoint, policy_from_checkpoint
 from titan_rl.errors import TitanError
 
@@ -101,10 +101,10 @@ def choose_mode(args: argparse.Namespace) -> tuple[str | None, Path | None]:
     return "rgb_array", video
 
 
-def load_policy(path: Path) -> tuple[nn.Module, str]:
-    """The policy stored in a checkpoint and the name of the env it was trained on."""
-    policy, cfg = policy_from_checkpoint(load_checkpoint(path))
-    return policy, cfg.rollout_server.env_name
+def load_policy(path: Path) -> tuple[nn.Module, Algorithm, str]:
+    """The policy stored in a checkpoint, its algorithm and the name of the env it was trained on."""
+    policy, cfg, algorithm = policy_from_checkpoint(load_checkpoint(path))
+    return policy, algorithm, cfg.rollout_server.env_name
 
 
 def make_env(env_name: str, render_mode: str | None) -> gym.Env:
@@ -123,19 +123,22 @@ def open_video(path: Path, fps: float) -> VideoWriter:
     return imageio.get_writer(path, format="FFMPEG", fps=fps, macro_block_size=2)
 
 
-def greedy_action(policy: nn.Module, obs: np.ndarray) -> int:
-    with torch.no_grad():
-        return int(policy(torch.as_tensor(obs).unsqueeze(0)).argmax(dim=1).item())
+Greedy = Callable[[np.ndarray], int]
+"""One observation -> the algorithm's deterministic action."""
 
 
-def play_episode(env: gym.Env, policy: nn.Module, seed: int, on_frame: FrameSink | None) -> tuple[float, int]:
+def greedy_policy(policy: nn.Module, algorithm: Algorithm) -> Greedy:
+    return lambda obs: int(algorithm.greedy_actions(policy, np.asarray(obs)[None])[0])
+
+
+def play_episode(env: gym.Env, policy: Greedy, seed: int, on_frame: FrameSink | None) -> tuple[float, int]:
     """(return, length) of one greedy episode; `on_frame` gets every frame, the reset one included."""
     obs, _ = env.reset(seed=seed)
     if on_frame is not None:
         on_frame(env.render())
     total, length, done = 0.0, 0, False
     while not done:
-        obs, reward, terminated, truncated, _ = env.step(greedy_action(policy, obs))
+        obs, reward, terminated, truncated, _ = env.step(policy(obs))
         total += float(reward)
         length += 1
         done = terminated or truncated
@@ -144,7 +147,7 @@ def play_episode(env: gym.Env, policy: nn.Module, seed: int, on_frame: FrameSink
     return total, length
 
 
-def play(env: gym.Env, policy: nn.Module, episodes: int, seed: int, on_frame: FrameSink | None) -> list[float]:
+def play(env: gym.Env, policy: Greedy, episodes: int, seed: int, on_frame: FrameSink | None) -> list[float]:
     """Play and print each episode; return their returns."""
     returns = []
     for i in range(episodes):
@@ -155,7 +158,8 @@ def play(env: gym.Env, policy: nn.Module, episodes: int, seed: int, on_frame: Fr
 
 
 def run(args: argparse.Namespace) -> list[float]:
-    policy, env_name = load_policy(args.model_path)
+    network, algorithm, env_name = load_policy(args.model_path)
+    policy = greedy_policy(network, algorithm)
     render_mode, video = choose_mode(args)
     env = make_env(env_name, render_mode)
     try:

@@ -36,6 +36,7 @@ from benchmarks.common import (
     buffer_service,
     cartpole_transitions,
     fill_buffer,
+    in_process_table,
     new_address,
     parse_args,
     print_table,
@@ -45,8 +46,7 @@ from benchmarks.common import (
 )
 from benchmarks.raw_stream_server import DRAIN, PUSH, PUSH_SAMPLED, SINK, SOURCE, sampled_request, sink_round
 from titan_rl import wire
-from titan_rl.buffer.client import BatchPrefetcher, ChunkSender, ack_every, chunks_in_flight
-from titan_rl.buffer.replay import ReplayBuffer
+from titan_rl.clients.buffer import BatchPrefetcher, ChunkSender, ack_every, chunks_in_flight
 from titan_rl.config import load_config
 from titan_rl.rpc import make_channel
 from titan_rl.service import keep_freed_memory
@@ -169,12 +169,12 @@ def main() -> None:
         buffer = stack.enter_context(buffer_service(buffer_port))
         raw_server = stack.enter_context(service("benchmarks.raw_stream_server", ["--host", HOST, "--port", str(raw_port)], raw_address))
         raw = stack.enter_context(make_channel(raw_address))
-        fill_buffer(buffer_address, cartpole_transitions(cfg.buffer_server.capacity_transitions))
-        local = ReplayBuffer(batch_size * per_request)
-        local.add(cartpole_transitions(batch_size * per_request))
+        fill_buffer(buffer_address, cartpole_transitions(cfg.buffer_server.capacity_items))
+        local = in_process_table(batch_size * per_request)
+        local.insert_fields(cartpole_transitions(batch_size * per_request))
         credit = sample_response_bytes(local, batch_size, per_request).to_bytes(8, "little")
-        capacity = cfg.buffer_server.capacity_transitions
-        sampled = sampled_request(batch_size * per_request, local.sample(batch_size).layout.record_size, capacity)
+        capacity = cfg.buffer_server.capacity_items
+        sampled = sampled_request(batch_size * per_request, local.layout.record_size, capacity)
         chunk_bytes = buffer_pb2.AddRequest(chunk=wire.encode_chunk(cartpole_transitions(rows))).ByteSize()
         sink = sink_round(chunk_bytes, ack_every(chunks_in_flight(rows)))
         runs = {

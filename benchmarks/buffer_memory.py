@@ -1,6 +1,6 @@
 """Resident memory of the buffer service holding 1M CartPole transitions vs the raw bytes of that data.
 
-A real `python -m titan_rl.buffer` subprocess (capacity_transitions=1,000,000) receives 1,000,000
+A real `python -m titan_rl.buffer` subprocess (buffer_server.capacity_items=1,000,000) receives 1,000,000
 CartPole transitions through Add (ChunkSender, chunks of the config's vector_steps_per_chunk x envs_per_worker). Its VmRSS (and
 peak VmHWM) from /proc/<pid>/status is read once it serves (interpreter + imports + gRPC server,
 after one Info call) and again after the inserts. Baseline: the raw bytes of the data,
@@ -29,7 +29,7 @@ from benchmarks.common import (
     print_table,
     verdict,
 )
-from titan_rl.buffer.client import BufferClient
+from titan_rl.clients.buffer import BufferClient
 from titan_rl.config import load_config
 
 TARGET = 1.3
@@ -53,7 +53,7 @@ def main() -> None:
     data = cartpole_transitions(capacity)
     raw_bytes = sum(a.nbytes for a in data.values())
     port, address = new_address()
-    with buffer_service(port, f"buffer_server.capacity_transitions={capacity}") as proc:
+    with buffer_service(port, f"buffer_server.capacity_items={capacity}") as proc:
         with contextlib.closing(BufferClient(address)) as client:
             client.info()
             before = status_kib(proc.pid, "VmRSS") * 1024

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import buffer_service, cartpole_transitions, fill_buffer, new_address, parse_args, print_table, take_batches
-from titan_rl.buffer.client import BatchPrefetcher
+from titan_rl.clients.buffer import BatchPrefetcher
 from titan_rl.config import load_config
 from titan_rl.service import keep_freed_memory
 
@@ -74,7 +74,7 @@ def main() -> None:
     cfg = load_config("config/cartpole.yaml")
     port, address = new_address()
     with tempfile.TemporaryDirectory() as tmp, buffer_service(port) as buffer:
-        fill_buffer(address, cartpole_transitions(cfg.buffer_server.capacity_transitions))
+        fill_buffer(address, cartpole_transitions(cfg.buffer_server.capacity_items))
         per_message = cfg.train.batches_per_request(BATCH_SIZE)
         prefetcher = BatchPrefetcher(address, BATCH_SIZE, per_message, cfg.train.prefetch_requests)
 

@@ -7,7 +7,8 @@ Measures, with a real `python -m titan_rl.buffer` subprocess (rate limiting effe
   samples: batches/s through SampleStream with BatchPrefetcher (what the learner uses: the config's
            rows_per_request and prefetch_requests) for batch 64 and 256.
 Diagnostic rows: the same streams driven by the bare stub with pre-encoded requests (Add) or
-protobuf-parsed replies only (SampleStream), and the in-process ReplayBuffer (no gRPC).
+protobuf-parsed replies only (SampleStream), and an in-process replay table (titan_rl.buffer.table.Table
+built as the service builds its own; no gRPC).
 
 Two baselines, both benchmarks.raw_stream_server (another subprocess, the buffer's server options
 and thread pool), moving bytes messages of exactly our message sizes:
@@ -49,6 +50,7 @@ from benchmarks.common import (
     drained_stream_rate,
     emit_json,
     fill_buffer,
+    in_process_table,
     new_address,
     paired_ratio,
     parse_args,
@@ -61,9 +63,9 @@ from benchmarks.common import (
 )
 from benchmarks.raw_stream_server import DRAIN, PUSH, PUSH_SAMPLED, SINK, SOURCE, sampled_request, sink_round
 from titan_rl import wire
-from titan_rl.buffer.client import MAX_UNACKED_ROWS, BatchPrefetcher, ChunkSender, ack_every, chunks_in_flight
-from titan_rl.buffer.replay import ReplayBuffer
 from titan_rl.buffer.service import BufferServicer
+from titan_rl.buffer.table import Table
+from titan_rl.clients.buffer import MAX_UNACKED_ROWS, BatchPrefetcher, ChunkSender, ack_every, chunks_in_flight
 from titan_rl.config import load_config
 from titan_rl.rpc import make_channel
 from titan_rl.service import keep_freed_memory
@@ -100,10 +102,11 @@ def prefetcher_rate(address: str, batch_size: int, per_request: int, prefetch: i
         prefetcher.close()
 
 
-def sample_response_bytes(replay: ReplayBuffer, batch_size: int, per_request: int) -> int:
+def sample_response_bytes(table: Table, batch_size: int, per_request: int) -> int:
     """Size of one SampleStreamResponse as the buffer service builds it."""
     response = buffer_pb2.SampleStreamResponse()
-    BufferServicer(replay).fill_sample(response.sample, replay.sample(batch_size, per_request))
+    name = table.spec.name
+    BufferServicer({name: table}).fill_sample(response.sample, name, table.sample(batch_size, per_request))
     return response.ByteSize()
 
 
@@ -124,7 +127,7 @@ def main() -> None:
     duration_s, reps = (0.3, 2) if args.quick else (1.5, 5)
     cfg = load_config(CONFIG)
     prefetch = cfg.train.prefetch_requests
-    capacity = cfg.buffer_server.capacity_transitions
+    capacity = cfg.buffer_server.capacity_items
     buffer_port, buffer_address = new_address()
     raw_port, raw_address = new_address()
     with contextlib.ExitStack() as stack:
@@ -132,9 +135,9 @@ def main() -> None:
         stack.enter_context(service("benchmarks.raw_stream_server", ["--host", HOST, "--port", str(raw_port)], raw_address))
         raw = stack.enter_context(make_channel(raw_address))
         stub = buffer_pb2_grpc.BufferServiceStub(stack.enter_context(make_channel(buffer_address)))
-        local = ReplayBuffer(capacity, seed=0)
+        local = in_process_table(capacity, seed=0)
         data = cartpole_transitions(capacity)
-        local.add(data)
+        local.insert_fields(data)
         fill_buffer(buffer_address, data)  # both run full, as a replay buffer does in steady state
 
         def insert_rates(rows: int) -> dict:
@@ -151,7 +154,7 @@ def main() -> None:
                     "acked": lambda: rows * acked_stream_rate(raw.stream_stream(SINK), raw_round, duration_s, in_flight=window),
                     "titan": lambda: chunk_sender_rate(buffer_address, fields, duration_s),
                     "stub": lambda: rows * acked_stream_rate(stub.Add, stub_round, duration_s, in_flight=window),
-                    "in_process": lambda: rate_for(lambda: local.add(fields), duration_s),
+                    "in_process": lambda: rate_for(lambda: local.insert_fields(fields), duration_s),
                 },
                 reps,
             )
@@ -163,7 +166,7 @@ def main() -> None:
             size = sample_response_bytes(local, batch_size, per_request)
             credit = buffer_pb2.SampleStreamRequest(batch_size=batch_size, num_batches=per_request)
             raw_credits = [size.to_bytes(8, "little")]
-            sampled = sampled_request(batch_size * per_request, local.sample(batch_size).layout.record_size, capacity)
+            sampled = sampled_request(batch_size * per_request, local.layout.record_size, capacity)
             runs = alternate_runs(
                 {
                     "free": lambda: per_request * pushed_stream_rate(raw_address, PUSH, raw_credits[0], duration_s),
@@ -173,7 +176,7 @@ def main() -> None:
                     ),
                     "titan": lambda: prefetcher_rate(buffer_address, batch_size, per_request, prefetch, duration_s),
                     "stub": lambda: per_request * acked_stream_rate(stub.SampleStream, [credit], duration_s, in_flight=prefetch),
-                    "in_process": lambda: rate_for(lambda: len(local.sample(batch_size, per_request).indices) // batch_size, duration_s),
+                    "in_process": lambda: rate_for(lambda: len(local.sample(batch_size, per_request).keys) // batch_size, duration_s),
                 },
                 reps,
             )

@@ -4,14 +4,16 @@ Real subprocesses: `python -m titan_rl.buffer` (rate limiting effectively off), 
 (W&B disabled, no console) serving the initial weights on WatchPolicy, and `python -m titan_rl.rollout`
 restarted for each (num_workers, envs_per_worker) in {1, 2} x {8, 32, 128}. The learner is kept off by
 pointing the trainer's buffer address at a port where nothing listens: it serves weights and never
-samples, so the buffer does collection work only. Measured: growth of the buffer's inserts_total
-(BufferClient.info()) over a 5 s window, once every worker has reported steps and 1 s has passed.
+samples, so the buffer does collection work only. Measured: growth of the buffer's env_steps_total
+(BufferClient.info(): the env steps its stored records cover, as each chunk reports them; n-step
+records number about the same) over a 5 s window, once every worker has reported steps and 1 s has passed.
 
 Baseline: one process, one core, no gRPC: gymnasium.make_vec("CartPole-v1", num_envs=n), a batched forward
 of the config's policy (SimplePolicy, same hidden sizes, one torch thread) and epsilon-greedy, counting
 real transitions (the step after an episode ends only resets, as in the actors). Both sides act with
-epsilon = 1 (the greedy forward still runs every step), so episode lengths, and with them the per-step
-cost of resets, do not depend on the random network weights.
+epsilon = 1 (algorithm.config.epsilon_start = epsilon_final = 1; the greedy forward still runs every
+step), so episode lengths, and with them the per-step cost of resets, do not depend on the random
+network weights.
 Baseline and rollout alternate, 3 repetitions, median. Per-core ratio: rollout steps/s divided by
 min(num_workers, 2) cores, over the baseline at the same envs_per_worker.
 Target: per-core ratio >= 0.5x the raw loop, in every configuration (the verdict uses the worst).
@@ -43,10 +45,10 @@ from benchmarks.common import (
     service,
     verdict,
 )
-from titan_rl.buffer.client import BufferClient
+from titan_rl.clients.buffer import BufferClient
+from titan_rl.clients.rollout import RolloutClient
 from titan_rl.config import Config, load_config
 from titan_rl.registry import build_policy
-from titan_rl.rollout.client import RolloutClient
 
 TARGET = 0.5
 EPSILON = 1.0
@@ -82,7 +84,7 @@ def raw_loop_rate(cfg: Config, num_envs: int, duration_s: float) -> float:
 def rollout_rate(
     common: list[str], buffer: BufferClient, workers: int, envs: int, warmup_s: float, duration_s: float, timeout_s: float = 120.0
 ) -> float:
-    """Inserts/s into the buffer while a rollout service with `workers` x `envs` envs runs."""
+    """Env steps/s landing in the buffer while a rollout service with `workers` x `envs` envs runs."""
     port, address = new_address()
     args = ["--port", str(port), *common, f"rollout_server.num_workers={workers}", f"rollout_server.envs_per_worker={envs}"]
     with service("titan_rl.rollout", args, address), contextlib.closing(RolloutClient(address)) as rollout:
@@ -92,9 +94,9 @@ def rollout_rate(
                 raise RuntimeError(f"rollout workers did not all report env steps within {timeout_s:.0f} s")
             time.sleep(0.1)
         time.sleep(warmup_s)
-        i0, t0 = buffer.info().inserts_total, time.monotonic()
+        i0, t0 = buffer.info().env_steps_total, time.monotonic()
         time.sleep(duration_s)
-        i1, t1 = buffer.info().inserts_total, time.monotonic()
+        i1, t1 = buffer.info().env_steps_total, time.monotonic()
     return (i1 - i0) / (t1 - t0)
 
 
@@ -112,9 +114,9 @@ def main() -> None:
         CONFIG,
         f"buffer_server.port={buffer_port}",
         f"trainer_server.port={trainer_port}",
-        f"rollout_server.epsilon={EPSILON}",
-        f"rollout_server.epsilon_start={EPSILON}",
-        "rollout_server.epsilon_decay_env_steps=0",
+        f"algorithm.config.epsilon_final={EPSILON}",
+        f"algorithm.config.epsilon_start={EPSILON}",
+        "algorithm.config.epsilon_decay_env_steps=0",
     ]
     results = []
     with contextlib.ExitStack() as stack:

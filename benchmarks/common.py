@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -15,20 +16,25 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 import grpc.experimental
 import numpy as np
 
-from titan_rl.buffer.client import BatchPrefetcher, ChunkSender
+from titan_rl.clients.buffer import BatchPrefetcher, ChunkSender
+from titan_rl.config import load_config
 from titan_rl.launch import free_port
 from titan_rl.rpc import CHANNEL_OPTIONS, is_serving
 from titan_rl.service import child_env
 
+if TYPE_CHECKING:
+    from titan_rl.buffer.table import Table
+
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = "config/cartpole.yaml"
 HOST = "127.0.0.1"
-NO_RATE_LIMIT = "buffer_server.rate_limit_slack_transitions=1000000000"  # inserts and samples never wait on each other
+NO_RATE_LIMIT = "buffer_server.rate_limit_slack_items=1000000000"  # inserts and samples never wait on each other
 QUICK_MODE = "QUICK MODE (a smoke test, not a measurement)"
 
 
@@ -54,6 +60,18 @@ def cartpole_transitions(n: int, seed: int = 0) -> dict[str, np.ndarray]:
         "terminated": rng.random(n) < 0.05,
         "truncated": np.zeros(n, dtype=bool),
     }
+
+
+def in_process_table(capacity: int, seed: int = 0) -> Table:
+    """A replay table in this process, as the buffer service builds it from CONFIG (the algorithm's
+    table spec and record signature) but holding `capacity` items, rate limiting effectively off:
+    the no-gRPC baseline. It fits `cartpole_transitions`."""
+    from titan_rl.buffer.table import Table  # here, so that importing this module loads no torch
+    from titan_rl.registry import build_algorithm
+
+    algorithm = build_algorithm(load_config(CONFIG, [NO_RATE_LIMIT]))
+    spec = dataclasses.replace(algorithm.table(), capacity_items=capacity)
+    return Table(spec, algorithm.record_spec(), seed=seed)
 
 
 def stop_process(proc: subprocess.Popen, grace_s: float = 10.0) -> None:

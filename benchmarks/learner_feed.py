@@ -1,11 +1,13 @@
 """Learner feed: DQN updates/s when batches come over gRPC from the buffer service vs from an in-process buffer.
 
-One DQNTrainer built from config/cartpole.yaml (its policy and train settings, batch 64, one torch
-thread) runs `trainer.update(batch)` as fast as it can, with batches from:
+One DQN learner built from config/cartpole.yaml (its algorithm, policy and train settings, batch 64,
+one torch thread) runs `learner.update(to_batch(...))` as fast as it can, as the trainer's loop does,
+with batches from:
   grpc:       BatchPrefetcher (the trainer's own client, the config's rows_per_request and
               prefetch_requests) on a real `python -m titan_rl.buffer` subprocess pre-filled with
               50,000 transitions, rate limiting effectively off;
-  in-process: ReplayBuffer.sample(64) on a buffer in this process holding the same transitions (the baseline).
+  in-process: Table.sample(64) on a replay table in this process holding the same transitions
+              (titan_rl.buffer.table, built as the service builds its own; the baseline).
 The two alternate, 3 repetitions of 5 s each; medians are compared.
 Target: grpc >= 0.9x in-process.
 
@@ -14,9 +16,8 @@ Target: grpc >= 0.9x in-process.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
-import numpy as np
 import torch
 
 from benchmarks.common import (
@@ -27,41 +28,41 @@ from benchmarks.common import (
     describe_mode,
     emit_json,
     fill_buffer,
+    in_process_table,
     new_address,
     parse_args,
     print_table,
     rate_for,
     verdict,
 )
-from titan_rl.buffer.client import BatchPrefetcher
-from titan_rl.buffer.replay import ReplayBuffer
+from titan_rl.algorithm import Batch, Learner, to_batch
+from titan_rl.clients.buffer import BatchPrefetcher
 from titan_rl.config import load_config
-from titan_rl.registry import build, build_policy
+from titan_rl.registry import build_algorithm, build_policy
 from titan_rl.service import keep_freed_memory
-from trainers.base import Trainer
 
 TARGET = 0.9
 
 
-def updates_rate(trainer: Trainer, next_batch: Callable[[], Mapping[str, np.ndarray]], duration_s: float) -> float:
+def updates_rate(learner: Learner, next_batch: Callable[[], Batch], duration_s: float) -> float:
     def one() -> int:
-        trainer.update(next_batch())
+        learner.update(next_batch())
         return 1
 
     return rate_for(one, duration_s, warmup_s=0.5)
 
 
-def grpc_rate(trainer: Trainer, address: str, batch_size: int, per_request: int, prefetch: int, duration_s: float) -> float:
+def grpc_rate(learner: Learner, address: str, batch_size: int, per_request: int, prefetch: int, duration_s: float) -> float:
     prefetcher = BatchPrefetcher(address, batch_size, per_request, prefetch)
 
-    def next_batch() -> Mapping[str, np.ndarray]:
-        batch = prefetcher.next(timeout_s=30.0)
-        if batch is None:
+    def next_batch() -> Batch:
+        sample = prefetcher.next(timeout_s=30.0)
+        if sample is None:
             raise RuntimeError("no batch from the buffer service within 30 s")
-        return batch
+        return to_batch(sample.fields, sample.keys, sample.weights)
 
     try:
-        return updates_rate(trainer, next_batch, duration_s)
+        return updates_rate(learner, next_batch, duration_s)
     finally:
         prefetcher.close()
 
@@ -74,17 +75,22 @@ def main() -> None:
     torch.manual_seed(0)
     cfg = load_config(CONFIG)
     t = cfg.train
-    trainer = build(cfg.trainer, "trainer", build_policy(cfg), t)
+    learner = build_algorithm(cfg).make_learner(build_policy(cfg))
     data = cartpole_transitions(prefill)
-    local = ReplayBuffer(cfg.buffer_server.capacity_transitions, seed=0)
-    local.add(data)
+    local = in_process_table(cfg.buffer_server.capacity_items, seed=0)
+    local.insert_fields(data)
+
+    def local_batch() -> Batch:
+        rows = local.sample(t.batch_size)
+        return to_batch(rows.fields(), rows.keys, rows.weights)
+
     port, address = new_address()
     with buffer_service(port):
         fill_buffer(address, data)
         r = alternate(
             {
-                "grpc": lambda: grpc_rate(trainer, address, t.batch_size, t.batches_per_request(), t.prefetch_requests, duration_s),
-                "in_process": lambda: updates_rate(trainer, lambda: local.sample(t.batch_size).fields(), duration_s),
+                "grpc": lambda: grpc_rate(learner, address, t.batch_size, t.batches_per_request(), t.prefetch_requests, duration_s),
+                "in_process": lambda: updates_rate(learner, local_batch, duration_s),
             },
             reps,
         )
@@ -92,7 +98,7 @@ def main() -> None:
     mode = describe_mode(args.quick, reps, duration_s)
     hidden = cfg.policy.kwargs.get("hidden_sizes")
     print(f"\nlearner feed: DQN updates/s, batch {t.batch_size}, hidden {hidden}, 1 torch thread, {prefill:,} transitions; {mode}")
-    print_table(["batches from", "updates/s"], [["buffer service (gRPC)", r["grpc"]], ["in-process ReplayBuffer", r["in_process"]]])
+    print_table(["batches from", "updates/s"], [["buffer service (gRPC)", r["grpc"]], ["in-process replay table", r["in_process"]]])
     print()
     met = verdict("grpc / in-process", ratio, TARGET)
     emit_json("learner_feed", args.quick, updates_per_s=r, ratio=ratio, target=TARGET, met=met)

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from titan_rl.checkpoint import load_checkpoint, policy_from_checkpoint
-from titan_rl.rollout.actor import evaluate_greedy
+from titan_rl.evaluation import evaluate
 
 SOLVED = 475.0
 REPO = Path(__file__).resolve().parent.parent
@@ -43,8 +43,9 @@ def first_solved(evals: list[dict], launched: float) -> tuple[float | None, int 
 
 
 def eval_checkpoint(path: Path, episodes: int, seed: int) -> float:
-    policy, cfg = policy_from_checkpoint(load_checkpoint(path))
-    return float(np.mean(evaluate_greedy(policy, cfg.rollout_server.env_name, episodes, seed)))
+    policy, cfg, algorithm = policy_from_checkpoint(load_checkpoint(path))
+    returns = evaluate(lambda obs: algorithm.greedy_actions(policy, obs), cfg.rollout_server.env_name, episodes, seed)
+    return float(np.mean(returns))
 
 
 def run_titan(seed: int, budget: int, work: Path, final_seed: int) -> dict:

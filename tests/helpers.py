@@ -11,9 +11,14 @@ DEFAULT_CONFIG = REPO / "config" / "cartpole.yaml"
 
 
 def make_config(*overrides: str):
+    return make_config_from(DEFAULT_CONFIG, *overrides)
+
+
+def make_config_from(path: str | Path, *overrides: str):
+    """A config file of the repository (relative to its root) with overrides."""
     from titan_rl.config import load_config
 
-    return load_config(DEFAULT_CONFIG, list(overrides))
+    return load_config(REPO / path, list(overrides))
 
 
 def transitions(n: int, obs_dim: int = 4, seed: int = 0, start: float = 0.0) -> dict[str, np.ndarray]:

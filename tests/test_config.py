@@ -1,6 +1,6 @@
 import pytest
 
-from tests.helpers import DEFAULT_CONFIG, make_config
+from tests.helpers import DEFAULT_CONFIG, REPO, make_config
 from titan_rl.config import config_from_dict, config_to_dict, load_config
 from titan_rl.errors import ConfigError
 
@@ -11,19 +11,27 @@ def test_default_config_has_the_seed_keys():
     assert cfg.rollout_server.num_workers >= 1
     assert cfg.policy.path == "models.simple_policy.SimplePolicy"
     assert cfg.policy.kwargs["state_dim"] == 4 and cfg.policy.kwargs["action_dim"] == 2
-    assert 0 < cfg.train.lr and 0 <= cfg.train.gamma <= 1 and cfg.train.batch_size <= cfg.train.min_buffer_size
+    assert cfg.algorithm.path == "trainers.dqn.DQN" and type(cfg.algorithm.config).__name__ == "DQNConfig"
+    assert 0 < cfg.algorithm.config.lr and 0 <= cfg.algorithm.config.gamma <= 1 and cfg.train.batch_size <= cfg.train.min_buffer_size
 
 
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("train.gamma=1.3", "cartpole.yaml: train.gamma=1.3 must be in [0, 1]"),
-        ("train.gama=0.9", "cartpole.yaml: unknown key train.gama (did you mean train.gamma?)"),
-        ("trian.lr=0.1", "unknown key trian"),
+        ("algorithm.config.gamma=1.3", "cartpole.yaml: algorithm.config.gamma=1.3 must be in [0, 1]"),
+        ("algorithm.config.gama=0.9", "cartpole.yaml: unknown key algorithm.config.gama (did you mean algorithm.config.gamma?)"),
+        ("algorithm.config.replay=sorted", "algorithm.config.replay='sorted' must be one of uniform, prioritized"),
+        ("algorithm.path=trainers.dqn.Nope", "module 'trainers.dqn' has no 'Nope'"),
+        ("algorithm.path=models.simple_policy.SimplePolicy", "is not a subclass of titan_rl.algorithm.Algorithm"),
+        ("trian.batch_size=1", "unknown key trian"),
         ("train.batch_size=sixty", "train.batch_size='sixty' must be of type int"),
         ("train.batch_size=true", "must be of type int"),
-        ("rollout_server.epsilon=[0.1, 0.2, 0.3]", "rollout_server.epsilon has 3 values but rollout_server.num_workers=2"),
-        ("rollout_server.epsilon=1.5", "rollout_server.epsilon=1.5 must be in [0, 1]"),
+        ("algorithm.config.epsilon_final=[0.1, 0.2, 0.3]", "algorithm.config.epsilon_final has 3 values but rollout_server.num_workers=2"),
+        ("algorithm.config.epsilon_final=1.5", "algorithm.config.epsilon_final=1.5 must be in [0, 1]"),
+        ("train.lr=0.1", "train.lr (moved: algorithm.config.lr)"),
+        ("rollout_server.epsilon=0.1", "rollout_server.epsilon (moved: algorithm.config.epsilon_final"),
+        ("trainer.path=trainers.dqn.DQNTrainer", "unknown key trainer (replaced by algorithm.path"),
+        ("buffer_server.capacity_transitions=10", "renamed: buffer_server.capacity_items"),
         ("logging.wandb_mode=maybe", "logging.wandb_mode='maybe' must be one of offline, online, disabled"),
         ("policy.path=SimplePolicy", "policy.path='SimplePolicy' must be a dotted path"),
         ("train.min_buffer_size=10", "train.batch_size=64 exceeds train.min_buffer_size=10"),
@@ -53,20 +61,33 @@ def test_missing_file_and_bad_yaml_are_config_errors(tmp_path):
 
 
 def test_overrides_parse_yaml_values_and_partial_sections_keep_defaults():
-    cfg = make_config("train.lr=0.0005", "seed=3", "rollout_server.epsilon=[0.1, 0.5]", "budget.target_eval_return=null")
-    assert cfg.train.lr == 0.0005 and cfg.seed == 3 and cfg.budget.target_eval_return is None
-    assert cfg.epsilons() == [0.1, 0.5]
-    assert cfg.train.gamma == make_config().train.gamma
+    cfg = make_config("algorithm.config.lr=0.0005", "seed=3", "algorithm.config.epsilon_final=[0.1, 0.5]", "budget.target_eval_return=null")
+    assert cfg.algorithm.config.lr == 0.0005 and cfg.seed == 3 and cfg.budget.target_eval_return is None
+    assert cfg.algorithm.config.epsilon_final == [0.1, 0.5]
+    assert cfg.algorithm.config.gamma == make_config().algorithm.config.gamma
 
 
 def test_ints_are_accepted_for_floats_and_stored_as_floats():
-    cfg = make_config("train.lr=1", "budget.max_wall_s=60")
-    assert isinstance(cfg.train.lr, float) and isinstance(cfg.budget.max_wall_s, float)
+    cfg = make_config("algorithm.config.lr=1", "budget.max_wall_s=60")
+    assert isinstance(cfg.algorithm.config.lr, float) and isinstance(cfg.budget.max_wall_s, float)
 
 
 def test_config_survives_the_round_trip_through_a_plain_dict():
-    cfg = make_config("rollout_server.epsilon=[0.1, 0.5]")
+    cfg = make_config("algorithm.config.epsilon_final=[0.1, 0.5]")
     assert config_from_dict(config_to_dict(cfg)) == cfg
+
+
+@pytest.mark.parametrize("path", sorted(p.name for p in (REPO / "config").glob("*.yaml")))
+def test_every_shipped_config_loads(path):
+    cfg = load_config(REPO / "config" / path)
+    assert cfg.algorithm.path.startswith("trainers.")
+
+
+def test_a_config_read_from_data_may_only_name_classes_under_models_and_trainers():
+    raw = config_to_dict(make_config())
+    for key, path in [("policy", "os.system"), ("algorithm", "subprocess.Popen"), ("policy", "models.x; import os")]:
+        with pytest.raises(ConfigError, match="is not allowed here"):
+            config_from_dict({**raw, key: {**raw[key], "path": path}}, "checkpoint config", allowed_modules=("models", "trainers"))
 
 
 def test_the_kubernetes_config_map_holds_a_valid_config():

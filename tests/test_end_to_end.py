@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import REPO
-from titan_rl.buffer.client import BufferClient
+from titan_rl.clients.buffer import BufferClient
+from titan_rl.clients.rollout import RolloutClient
+from titan_rl.clients.trainer import TrainerClient
 from titan_rl.launch import free_port
-from titan_rl.rollout.client import RolloutClient
-from titan_rl.trainer.client import TrainerClient
 
 pytestmark = pytest.mark.e2e
 
@@ -47,13 +47,13 @@ def alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
-def launch(tmp_path: Path, *overrides: str) -> tuple[subprocess.Popen, dict[str, str]]:
+def launch(tmp_path: Path, *overrides: str, config: str = "config/cartpole.yaml") -> tuple[subprocess.Popen, dict[str, str]]:
     ports = {name: free_port("127.0.0.1") for name in ("buffer_server", "rollout_server", "trainer_server")}
     args = [f"{name}.port={port}" for name, port in ports.items()]
     args += [f"logging.run_dir={tmp_path}/runs", "logging.run_name=test", f"logging.checkpoint_path={tmp_path}/checkpoint.pth"]
     args += ["logging.console=true", *overrides]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "titan_rl.launch", "--config", "config/cartpole.yaml", *args],
+        [sys.executable, "-m", "titan_rl.launch", "--config", config, *args],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -174,10 +174,10 @@ def test_killing_the_launcher_outright_takes_every_service_with_it(tmp_path):
 
 def test_a_bad_config_key_fails_before_anything_starts():
     result = subprocess.run(
-        [sys.executable, "-m", "titan_rl.launch", "train.gama=0.9"], cwd=REPO, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "titan_rl.launch", "algorithm.config.gama=0.9"], cwd=REPO, capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 2
-    assert "config/cartpole.yaml: unknown key train.gama (did you mean train.gamma?)" in result.stderr
+    assert "config/cartpole.yaml: unknown key algorithm.config.gama (did you mean algorithm.config.gamma?)" in result.stderr
     assert "Traceback" not in result.stderr
 
 
@@ -215,7 +215,7 @@ def test_rollout_stops_with_a_clear_error_when_the_policy_does_not_fit_the_env()
         timeout=120,
     )
     assert result.returncode == 1
-    assert "does not accept observations of shape (4,)" in result.stderr and "stopping" in result.stderr
+    assert "does not fit DQN on observations (4,)" in result.stderr and "stopping" in result.stderr
 
 
 def test_trainer_refuses_an_unwritable_checkpoint_path_at_start(tmp_path):

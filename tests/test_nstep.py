@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from titan_rl.rollout.nstep import NStepAccumulator
+from titan_rl.adders import NStepAccumulator
 
 
 def run(acc, rewards, terminated_at=None, truncated_at=None):

@@ -8,12 +8,13 @@ import pytest
 import torch
 
 from tests.helpers import make_config
-from titan_rl.buffer.client import BatchPrefetcher
 from titan_rl.checkpoint import load_checkpoint
+from titan_rl.clients.buffer import BatchPrefetcher
+from titan_rl.clients.trainer import PolicySubscriber, TrainerClient
+from titan_rl.evaluation import Evaluator
 from titan_rl.metrics import MetricsLogger
-from titan_rl.registry import build, build_policy
+from titan_rl.registry import build_algorithm, build_policy
 from titan_rl.rpc import make_server
-from titan_rl.trainer.client import PolicySubscriber, TrainerClient
 from titan_rl.trainer.loop import TrainingLoop
 from titan_rl.trainer.policy_store import PolicyStore
 from titan_rl.trainer.service import TrainerServicer
@@ -28,16 +29,19 @@ def logging_overrides(tmp_path: Path) -> list[str]:
 def trainer_server(buffer_server, tmp_path: Path):
     address, _ = buffer_server
     cfg = make_config(*logging_overrides(tmp_path))
-    policy = build_policy(cfg)
+    algorithm, policy = build_algorithm(cfg), build_policy(cfg)
     store = PolicyStore()
     batches = BatchPrefetcher(address, cfg.train.batch_size)
-    loop = TrainingLoop(cfg, build(cfg.trainer, "trainer", policy, cfg.train), batches, store, MetricsLogger(cfg, tmp_path / "run", "run"))
+    evaluator = Evaluator(cfg, cfg.eval.episodes, cfg.budget.target_eval_return)
+    logger = MetricsLogger(cfg, tmp_path / "run", "run")
+    loop = TrainingLoop(cfg, algorithm.make_learner(policy), batches, store, logger, evaluator)
     server, port, _ = make_server("127.0.0.1", 0)
     trainer_pb2_grpc.add_TrainerServiceServicer_to_server(TrainerServicer(loop, store), server)
-    store.publish(policy.state_dict())
+    store.publish(policy.state_dict(), env_steps=123)
     server.start()
     yield f"127.0.0.1:{port}", loop, store, policy
     store.close()
+    evaluator.close()
     batches.close()
     server.stop(grace=None).wait()
 
@@ -47,16 +51,17 @@ def test_subscribers_get_the_current_weights_then_every_newer_version(trainer_se
     subscriber = PolicySubscriber(address)
     try:
         assert subscriber.wait_first(timeout_s=10)
-        version, state = subscriber.take()
-        assert version == 0 and torch.equal(state["net.0.weight"], policy.state_dict()["net.0.weight"])
+        version, env_steps, state = subscriber.take()
+        assert (version, env_steps) == (0, 123) and torch.equal(state["net.0.weight"], policy.state_dict()["net.0.weight"])
         with torch.no_grad():
             policy.net[0].weight.add_(1.0)
-        store.publish(policy.state_dict())
+        store.publish(policy.state_dict(), env_steps=456)
         for _ in range(100):
             if (latest := subscriber.take()) is not None:
                 break
             threading.Event().wait(0.05)
-        assert latest[0] == 1 and torch.equal(latest[1]["net.0.weight"], policy.state_dict()["net.0.weight"])
+        assert latest.version == 1 and latest.env_steps == 456
+        assert torch.equal(latest.state["net.0.weight"], policy.state_dict()["net.0.weight"])
     finally:
         subscriber.close()
 
@@ -79,19 +84,54 @@ def test_get_policy_status_checkpoint_and_stop(trainer_server, tmp_path):
     assert loop.run().stop_reason == "stop requested"
 
 
-class BalancingPolicy(torch.nn.Module):
-    """Pushes toward where the pole falls (angle + angular velocity): scores about 490 on CartPole."""
+def balancing_weights() -> dict[str, torch.Tensor]:
+    """A SimplePolicy(4, 2, [2]) that pushes toward where the pole falls (angle + angular velocity): about 490 on CartPole."""
+    return {
+        "net.0.weight": torch.tensor([[0.0, 0.0, 1.0, 1.0], [0.0, 0.0, -1.0, -1.0]]),
+        "net.0.bias": torch.zeros(2),
+        "net.2.weight": torch.tensor([[0.0, 1.0], [1.0, 0.0]]),
+        "net.2.bias": torch.zeros(2),
+    }
 
-    def forward(self, obs):
-        lean = obs[:, 2] + obs[:, 3]
-        return torch.stack([-lean, lean], dim=1)
+
+@pytest.mark.parametrize(("target", "episodes"), [(400.0, 40), (None, 20), (501.0, 20)])
+def test_an_evaluation_that_reaches_the_target_is_confirmed_on_new_episodes(target, episodes):
+    from titan_rl.evaluation import EvalJob
+
+    cfg = make_config("policy.kwargs={state_dim: 4, action_dim: 2, hidden_sizes: [2]}")
+    evaluator = Evaluator(cfg, 20, target)
+    try:
+        job = EvalJob(0, {"policy": balancing_weights()}, seed=1, confirm_seed=21)
+        assert evaluator.submit(job)
+        assert not evaluator.submit(job)  # busy: the next interval brings a fresher one
+        (result,) = evaluator.results(wait_s=60)
+        assert result.job is job and len(result.returns) == episodes and sum(result.returns) / episodes > 450
+        assert evaluator.idle
+    finally:
+        evaluator.close()
 
 
-@pytest.mark.parametrize(("target", "evaluations"), [(400.0, 2), (None, 1), (501.0, 1)])
-def test_an_evaluation_that_reaches_the_target_is_confirmed_on_new_episodes(trainer_server, tmp_path, target, evaluations):
+def test_an_evaluation_that_cannot_load_its_weights_says_why():
+    from titan_rl.errors import TitanError
+    from titan_rl.evaluation import EvalJob
+
+    evaluator = Evaluator(make_config(), 2)
+    try:
+        assert evaluator.submit(EvalJob(0, {"policy": {"net.0.weight": torch.zeros(3)}}, seed=1, confirm_seed=2))
+        with pytest.raises(TitanError, match="evaluation failed: RuntimeError"):
+            evaluator.results(wait_s=60)
+    finally:
+        evaluator.close()
+
+
+def test_evaluation_runs_off_the_learner_thread_and_keeps_the_scored_weights(trainer_server, tmp_path):
     _, loop, _, _ = trainer_server
-    loop.cfg = make_config(f"budget.target_eval_return={'null' if target is None else target}", *logging_overrides(tmp_path))
-    loop.trainer.policy = BalancingPolicy()
-    loop._evaluate()
-    assert loop._evals == evaluations
-    assert loop.last_eval > 450
+    loop.env_steps = 2500
+    assert loop._submit_eval() and not loop._submit_eval()  # returns at once; a second job waits for the first
+    (result,) = loop.evaluator.results(wait_s=60)
+    loop._record_eval(result)
+    assert loop.best_eval == loop.last_eval and result.job.env_steps == 2500
+    saved = load_checkpoint(tmp_path / "ck.pth")
+    assert saved["eval_returns"] == result.returns and saved["counters"]["env_steps"] == 2500
+    for name, tensor in result.job.state["policy"].items():
+        assert torch.equal(saved["policy"][name], tensor)

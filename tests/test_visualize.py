@@ -22,13 +22,12 @@ def checkpoint(tmp_path: Path) -> Path:
     """A checkpoint of a freshly initialised policy, written the way the trainer service writes one."""
     from titan_rl.checkpoint import save_checkpoint
     from titan_rl.config import load_config
-    from titan_rl.registry import build_policy
-    from trainers.dqn import DQNTrainer
+    from titan_rl.registry import build_algorithm, build_policy
 
     cfg = load_config(DEFAULT_CONFIG)
-    trainer = DQNTrainer(build_policy(cfg), cfg.train)
+    learner = build_algorithm(cfg).make_learner(build_policy(cfg))
     counters = {"updates": 0, "env_steps": 0, "policy_version": 0, "wall_s": 0.0}
-    return save_checkpoint(tmp_path / "ck.pth", cfg, trainer.state_dict(), counters, None)
+    return save_checkpoint(tmp_path / "ck.pth", cfg, learner.state_dict(), counters, None)
 
 
 def visualize(*args: str | Path, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:

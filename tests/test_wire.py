@@ -46,37 +46,47 @@ def test_chunk_round_trip_keeps_every_field_in_records_of_the_stored_layout():
         "terminated": np.array([False, True, False]),
         "truncated": np.array([True, False, False]),
     }
-    chunk = wire.encode_chunk(fields, worker_id=2, policy_version=5)
+    chunk = wire.encode_chunk(fields, worker_id=2, policy_version=5, env_steps=7)
     records, layout = wire.decode_chunk(chunk)
     assert records.shape == (3, layout.record_size) and layout == RecordLayout.for_fields(fields)
     for name, want in fields.items():
         np.testing.assert_array_equal(layout.views(records)[name], want, err_msg=name)
-    assert (chunk.worker_id, chunk.policy_version) == (2, 5)
+    assert (chunk.worker_id, chunk.policy_version, chunk.env_steps) == (2, 5, 7)
+    assert wire.encode_chunk(fields).env_steps == 3  # one env step per record unless told
 
 
-def test_chunk_with_unequal_rows_or_a_missing_field_is_refused_before_sending():
-    fields = {name: np.zeros(3, dtype=bool) for name in wire.TRANSITION_FIELDS}
+def test_any_declared_field_travels_including_segments_with_a_time_axis():
+    fields = {"obs": np.ones((2, 20, 4), np.float32), "log_prob": np.full((2, 20), -0.5, np.float32), "action": np.zeros((2, 20), np.int64)}
+    records, layout = wire.decode_chunk(wire.encode_chunk(fields, env_steps=40))
+    views = layout.views(records)
+    assert set(views) == set(fields)
+    for name, want in fields.items():
+        np.testing.assert_array_equal(views[name], want, err_msg=name)
+
+
+def test_chunk_with_unequal_rows_or_no_field_is_refused_before_sending():
+    fields = {name: np.zeros(3, dtype=bool) for name in ("obs", "action", "reward")}
     with pytest.raises(WireError, match="reward: has 2 rows but obs has 3"):
         wire.encode_chunk({**fields, "reward": np.zeros(2, np.float32)})
-    with pytest.raises(WireError, match="truncated: missing"):
-        wire.encode_chunk({name: a for name, a in fields.items() if name != "truncated"})
+    with pytest.raises(WireError, match="at least one field"):
+        wire.encode_chunk({})
     with pytest.raises(WireError, match="obs: dtype str32 cannot travel"):
         wire.encode_chunk({**fields, "obs": np.array(["a", "b", "c"])})
 
 
-def test_records_whose_layout_lacks_a_field_name_it():
-    chunk = wire.encode_chunk({name: np.zeros(3, dtype=bool) for name in wire.TRANSITION_FIELDS})
-    kept = [f for f in chunk.transitions.layout.fields if f.name != "reward"]
-    del chunk.transitions.layout.fields[:]
-    chunk.transitions.layout.fields.extend(kept)
-    with pytest.raises(WireError, match="transitions.reward: missing"):
-        wire.decode_chunk(chunk)
+def test_records_whose_layout_lacks_a_required_field_name_it():
+    chunk = wire.encode_chunk({name: np.zeros(3, dtype=bool) for name in ("obs", "reward")})
+    kept = [f for f in chunk.records.layout.fields if f.name != "reward"]
+    del chunk.records.layout.fields[:]
+    chunk.records.layout.fields.extend(kept)
+    with pytest.raises(WireError, match="reward: missing"):
+        wire.decode_records(chunk.records, required=("obs", "reward"))
 
 
 def test_state_dict_round_trip_loads_into_a_fresh_module():
     net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
-    weights = wire.encode_weights({k: t.numpy() for k, t in net.state_dict().items()}, version=7)
-    assert weights.version == 7
+    weights = wire.encode_weights({k: t.numpy() for k, t in net.state_dict().items()}, version=7, env_steps=1234)
+    assert (weights.version, weights.env_steps) == (7, 1234)
     other = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
     other.load_state_dict({k: torch.from_numpy(a.copy()) for k, a in wire.decode_weights(weights).items()})
     x = torch.randn(3, 4)

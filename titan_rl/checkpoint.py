@@ -10,17 +10,19 @@ from typing import Any
 import torch
 from torch import nn
 
+from titan_rl.algorithm import Algorithm
 from titan_rl.config import Config, config_from_dict, config_to_dict
 from titan_rl.errors import TitanError
-from titan_rl.registry import build_policy
+from titan_rl.registry import CHECKPOINT_MODULES, build_algorithm, build_policy
 
-FORMAT = "titan-rl-checkpoint/1"
+FORMAT = "titan-rl-checkpoint/2"
+OLD_FORMATS = {"titan-rl-checkpoint/1": "written before algorithms were plugins (trainer.path): retrain, or use the release that wrote it"}
 
 
 def save_checkpoint(
     path: str | Path,
     cfg: Config,
-    trainer_state: dict[str, Any],
+    learner_state: dict[str, Any],
     counters: dict[str, float],
     eval_returns: list[float] | None,
 ) -> Path:
@@ -29,8 +31,8 @@ def save_checkpoint(
     payload = {
         "format": FORMAT,
         "config": config_to_dict(cfg),
-        "policy": trainer_state["policy"],
-        "trainer": trainer_state,
+        "policy": learner_state["policy"],
+        "learner": learner_state,
         "counters": dict(counters),
         "eval_returns": list(eval_returns or []),
     }
@@ -61,17 +63,25 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
         # torch's own message suggests weights_only=False, which is exactly what must not happen
         raise TitanError(f"{path}: not a TITAN-RL checkpoint (not a torch file of tensors and plain values)") from e
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise TitanError(f"{path}: not a TITAN-RL checkpoint (format {payload.get('format') if isinstance(payload, dict) else None!r})")
+    found = payload.get("format") if isinstance(payload, dict) else None
+    if found in OLD_FORMATS:
+        raise TitanError(f"{path}: checkpoint format {found!r} is {OLD_FORMATS[found]}")
+    if found != FORMAT:
+        raise TitanError(f"{path}: not a TITAN-RL checkpoint (format {found!r}, expected {FORMAT!r})")
     return payload
 
 
-def policy_from_checkpoint(payload: dict[str, Any]) -> tuple[nn.Module, Config]:
-    """Rebuild the policy class named in the stored config and load its weights."""
+def policy_from_checkpoint(payload: dict[str, Any]) -> tuple[nn.Module, Config, Algorithm]:
+    """Rebuild the algorithm and policy classes named in the stored config and load the weights.
+
+    The config is data: its class paths must name classes under models/ or trainers/ of the
+    right kind (titan_rl.registry), checked before anything is imported or called.
+    """
     try:
-        cfg = config_from_dict(payload["config"], "checkpoint config")
+        cfg = config_from_dict(payload["config"], "checkpoint config", allowed_modules=CHECKPOINT_MODULES)
+        algorithm = build_algorithm(cfg)
         policy = build_policy(cfg)
         policy.load_state_dict(payload["policy"])
-    except (KeyError, RuntimeError) as e:  # entries missing, or weights that do not fit the stored policy class
+    except (KeyError, TypeError, RuntimeError) as e:  # entries missing, or weights that do not fit the stored policy class
         raise TitanError(f"the checkpoint does not rebuild its policy: {e}") from e
-    return policy.eval(), cfg
+    return policy.eval(), cfg, algorithm

@@ -24,7 +24,8 @@ from titan_rl.errors import ConfigError
 INF = math.inf
 
 
-def _range(lo: float, hi: float = INF) -> dict[str, Any]:
+def range_metadata(lo: float, hi: float = INF) -> dict[str, Any]:
+    """Field metadata: the value (or each value of a list) must lie in [lo, hi]."""
     return {"range": (lo, hi)}
 
 
@@ -34,7 +35,7 @@ class ServerConfig:
 
     host: str = "127.0.0.1"
     """Address to bind; 0.0.0.0 to accept connections from other hosts."""
-    port: int = field(default=0, metadata=_range(0, 65535))
+    port: int = field(default=0, metadata=range_metadata(0, 65535))
     """0 lets the launcher pick a free port."""
     address: str = ""
     """host:port that peers dial; empty means host:port (set it when peers reach the service by a DNS name)."""
@@ -46,33 +47,28 @@ class ServerConfig:
 
 @dataclass(frozen=True)
 class RolloutConfig(ServerConfig):
-    num_workers: int = field(default=2, metadata=_range(1, 256))
+    num_workers: int = field(default=2, metadata=range_metadata(1, 256))
     """Worker processes, each stepping its own vector env."""
-    envs_per_worker: int = field(default=8, metadata=_range(1, 4096))
+    envs_per_worker: int = field(default=8, metadata=range_metadata(1, 4096))
     env_name: str = "CartPole-v1"
     """Any registered Gymnasium id with a Box observation and a Discrete action space."""
-    epsilon: float | list[float] = 0.05
-    """Final exploration rate: one value for every worker, or a list with one per worker."""
-    epsilon_start: float = field(default=1.0, metadata=_range(0, 1))
-    """Exploration rate at env step 0, decayed linearly to `epsilon`."""
-    epsilon_decay_env_steps: int = field(default=10_000, metadata=_range(0))
-    """Env steps (all workers together) over which epsilon decays; 0 for a constant epsilon."""
-    replica_id: int = field(default=0, metadata=_range(0))
+    replica_id: int = field(default=0, metadata=range_metadata(0))
     """Which rollout replica this is, when several feed one buffer: seeds and worker ids differ per replica."""
-    vector_steps_per_chunk: int = field(default=32, metadata=_range(1))
+    vector_steps_per_chunk: int = field(default=32, metadata=range_metadata(1))
     """Vector-env steps a worker gathers into one message to the buffer: a chunk holds this many steps of
     each of its envs, so messages grow with envs_per_worker (fewer, bigger messages cost less per
     transition) while how far data lags the policy, in steps per env, stays the same."""
-    chunk_max_delay_s: float = field(default=0.02, metadata=_range(0))
+    chunk_max_delay_s: float = field(default=0.02, metadata=range_metadata(0))
     """A worker sends what it has once its oldest unsent transition is this old, so small or throttled
     collection still reaches the learner fresh; 0 sends after every vector step."""
 
 
 @dataclass(frozen=True)
 class BufferConfig(ServerConfig):
-    capacity_transitions: int = field(default=100_000, metadata=_range(1))
-    rate_limit_slack_transitions: int = field(default=2_000, metadata=_range(0))
-    """How far (in env steps) collection may run ahead of, or behind, train.updates_per_env_step."""
+    capacity_items: int = field(default=100_000, metadata=range_metadata(1))
+    """Size of a replay table, in records (a transition for DQN); queues size themselves (see the algorithm)."""
+    rate_limit_slack_items: int = field(default=2_000, metadata=range_metadata(0))
+    """How far (in records) collection may run ahead of, or behind, train.updates_per_env_step on a replay table."""
 
 
 @dataclass(frozen=True)
@@ -84,33 +80,37 @@ class ClassSpec:
 
 
 @dataclass(frozen=True)
+class AlgorithmSpec:
+    """The algorithm class (a titan_rl.algorithm.Algorithm) and its own config section.
+
+    `config` is validated against the class's `Config` dataclass when the file is loaded, so an
+    unknown key names file and key (`algorithm.config.n_stepp`) before any process starts.
+    """
+
+    path: str = ""
+    config: Any = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class TrainConfig:
-    lr: float = field(default=1e-3, metadata=_range(0, 10))
-    gamma: float = field(default=0.99, metadata=_range(0, 1))
-    batch_size: int = field(default=64, metadata=_range(1))
-    min_buffer_size: int = field(default=1_000, metadata=_range(1))
-    """Transitions stored before the first update."""
-    updates_per_env_step: float = field(default=0.5, metadata=_range(0.0001, 1000))
-    """Update-to-data ratio, enforced by the buffer's rate limiter."""
-    target_update_every_updates: int = field(default=250, metadata=_range(1))
-    """Target-network sync period in updates (1 with a small tau: Polyak averaging every update)."""
-    target_update_tau: float = field(default=1.0, metadata=_range(0.0001, 1))
-    """Each sync moves the target this far toward the online net: 1 copies it."""
-    max_grad_norm: float = field(default=10.0, metadata=_range(0))
-    """Gradient-norm clip; 0 disables clipping."""
-    double_q: bool = True
-    n_step: int = field(default=1, metadata=_range(1, 100))
-    """Steps per transition: rewards summed over n steps, bootstrapped with gamma**n (actors build them)."""
-    policy_sync_every_updates: int = field(default=50, metadata=_range(1))
+    """The learner loop, whatever the algorithm."""
+
+    batch_size: int = field(default=64, metadata=range_metadata(1))
+    """Records per update: transitions for DQN, segments for IMPALA."""
+    min_buffer_size: int = field(default=1_000, metadata=range_metadata(1))
+    """Records stored in a replay table before the first update."""
+    updates_per_env_step: float = field(default=0.5, metadata=range_metadata(0.0001, 1000))
+    """Update-to-data ratio of a replay table (updates per stored record), enforced by its rate limiter."""
+    policy_sync_every_updates: int = field(default=50, metadata=range_metadata(1))
     """Publish new weights to rollout every this many updates."""
-    rows_per_request: int = field(default=2048, metadata=_range(1, 1_000_000))
+    rows_per_request: int = field(default=2048, metadata=range_metadata(1, 1_000_000))
     """Transitions the buffer samples and sends in one message, as whole batches (at least one).
 
     Sized in rows rather than batches so a message stays about as big whatever the batch size:
     per-message costs want it large, and the copies of one huge message stop overlapping."""
-    prefetch_requests: int = field(default=2, metadata=_range(1, 64))
+    prefetch_requests: int = field(default=2, metadata=range_metadata(1, 64))
     """Sample requests kept in flight so the learner never waits on the network."""
-    torch_threads: int = field(default=1, metadata=_range(1, 256))
+    torch_threads: int = field(default=1, metadata=range_metadata(1, 256))
 
     def batches_per_request(self, batch_size: int | None = None) -> int:
         """Whole batches of `batch_size` (default: this config's) in one sample message."""
@@ -119,14 +119,14 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    interval_env_steps: int = field(default=2_500, metadata=_range(1))
-    episodes: int = field(default=20, metadata=_range(1, 10_000))
+    interval_env_steps: int = field(default=2_500, metadata=range_metadata(1))
+    episodes: int = field(default=20, metadata=range_metadata(1, 10_000))
 
 
 @dataclass(frozen=True)
 class BudgetConfig:
-    max_env_steps: int = field(default=100_000, metadata=_range(1))
-    max_wall_s: float = field(default=900.0, metadata=_range(0))
+    max_env_steps: int = field(default=100_000, metadata=range_metadata(1))
+    max_wall_s: float = field(default=900.0, metadata=range_metadata(0))
     """0 means no wall-clock limit."""
     target_eval_return: float | None = 495.0
     """Stop once the greedy evaluation mean reaches this (confirmed on as many new episodes); null to train the whole budget."""
@@ -145,7 +145,7 @@ class LoggingConfig:
     """Best-evaluated policy; the last one goes beside it as <stem>_last.pth."""
     console: bool = True
     """Live progress on the terminal."""
-    log_interval_s: float = field(default=1.0, metadata=_range(0.01))
+    log_interval_s: float = field(default=1.0, metadata=range_metadata(0.01))
 
 
 @dataclass(frozen=True)
@@ -155,16 +155,11 @@ class Config:
     buffer_server: BufferConfig = field(default_factory=lambda: BufferConfig(port=50052))
     trainer_server: ServerConfig = field(default_factory=lambda: ServerConfig(port=50053))
     policy: ClassSpec = field(default_factory=lambda: ClassSpec("models.simple_policy.SimplePolicy"))
-    trainer: ClassSpec = field(default_factory=lambda: ClassSpec("trainers.dqn.DQNTrainer"))
+    algorithm: AlgorithmSpec = field(default_factory=lambda: AlgorithmSpec("trainers.dqn.DQN"))
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
-
-    def epsilons(self) -> list[float]:
-        """The final epsilon of each rollout worker."""
-        eps = self.rollout_server.epsilon
-        return list(eps) if isinstance(eps, list) else [float(eps)] * self.rollout_server.num_workers
 
 
 def _type_ok(value: Any, hint: Any) -> bool:
@@ -208,12 +203,28 @@ def _check_value(where: str, key: str, value: Any, f: dataclasses.Field, hint: A
     return value
 
 
+_MOVED_TO_ALGORITHM = (
+    "train.lr",
+    "train.gamma",
+    "train.target_update_every_updates",
+    "train.target_update_tau",
+    "train.max_grad_norm",
+    "train.double_q",
+    "train.n_step",
+    "rollout_server.epsilon_start",
+    "rollout_server.epsilon_decay_env_steps",
+)
 _RENAMED = {
     "train.batches_per_request": "renamed: train.rows_per_request counts rows, i.e. batches x batch_size",
     "rollout_server.transitions_per_chunk": "renamed: rollout_server.vector_steps_per_chunk counts steps of each env, "
     "i.e. transitions / envs_per_worker",
+    "trainer": "replaced by algorithm.path (e.g. trainers.dqn.DQN) and algorithm.config",
+    "rollout_server.epsilon": "moved: algorithm.config.epsilon_final (exploration belongs to the algorithm)",
+    "buffer_server.capacity_transitions": "renamed: buffer_server.capacity_items",
+    "buffer_server.rate_limit_slack_transitions": "renamed: buffer_server.rate_limit_slack_items",
+    **{key: f"moved: algorithm.config.{key.rpartition('.')[2]}" for key in _MOVED_TO_ALGORITHM},
 }
-"""Keys of earlier versions whose unit changed: renaming alone would silently change behaviour."""
+"""Keys of earlier versions: renaming alone would silently change behaviour or leave them unread."""
 
 
 def _build(cls: type, data: Any, where: str, prefix: str) -> Any:
@@ -288,28 +299,41 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     return config_from_dict(raw, str(path))
 
 
-def config_from_dict(raw: dict[str, Any], where: str = "<config>") -> Config:
+def config_from_dict(raw: dict[str, Any], where: str = "<config>", allowed_modules: tuple[str, ...] | None = None) -> Config:
+    """Validate a config tree, the algorithm's own section included.
+
+    `allowed_modules` restricts the packages `policy.path` and `algorithm.path` may name (a
+    config read from a checkpoint is data, and importing a module runs its code).
+    """
     cfg = _build(Config, raw, where, "")
     _check_cross_fields(cfg, where)
+    from titan_rl.registry import algorithm_class, check_module_allowed  # the registry imports this module
+
+    if allowed_modules is not None:
+        for name in ("policy", "algorithm"):
+            check_module_allowed(getattr(cfg, name).path, f"{where}: {name}.path", allowed_modules)
+    cls = algorithm_class(cfg.algorithm.path, where)
+    section = cfg.algorithm.config
+    if not isinstance(section, cls.Config):
+        typed = build_section(cls.Config, section or {}, where, "algorithm.config.")
+        cfg = dataclasses.replace(cfg, algorithm=dataclasses.replace(cfg.algorithm, config=typed))
+    cls.check_config(cfg, where)
     return cfg
 
 
+def build_section(cls: type, data: Any, where: str, prefix: str) -> Any:
+    """One dataclass section from YAML data, validated as every section of the file is."""
+    return _build(cls, data, where, prefix)
+
+
 def _check_cross_fields(cfg: Config, where: str) -> None:
-    r = cfg.rollout_server
-    eps = r.epsilon if isinstance(r.epsilon, list) else [r.epsilon]
-    if isinstance(r.epsilon, list) and len(r.epsilon) != r.num_workers:
-        raise ConfigError(f"{where}: rollout_server.epsilon has {len(r.epsilon)} values but rollout_server.num_workers={r.num_workers}")
-    if any(not 0 <= e <= 1 for e in eps):
-        raise ConfigError(f"{where}: rollout_server.epsilon={r.epsilon!r} must be in [0, 1]")
-    for name in ("policy", "trainer"):
+    for name in ("policy", "algorithm"):
         spec = getattr(cfg, name)
         if "." not in spec.path:
             raise ConfigError(f"{where}: {name}.path={spec.path!r} must be a dotted path like module.Class")
-    if cfg.train.min_buffer_size > cfg.buffer_server.capacity_transitions:
-        raise ConfigError(
-            f"{where}: train.min_buffer_size={cfg.train.min_buffer_size} exceeds "
-            f"buffer_server.capacity_transitions={cfg.buffer_server.capacity_transitions}"
-        )
+    if cfg.train.min_buffer_size > cfg.buffer_server.capacity_items:
+        capacity = cfg.buffer_server.capacity_items
+        raise ConfigError(f"{where}: train.min_buffer_size={cfg.train.min_buffer_size} exceeds buffer_server.capacity_items={capacity}")
     if cfg.train.batch_size > cfg.train.min_buffer_size:
         raise ConfigError(f"{where}: train.batch_size={cfg.train.batch_size} exceeds train.min_buffer_size={cfg.train.min_buffer_size}")
 

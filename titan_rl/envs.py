@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import gymnasium as gym
+import numpy as np
 
 from titan_rl.config import Config
 from titan_rl.errors import ConfigError
+
+if TYPE_CHECKING:
+    from titan_rl.algorithm import EnvSpec
 
 
 def make_vector_env(env_name: str, num_envs: int) -> gym.vector.VectorEnv:
@@ -18,8 +24,16 @@ def make_vector_env(env_name: str, num_envs: int) -> gym.vector.VectorEnv:
     return env
 
 
-def check_env_spaces(cfg: Config) -> tuple[tuple[int, ...], int]:
-    """Observation shape and action count of the configured env; raises ConfigError if unsupported."""
+def env_spec(cfg: Config) -> EnvSpec:
+    """Observation shape and dtype and action count of the configured env; ConfigError if unsupported."""
+    from titan_rl.algorithm import EnvSpec  # torch is imported there; the rollout service process stays light
+
+    obs_shape, obs_dtype, n_actions = check_env_spaces(cfg)
+    return EnvSpec(obs_shape, obs_dtype, n_actions)
+
+
+def check_env_spaces(cfg: Config) -> tuple[tuple[int, ...], np.dtype, int]:
+    """(observation shape, observation dtype, action count) of the configured env; ConfigError if unsupported."""
     name = cfg.rollout_server.env_name
     try:
         env = gym.make(name)
@@ -32,6 +46,6 @@ def check_env_spaces(cfg: Config) -> tuple[tuple[int, ...], int]:
     if not isinstance(obs_space, gym.spaces.Box) or not isinstance(act_space, gym.spaces.Discrete):
         raise ConfigError(
             f"rollout_server.env_name={name!r} has {type(obs_space).__name__} observations and "
-            f"{type(act_space).__name__} actions; DQN needs Box observations and Discrete actions"
+            f"{type(act_space).__name__} actions; TITAN-RL supports Box observations and Discrete actions"
         )
-    return tuple(obs_space.shape), int(act_space.n)
+    return tuple(obs_space.shape), np.dtype(obs_space.dtype), int(act_space.n)

@@ -1,17 +1,33 @@
-"""Build user classes named by dotted path in YAML (`path: models.simple_policy.SimplePolicy`)."""
+"""Build user classes named by dotted path in YAML (`path: models.simple_policy.SimplePolicy`).
+
+This is the only way the framework reaches `models/` and `trainers/`: by name, checked to be
+the kind of class expected before it is called.
+"""
 
 from __future__ import annotations
 
 import importlib
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from torch import nn
 
 from titan_rl.config import ClassSpec, Config
 from titan_rl.errors import ConfigError
+
+if TYPE_CHECKING:
+    from titan_rl.algorithm import Algorithm, EnvSpec
+
+CHECKPOINT_MODULES = ("models", "trainers")
+"""Packages a class path read from a checkpoint may name: importing a module runs its code."""
+
+
+def check_module_allowed(path: str, what: str, allowed_modules: tuple[str, ...]) -> None:
+    """Refuse a dotted path outside `allowed_modules` (top-level package names) before anything is imported."""
+    top = path.split(".", 1)[0]
+    if top not in allowed_modules or not all(part.isidentifier() for part in path.split(".")):
+        raise ConfigError(f"{what}={path!r} is not allowed here: only classes under {', '.join(f'{m}.' for m in allowed_modules)}")
 
 
 def import_object(path: str, what: str) -> Any:
@@ -29,8 +45,16 @@ def import_object(path: str, what: str) -> Any:
         raise ConfigError(f"{what}.path={path!r}: module {module_name!r} has no {name!r}") from e
 
 
-def build(spec: ClassSpec, what: str, *args: Any, **extra: Any) -> Any:
-    cls = import_object(spec.path, what)
+def import_class(path: str, what: str, base: type) -> type:
+    """`import_object`, checked to be a subclass of `base` before anyone calls it."""
+    obj = import_object(path, what)
+    if not (isinstance(obj, type) and issubclass(obj, base)):
+        raise ConfigError(f"{what}.path={path!r} is not a subclass of {base.__module__}.{base.__qualname__}")
+    return obj
+
+
+def build(spec: ClassSpec, what: str, base: type, *args: Any, **extra: Any) -> Any:
+    cls = import_class(spec.path, what, base)
     try:
         return cls(*args, **spec.kwargs, **extra)
     except TypeError as e:
@@ -38,18 +62,18 @@ def build(spec: ClassSpec, what: str, *args: Any, **extra: Any) -> Any:
 
 
 def build_policy(cfg: Config) -> nn.Module:
-    policy = build(cfg.policy, "policy")
-    if not isinstance(policy, nn.Module):
-        raise ConfigError(f"policy.path={cfg.policy.path!r} is not a torch.nn.Module")
-    return policy
+    """The network named by `policy.path`, untrained."""
+    return build(cfg.policy, "policy", nn.Module)
 
 
-def check_policy_fits(policy: nn.Module, obs_shape: tuple[int, ...], n_actions: int, where: str = "policy") -> None:
-    """One dummy forward: the policy must map [B, *obs_shape] to [B, n_actions]."""
-    with torch.no_grad():
-        try:
-            out = policy(torch.zeros((2, *obs_shape)))
-        except RuntimeError as e:
-            raise ConfigError(f"{where}: does not accept observations of shape {obs_shape}: {e}") from e
-    if tuple(out.shape) != (2, n_actions):
-        raise ConfigError(f"{where}: maps a batch of 2 observations to shape {tuple(out.shape)}, expected (2, {n_actions})")
+def algorithm_class(path: str, where: str = "algorithm") -> type[Algorithm]:
+    from titan_rl.algorithm import Algorithm
+
+    return import_class(path, f"{where}: algorithm", Algorithm)
+
+
+def build_algorithm(cfg: Config, env: EnvSpec | None = None) -> Algorithm:
+    """The configured algorithm for the configured env (its spaces read from Gymnasium unless given)."""
+    from titan_rl.envs import env_spec
+
+    return algorithm_class(cfg.algorithm.path)(cfg, env or env_spec(cfg))

@@ -1,7 +1,7 @@
 """numpy <-> protobuf codec: the only module that touches tensor bytes.
 
-A tensor travels as raw little-endian bytes plus shape and dtype name; transitions travel as
-one record per row (titan_rl.records) plus the layout of a row. Decoding is a zero-copy
+A tensor travels as raw little-endian bytes plus shape and dtype name; records (whatever fields
+the algorithm declares) travel one per row (titan_rl.records) plus the layout of a row. Decoding is a zero-copy
 `np.frombuffer` view (read-only), never pickle.
 """
 
@@ -22,9 +22,7 @@ try:
 except ImportError as e:  # the generated package is not committed
     raise ImportError("titan_rl.v1 protobuf modules are missing: run `bash generate_proto.sh`") from e
 
-TRANSITION_FIELDS = ("obs", "action", "reward", "next_obs", "terminated", "truncated")
-
-_MAX_DIMS = 32  # numpy's limit is 64; no transition field needs more than a handful
+_MAX_DIMS = 32  # numpy's limit is 64; no record field needs more than a handful
 _ALLOWED_DTYPES = {name: np.dtype(name) for name in ("float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "bool")}
 
 
@@ -115,7 +113,7 @@ def _decode_layout(serialized: bytes) -> RecordLayout:
     return RecordLayout.from_spans(spans, record_size)
 
 
-def decode_records(batch: common_pb2.RecordBatch, required: Iterable[str] = TRANSITION_FIELDS) -> tuple[np.ndarray, RecordLayout]:
+def decode_records(batch: common_pb2.RecordBatch, required: Iterable[str] = ()) -> tuple[np.ndarray, RecordLayout]:
     """A RecordBatch as a read-only [rows, record_size] uint8 view of its bytes and its layout
     (`layout.views(records)` gives the fields). A field in `required` that is missing, or a
     layout that does not fit the data, is a WireError naming it."""
@@ -139,46 +137,54 @@ def _packing(spec: tuple[tuple[str, tuple[int, ...], np.dtype], ...]) -> tuple[R
 
 
 def fill_chunk(
-    chunk: common_pb2.TransitionChunk, fields: Mapping[str, np.ndarray], worker_id: int = 0, policy_version: int = -1
-) -> common_pb2.TransitionChunk:
-    """Pack transition fields (equal-length arrays) into an existing TransitionChunk, one record per row.
+    chunk: common_pb2.RecordChunk,
+    fields: Mapping[str, np.ndarray],
+    worker_id: int = 0,
+    policy_version: int = -1,
+    env_steps: int | None = None,
+) -> common_pb2.RecordChunk:
+    """Pack record fields (equal-length arrays, any names) into an existing RecordChunk, one record per row.
 
-    The layout is `RecordLayout.for_fields`, the one the buffer stores, so it copies the rows whole.
+    The layout is `RecordLayout.for_fields`, the one a table stores for the same spec, so it copies
+    the rows whole. `env_steps` defaults to the row count (one env step per record).
     """
-    arrays = {}
-    for name in TRANSITION_FIELDS:
-        if name not in fields:
-            raise WireError(f"{name}: missing")
-        arrays[name] = np.asarray(fields[name])
-    rows = len(arrays["obs"]) if arrays["obs"].ndim else -1
+    if not fields:
+        raise WireError("records: a chunk needs at least one field")
+    arrays = {name: np.asarray(a) for name, a in fields.items()}
+    first = next(iter(arrays))
+    rows = len(arrays[first]) if arrays[first].ndim else -1
     for name, a in arrays.items():
         if a.ndim == 0 or len(a) != rows:
-            raise WireError(f"{name}: has {len(a) if a.ndim else 'no'} rows but obs has {rows}")
+            raise WireError(f"{name}: has {len(a) if a.ndim else 'no'} rows but {first} has {rows}")
     layout, message = _packing(tuple((name, a.shape[1:], a.dtype) for name, a in arrays.items()))
-    fill_records(chunk.transitions, layout.pack(arrays, rows), message)
+    fill_records(chunk.records, layout.pack(arrays, rows), message)
     chunk.worker_id = worker_id
     chunk.policy_version = policy_version
+    chunk.env_steps = rows if env_steps is None else env_steps
     return chunk
 
 
-def encode_chunk(fields: Mapping[str, np.ndarray], worker_id: int = 0, policy_version: int = -1) -> common_pb2.TransitionChunk:
-    return fill_chunk(common_pb2.TransitionChunk(), fields, worker_id, policy_version)
+def encode_chunk(
+    fields: Mapping[str, np.ndarray], worker_id: int = 0, policy_version: int = -1, env_steps: int | None = None
+) -> common_pb2.RecordChunk:
+    return fill_chunk(common_pb2.RecordChunk(), fields, worker_id, policy_version, env_steps)
 
 
-def decode_chunk(chunk: common_pb2.TransitionChunk) -> tuple[np.ndarray, RecordLayout]:
-    """A chunk's records and their layout (see `decode_records`); errors name `transitions.<field>`."""
-    if not chunk.HasField("transitions"):
-        raise WireError("transitions: missing")
+def decode_chunk(chunk: common_pb2.RecordChunk) -> tuple[np.ndarray, RecordLayout]:
+    """A chunk's records and their layout (see `decode_records`); errors name `records.<field>`."""
+    if not chunk.HasField("records"):
+        raise WireError("records: missing")
     try:
-        return decode_records(chunk.transitions)
+        return decode_records(chunk.records)
     except WireError as e:
-        raise WireError(f"transitions.{e}") from None
+        raise WireError(f"records.{e}") from None
 
 
-def encode_weights(arrays: Mapping[str, np.ndarray], version: int) -> common_pb2.PolicyWeights:
+def encode_weights(arrays: Mapping[str, np.ndarray], version: int, env_steps: int = 0) -> common_pb2.PolicyWeights:
     """Named arrays (a state_dict as numpy) -> PolicyWeights."""
     return common_pb2.PolicyWeights(
         version=version,
+        env_steps=env_steps,
         tensors=[common_pb2.NamedTensor(name=name, tensor=encode(a)) for name, a in arrays.items()],
     )
 

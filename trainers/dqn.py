@@ -1,67 +1,118 @@
-"""DQN (Mnih et al. 2015) with a target network, Huber loss, gradient clipping and optional double-Q."""
+"""DQN (Mnih et al. 2015) with Rainbow-style options: double Q, n-step returns, prioritized replay, a dueling head.
+
+- double Q, n-step, the loss: `algorithm.config` (double_q, n_step, loss);
+- prioritized replay: `algorithm.config.replay: prioritized` (the buffer's table samples by TD error);
+- dueling: `policy.path: models.dueling.DuelingMLP` (any [B, n_actions] Q-network fits).
+
+The TD loss is `DQNLearner.loss`: a variant with a new loss (see trainers/qr_dqn.py) replaces that
+method alone.
+"""
 
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from titan_rl.config import TrainConfig
-from trainers.base import Trainer
+from models.simple_policy import SimplePolicy
+from titan_rl.algorithm import Batch, Learner
+from titan_rl.config import range_metadata
+from titan_rl.off_policy import OffPolicyAlgorithm, OffPolicyConfig
+
+PRIORITY_EPSILON = 1e-6
+"""Added to |TD error| so no item's priority is ever 0."""
 
 
-class DQNTrainer(Trainer):
-    def __init__(self, policy: nn.Module, train: TrainConfig, **kwargs: Any):
-        super().__init__(policy, train, **kwargs)
-        self.target = copy.deepcopy(policy).requires_grad_(False)
+@dataclass(frozen=True)
+class DQNConfig(OffPolicyConfig):
+    """DQN's section of the YAML (`algorithm.config`), on top of every off-policy algorithm's keys."""
+
+    lr: float = field(default=1e-3, metadata=range_metadata(0, 10))
+    """Adam learning rate."""
+    target_update_every_updates: int = field(default=250, metadata=range_metadata(1))
+    """Target-network sync period in updates (1 with a small tau: Polyak averaging every update)."""
+    target_update_tau: float = field(default=1.0, metadata=range_metadata(0.0001, 1))
+    """Each sync moves the target this far toward the online net: 1 copies it."""
+    max_grad_norm: float = field(default=10.0, metadata=range_metadata(0))
+    """Gradient-norm clip; 0 disables clipping."""
+    double_q: bool = True
+    """The online net picks the next action, the target net scores it (van Hasselt et al. 2016)."""
+    loss: str = field(default="huber", metadata={"choices": ("huber", "mse")})
+    """Per-item TD loss."""
+
+
+class LossOutput(NamedTuple):
+    per_item: torch.Tensor  # [B] loss of each sampled item, before importance weighting
+    priorities: torch.Tensor  # [B] new priority of each item (used by a prioritized table)
+    metrics: dict[str, float]
+
+
+class DQNLearner(Learner):
+    def __init__(self, network: nn.Module, config: DQNConfig):
+        super().__init__(network)
+        self.config = config
+        self.target = copy.deepcopy(network).requires_grad_(False)
         # state_dict values share storage with the modules, so these pairs stay valid across updates
-        pairs = list(zip(self.target.state_dict().values(), policy.state_dict().values(), strict=True))
+        pairs = list(zip(self.target.state_dict().values(), network.state_dict().values(), strict=True))
         self._float_pairs = [(t, o) for t, o in pairs if t.is_floating_point()]
         self._other_pairs = [(t, o) for t, o in pairs if not t.is_floating_point()]
-        self.optimizer = torch.optim.Adam(policy.parameters(), lr=train.lr, fused=True)  # fused: ~15% faster per update on CPU
+        self.optimizer = torch.optim.Adam(network.parameters(), lr=config.lr, fused=True)  # fused: ~15% faster per update on CPU
 
-    def _update(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
-        obs, next_obs = batch["obs"].float(), batch["next_obs"].float()
+    def bootstrap_discount(self, batch: Batch) -> torch.Tensor:
+        """gamma**n where the next state may be bootstrapped from, 0 at a true terminal.
+
+        Only a termination stops bootstrapping; a time-limit truncation still bootstraps. The
+        reward already sums n discounted rewards (the actors' n-step adder built it)."""
+        c = self.config
+        return c.gamma**c.n_step * (1.0 - batch["terminated"].float())
+
+    def loss(self, batch: Batch) -> LossOutput:
+        obs, next_obs = batch["obs"], batch["next_obs"]
         action = batch["action"].long()
-        reward = batch["reward"].float()
-        # Only a true terminal stops bootstrapping; a time-limit truncation still bootstraps.
-        not_done = 1.0 - batch["terminated"].float()
-
         with torch.no_grad():  # TD target from the frozen network
             next_q_target = self.target(next_obs)
-            if self.train.double_q:  # the online net picks the action, the target net scores it
-                next_action = self.policy(next_obs).argmax(dim=1, keepdim=True)
+            if self.config.double_q:  # the online net picks the action, the target net scores it
+                next_action = self.network(next_obs).argmax(dim=1, keepdim=True)
                 next_value = next_q_target.gather(1, next_action).squeeze(1)
             else:
                 next_value = next_q_target.max(dim=1).values
-            # reward already sums n_step discounted rewards (built by the actors)
-            td_target = reward + self.train.gamma**self.train.n_step * not_done * next_value
+            td_target = batch["reward"].float() + self.bootstrap_discount(batch) * next_value
+        q = self.network(obs).gather(1, action.unsqueeze(1)).squeeze(1)
+        if self.config.loss == "huber":
+            per_item = F.smooth_l1_loss(q, td_target, reduction="none")
+        else:
+            per_item = F.mse_loss(q, td_target, reduction="none")
+        return LossOutput(per_item, (q - td_target).detach().abs(), {"losses/q_values": q.mean().item()})
 
-        q = self.policy(obs).gather(1, action.unsqueeze(1)).squeeze(1)
-        loss = F.smooth_l1_loss(q, td_target)
-
+    def _update(self, batch: Batch) -> dict[str, float]:
+        out = self.loss(batch)
+        # prioritized replay: importance weights undo the skew of sampling by priority
+        loss = (out.per_item * batch.weights).mean() if batch.weights is not None else out.per_item.mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        c = self.config
         grad_norm = (
-            torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.train.max_grad_norm, foreach=True)
-            if self.train.max_grad_norm > 0
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), c.max_grad_norm, foreach=True)
+            if c.max_grad_norm > 0
             else torch.tensor(0.0)
         )
         self.optimizer.step()
-
-        if (self.updates + 1) % self.train.target_update_every_updates == 0:  # self.updates counts earlier updates
+        if batch.weights is not None:
+            batch.new_priorities = (out.priorities + PRIORITY_EPSILON).numpy()
+        if (self.updates + 1) % c.target_update_every_updates == 0:  # self.updates counts earlier updates
             self._sync_target()
-
-        return {"losses/td_loss": loss.item(), "losses/q_values": q.mean().item(), "losses/grad_norm": float(grad_norm)}
+        return {"losses/td_loss": loss.item(), **out.metrics, "losses/grad_norm": float(grad_norm)}
 
     @torch.no_grad()
     def _sync_target(self) -> None:
         """Copy the online net into the target (tau = 1) or move the target toward it (Polyak averaging)."""
-        tau = self.train.target_update_tau
+        tau = self.config.target_update_tau
         targets, online = [t for t, _ in self._float_pairs], [o for _, o in self._float_pairs]
         if tau == 1.0:
             torch._foreach_copy_(targets, online)
@@ -77,3 +128,15 @@ class DQNTrainer(Trainer):
         super().load_state_dict(state)
         self.target.load_state_dict(state["target"])
         self.optimizer.load_state_dict(state["optimizer"])
+
+
+class DQN(OffPolicyAlgorithm):
+    """Epsilon-greedy actors, n-step transitions in a uniform or prioritized replay table, a TD learner."""
+
+    Config = DQNConfig
+
+    def make_learner(self, network: nn.Module) -> DQNLearner:
+        return DQNLearner(network, self.config)
+
+    def tiny_network(self) -> nn.Module:
+        return SimplePolicy(math.prod(self.env.obs_shape), self.env.n_actions, [32])

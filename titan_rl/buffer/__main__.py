@@ -1,11 +1,19 @@
-"""`python -m titan_rl.buffer --config FILE [--host H] [--port P]`: run the replay buffer service."""
+"""`python -m titan_rl.buffer --config FILE [--host H] [--port P]`: run the buffer service.
+
+Its tables, and the record signature of each, come from the algorithm the config names.
+"""
 
 from __future__ import annotations
 
 import logging
 
-from titan_rl.buffer.service import BufferServicer, replay_from_config
+import grpc
+
+from titan_rl.buffer.service import BufferServicer, tables_for
+from titan_rl.buffer.table import Table
 from titan_rl.config import Config
+from titan_rl.errors import TitanError
+from titan_rl.registry import build_algorithm
 from titan_rl.rpc import make_server, set_serving
 from titan_rl.service import parse_service_args, serve_until_signal
 from titan_rl.v1 import buffer_pb2, buffer_pb2_grpc
@@ -13,21 +21,32 @@ from titan_rl.v1 import buffer_pb2, buffer_pb2_grpc
 log = logging.getLogger("titan_rl.buffer")
 
 
-def start(cfg: Config):
-    """Start a buffer server as configured; returns (server, bound port, replay)."""
-    replay = replay_from_config(cfg)
+def start(cfg: Config) -> tuple[grpc.Server, int, dict[str, Table]]:
+    """Start a buffer server as configured; returns (server, bound port, tables by name)."""
+    tables = tables_for(build_algorithm(cfg), cfg.seed)
     server, port, health = make_server(cfg.buffer_server.host, cfg.buffer_server.port)
-    buffer_pb2_grpc.add_BufferServiceServicer_to_server(BufferServicer(replay), server)
+    buffer_pb2_grpc.add_BufferServiceServicer_to_server(BufferServicer(tables), server)
     server.start()
     set_serving(health, [buffer_pb2.DESCRIPTOR.services_by_name["BufferService"].full_name])
-    return server, port, replay
+    return server, port, tables
 
 
 def main() -> None:
     cfg = parse_service_args("buffer", "buffer_server")
-    server, port, replay = start(cfg)
-    log.info("buffer serving on %s:%d (capacity %d)", cfg.buffer_server.host, port, cfg.buffer_server.capacity_transitions)
-    serve_until_signal(server, "buffer", on_stop=replay.close)
+    try:
+        server, port, tables = start(cfg)
+    except TitanError as e:
+        raise SystemExit(f"error: {e}") from None
+    for name, table in tables.items():
+        fields = ", ".join(f"{f} {s.dtype.name}{list(s.shape)}" for f, s in table.layout.slots.items())
+        log.info("table %r: %s, %d items of {%s}", name, table.spec.kind, table.storage.capacity, fields)
+    log.info("buffer serving on %s:%d", cfg.buffer_server.host, port)
+
+    def close() -> None:
+        for table in tables.values():
+            table.close()
+
+    serve_until_signal(server, "buffer", on_stop=close)
 
 
 if __name__ == "__main__":

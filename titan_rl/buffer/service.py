@@ -1,4 +1,4 @@
-"""gRPC face of the replay buffer: maps requests to ReplayBuffer calls and errors to status codes."""
+"""gRPC face of the buffer: maps requests to its tables' calls and errors to status codes."""
 
 from __future__ import annotations
 
@@ -9,13 +9,12 @@ import threading
 from collections.abc import Iterator
 
 import grpc
+import numpy as np
 
 from titan_rl import wire
-from titan_rl.buffer.rate_limiter import RateLimiter
-from titan_rl.buffer.replay import Closed, ReplayBuffer, SampledRows
-from titan_rl.config import Config
+from titan_rl.algorithm import Algorithm
+from titan_rl.buffer.table import Closed, SampledRows, Table
 from titan_rl.errors import NotEnoughDataError, SampleTooLargeError, ShapeMismatchError, WireError
-from titan_rl.records import RecordLayout
 from titan_rl.rpc import MAX_MESSAGE_BYTES
 from titan_rl.v1 import buffer_pb2, buffer_pb2_grpc, common_pb2
 
@@ -27,14 +26,17 @@ _END = object()
 class _BadRequest(Exception):
     """A SampleStream credit that cannot be answered; its message names the field."""
 
+    code = grpc.StatusCode.INVALID_ARGUMENT
 
-def replay_from_config(cfg: Config) -> ReplayBuffer:
-    limiter = RateLimiter(
-        samples_per_insert=cfg.train.updates_per_env_step * cfg.train.batch_size,
-        min_size_to_sample=cfg.train.min_buffer_size,
-        slack_transitions=cfg.buffer_server.rate_limit_slack_transitions,
-    )
-    return ReplayBuffer(cfg.buffer_server.capacity_transitions, limiter, seed=cfg.seed, max_sample_bytes=MAX_MESSAGE_BYTES)
+
+class _NoSuchTable(_BadRequest):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+def tables_for(algorithm: Algorithm, seed: int) -> dict[str, Table]:
+    """The tables `algorithm` learns from, with its record spec as every table's signature."""
+    spec = algorithm.table()
+    return {spec.name: Table(spec, algorithm.record_spec(), seed=seed, max_sample_bytes=MAX_MESSAGE_BYTES)}
 
 
 def _sample_request_problem(request: buffer_pb2.SampleRequest | buffer_pb2.SampleStreamRequest) -> str | None:
@@ -46,47 +48,65 @@ def _sample_request_problem(request: buffer_pb2.SampleRequest | buffer_pb2.Sampl
 
 
 class BufferServicer(buffer_pb2_grpc.BufferServiceServicer):
-    def __init__(self, replay: ReplayBuffer):
-        self.replay = replay
-        self._layout_message = common_pb2.RecordLayout()
-        self._layout: RecordLayout | None = None
+    def __init__(self, tables: dict[str, Table]):
+        if not tables:
+            raise ValueError("a buffer needs at least one table")
+        self.tables = tables
+        self._layout_messages: dict[str, common_pb2.RecordLayout] = {name: wire.encode_layout(t.layout) for name, t in tables.items()}
 
-    def fill_sample(self, sample: buffer_pb2.SampledBatch, rows: SampledRows) -> None:
+    def table(self, name: str, context: grpc.ServicerContext) -> tuple[str, Table]:
+        """The table a request names (empty: the only one); NOT_FOUND names the field otherwise."""
+        if not name and len(self.tables) == 1:
+            name = next(iter(self.tables))
+        if name not in self.tables:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"table: no table {name!r} (tables: {', '.join(self.tables)})")
+        return name, self.tables[name]
+
+    def fill_sample(self, sample: buffer_pb2.SampledBatch, name: str, rows: SampledRows) -> None:
         """Fill the response's SampledBatch in place: nesting a separately built one would copy every byte again."""
-        if rows.layout is not self._layout:  # the storage fixes its layout once, at the first insert
-            self._layout_message, self._layout = wire.encode_layout(rows.layout), rows.layout
-        wire.fill_records(sample.records, rows.records, self._layout_message)
-        wire.fill(sample.indices, rows.indices)
+        wire.fill_records(sample.records, rows.records, self._layout_messages[name])
+        wire.fill(sample.keys, rows.keys)
+        if rows.weights is not None:
+            wire.fill(sample.weights, rows.weights)
         sample.inserts_total = rows.inserts_total
+        sample.env_steps_total = rows.env_steps_total
 
     def Add(self, request_iterator: Iterator[buffer_pb2.AddRequest], context: grpc.ServicerContext) -> Iterator[buffer_pb2.AddResponse]:
         added = 0
         for request in request_iterator:
+            _, table = self.table(request.table, context)
             try:
                 if request.HasField("chunk"):
-                    added += self.replay.add_records(*wire.decode_chunk(request.chunk), should_wait=context.is_active)
+                    chunk = request.chunk
+                    records, layout = wire.decode_chunk(chunk)
+                    if chunk.env_steps <= 0 and len(records):
+                        raise WireError(f"env_steps: must be > 0 for {len(records)} records, got {chunk.env_steps} (an older actor?)")
+                    added += table.insert_records(records, layout, chunk.env_steps, chunk.policy_version, should_wait=context.is_active)
                 elif not request.ack:
                     raise WireError("missing (only a request with ack may come without one)")
-            except (WireError, ShapeMismatchError) as e:
-                where = f"chunk.transitions.{e}" if isinstance(e, ShapeMismatchError) else f"chunk.{e}"
+            except (WireError, ShapeMismatchError, SampleTooLargeError) as e:
+                where = f"chunk.records.{e}" if isinstance(e, ShapeMismatchError) else f"chunk.{e}"
                 log.warning("rejected chunk from %s: %s", context.peer(), where)
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{where} ({added} transitions were stored before it)")
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{where} ({added} records were stored before it)")
             except Closed:
                 context.abort(grpc.StatusCode.UNAVAILABLE, "buffer is shutting down")
             if request.ack:
-                yield buffer_pb2.AddResponse(transitions_added=added)
+                yield buffer_pb2.AddResponse(items_added=added)
 
     def Sample(self, request: buffer_pb2.SampleRequest, context: grpc.ServicerContext) -> buffer_pb2.SampleResponse:
         if problem := _sample_request_problem(request):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        name, table = self.table(request.table, context)
+        if table.spec.kind == "fifo":
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"table: {name!r} is a queue: read it with SampleStream")
         try:
-            sampled = self.replay.sample(request.batch_size, max(request.num_batches, 1))
+            sampled = table.sample(request.batch_size, max(request.num_batches, 1))
         except NotEnoughDataError as e:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
         except SampleTooLargeError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         response = buffer_pb2.SampleResponse()
-        self.fill_sample(response.sample, sampled)
+        self.fill_sample(response.sample, name, sampled)
         return response
 
     def SampleStream(
@@ -105,7 +125,7 @@ class BufferServicer(buffer_pb2_grpc.BufferServiceServicer):
             if item is _END:
                 return
             if isinstance(item, _BadRequest):
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(item))
+                context.abort(item.code, str(item))
             if isinstance(item, Exception):
                 raise item
             yield item
@@ -125,12 +145,21 @@ class BufferServicer(buffer_pb2_grpc.BufferServiceServicer):
             for request in request_iterator:
                 if problem := _sample_request_problem(request):
                     raise _BadRequest(problem)
+                name = request.table or (next(iter(self.tables)) if len(self.tables) == 1 else "")
+                if name not in self.tables:
+                    raise _NoSuchTable(f"table: no table {request.table!r} (tables: {', '.join(self.tables)})")
                 try:
-                    sampled = self.replay.sample(request.batch_size, max(request.num_batches, 1), block=True, should_wait=context.is_active)
+                    sampled = self.tables[name].sample(
+                        request.batch_size,
+                        max(request.num_batches, 1),
+                        block=True,
+                        should_wait=context.is_active,
+                        min_policy_version=request.min_policy_version,
+                    )
                 except SampleTooLargeError as e:
                     raise _BadRequest(str(e)) from None
                 response = buffer_pb2.SampleStreamResponse()
-                self.fill_sample(response.sample, sampled)
+                self.fill_sample(response.sample, name, sampled)
                 offer(response)
         except (Closed, grpc.RpcError):
             pass  # the buffer is closing or the client went away
@@ -138,12 +167,38 @@ class BufferServicer(buffer_pb2_grpc.BufferServiceServicer):
             offer(e)
         offer(_END)
 
+    def UpdatePriorities(
+        self, request: buffer_pb2.UpdatePrioritiesRequest, context: grpc.ServicerContext
+    ) -> buffer_pb2.UpdatePrioritiesResponse:
+        _, table = self.table(request.table, context)
+        try:
+            keys = wire.decode(request.keys, "keys")
+            priorities = wire.decode(request.priorities, "priorities")
+            if keys.ndim != 1 or keys.dtype.kind not in "iu":
+                raise WireError(f"keys: must be a vector of integers, got {keys.dtype.name} of shape {keys.shape}")
+            if priorities.shape != keys.shape or priorities.dtype.kind != "f":
+                raise WireError(f"priorities: must be {len(keys)} floats, got {priorities.dtype.name} of shape {priorities.shape}")
+            if not np.all(np.isfinite(priorities)) or np.any(priorities < 0):
+                raise WireError("priorities: must be finite and >= 0")
+            updated = table.update_priorities(keys, priorities)
+        except WireError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except ValueError as e:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"table: {e}")
+        return buffer_pb2.UpdatePrioritiesResponse(updated=updated)
+
     def Info(self, request: buffer_pb2.InfoRequest, context: grpc.ServicerContext) -> buffer_pb2.InfoResponse:
-        i = self.replay.info()
+        name, table = self.table(request.table, context)
+        i = table.info()
         return buffer_pb2.InfoResponse(
+            table=name,
+            kind=i.kind,
             size=i.size,
             capacity=i.capacity,
             inserts_total=i.inserts_total,
+            env_steps_total=i.env_steps_total,
             sampled_rows_total=i.sampled_rows_total,
             sample_calls_total=i.sample_calls_total,
+            dropped_stale_total=i.dropped_stale_total,
+            signature=self._layout_messages[name],
         )

@@ -1,125 +1,152 @@
-"""Preallocated row-major ring storage: one fixed-width byte record per transition."""
+"""Preallocated row-major ring storage: one fixed-width byte record per item, of a fixed signature."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
 from titan_rl.errors import ShapeMismatchError
 from titan_rl.records import RecordLayout
-from titan_rl.wire import TRANSITION_FIELDS
 
 
 class RingStorage:
-    """Fixed-capacity FIFO of transitions; the oldest rows are overwritten first.
+    """Fixed-capacity ring of records; writes go to `next_slot` and wrap around.
 
-    Rows are stored row-major, one record of all fields per transition (see titan_rl.records),
-    because sampling is a random gather: a record costs one or two cache misses where one array
-    per field cost one per field, and `np.take` copies whole records (4x faster for CartPole at
-    1M rows). The first `add` fixes each field's per-row shape and dtype and the record layout;
-    every later batch is checked against them. Not thread-safe on its own: `ReplayBuffer`
+    The signature (`spec`: each field's per-record shape and dtype) is fixed at construction,
+    from the algorithm's record spec: a writer can neither change it nor add fields. Records
+    are stored row-major, one row of all fields per item (see titan_rl.records), because
+    sampling is a random gather: a row costs one or two cache misses where one array per
+    field cost one per field. Item keys count inserts (the first item ever is key 0), and the
+    item with key k lives at slot k % capacity. Not thread-safe on its own: a `Table`
     serialises access.
     """
 
-    def __init__(self, capacity: int):
+    def __init__(self, capacity: int, spec: Mapping[str, tuple[tuple[int, ...], np.dtype]]):
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
+        if not spec:
+            raise ValueError("a storage needs at least one field")
         self.capacity = capacity
+        self.layout = RecordLayout.for_spec({name: (tuple(shape), np.dtype(dtype)) for name, (shape, dtype) in spec.items()})
         self.size = 0
         self.inserts_total = 0
-        self._next = 0
-        self.layout: RecordLayout | None = None  # set by the first add
-        self._records = np.empty((0, 0), np.uint8)
-        self._columns: dict[str, np.ndarray] = {}  # per field: its cells of _records (FieldSlot.cells)
+        self._records = np.zeros((capacity, self.layout.record_size), np.uint8)
+        self._columns = {name: s.cells(self._records) for name, s in self.layout.slots.items() if s.nbytes}
         self._same_layout: RecordLayout | None = None
 
     @property
     def spec(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-        return self.layout.spec if self.layout else {}
+        return self.layout.spec
+
+    @property
+    def next_slot(self) -> int:
+        return self.inserts_total % self.capacity
 
     def check_spec(self, spec: Mapping[str, tuple[tuple[int, ...], np.dtype]]) -> None:
-        """Check per-row (shape, dtype) of every field against the stored spec (or against itself before the first add)."""
-        missing = [name for name in TRANSITION_FIELDS if name not in spec]
-        if missing:
-            raise ShapeMismatchError(missing[0], "missing")
-        if spec["obs"][0] != spec["next_obs"][0]:
-            raise ShapeMismatchError("next_obs", f"rows of shape {spec['next_obs'][0]} != obs rows of shape {spec['obs'][0]}")
-        for name in ("terminated", "truncated"):
-            if spec[name][1] != np.bool_:
-                raise ShapeMismatchError(name, f"dtype {spec[name][1]} must be bool")
-        for name in ("action", "reward", "terminated", "truncated"):
-            if spec[name][0] != ():
-                raise ShapeMismatchError(name, f"rows of shape {spec[name][0]} must be scalars")
+        """Every declared field present with the stored shape and dtype, and no other field."""
+        for name in spec:
+            if name not in self.layout.slots:
+                raise ShapeMismatchError(name, f"is not in the table's signature ({', '.join(self.layout.slots)})")
         for name, (shape, dtype) in self.spec.items():
+            if name not in spec:
+                raise ShapeMismatchError(name, "missing")
             got_shape, got_dtype = spec[name]
-            if got_shape != shape or got_dtype.newbyteorder("=") != dtype:
-                raise ShapeMismatchError(name, f"got rows of shape {got_shape} {got_dtype}, the buffer stores {shape} {dtype}")
+            if tuple(got_shape) != shape or np.dtype(got_dtype).newbyteorder("=") != dtype:
+                raise ShapeMismatchError(
+                    name, f"got rows of shape {tuple(got_shape)} {np.dtype(got_dtype)}, the table stores {shape} {dtype}"
+                )
 
     def check_layout(self, layout: RecordLayout) -> None:
-        """`check_spec` for records, skipped for the stored layout's twin already seen (senders reuse one per stream)."""
+        """`check_spec` for records, skipped for a layout object already accepted (senders reuse one per stream)."""
         if layout is not self._same_layout:
             self.check_spec(layout.spec)
 
     def validate(self, fields: Mapping[str, np.ndarray]) -> int:
-        """Check a batch of arrays against the stored spec (see `check_spec`); returns its row count."""
-        missing = [name for name in TRANSITION_FIELDS if name not in fields]
-        if missing:
-            raise ShapeMismatchError(missing[0], "missing")
-        rows = {name: fields[name].shape[0] if fields[name].ndim else -1 for name in TRANSITION_FIELDS}
-        n = rows["obs"]
-        for name in TRANSITION_FIELDS:
-            if rows[name] != n or n < 0:
-                raise ShapeMismatchError(name, f"has {rows[name]} rows but obs has {n}")
-        self.check_spec({name: (fields[name].shape[1:], fields[name].dtype) for name in TRANSITION_FIELDS})
-        return n
+        """Check a batch of arrays against the signature; returns its row count."""
+        rows = {name: a.shape[0] if a.ndim else -1 for name, a in fields.items()}
+        first = next(iter(rows), None)
+        for name, n in rows.items():
+            if n != rows[first] or n < 0:
+                raise ShapeMismatchError(name, f"has {n} rows but {first} has {rows[first]}")
+        self.check_spec({name: (a.shape[1:], a.dtype) for name, a in fields.items()})
+        return rows[first] if first is not None else 0
 
-    def _init(self, spec: Mapping[str, tuple[tuple[int, ...], np.dtype]]) -> None:
-        self.layout = RecordLayout.for_spec({name: spec[name] for name in TRANSITION_FIELDS})
-        self._records = np.zeros((self.capacity, self.layout.record_size), np.uint8)
-        self._columns = {name: s.cells(self._records) for name, s in self.layout.slots.items() if s.nbytes}
-
-    def add(self, fields: Mapping[str, np.ndarray]) -> int:
-        """Copy a batch of arrays in, field by field; returns the number of rows written."""
+    def add(self, fields: Mapping[str, np.ndarray]) -> np.ndarray:
+        """Copy a batch of arrays in, field by field; returns the slots written."""
         n = self.validate(fields)
-        if self.layout is None:
-            self._init({name: (fields[name].shape[1:], fields[name].dtype) for name in TRANSITION_FIELDS})
-        if n > self.capacity:  # only the newest `capacity` rows survive anyway
-            fields = {name: a[-self.capacity :] for name, a in fields.items()}
-            self.inserts_total += n - self.capacity
-            n = self.capacity
-        start = self._next
-        first = min(n, self.capacity - start)
+        slots, fields = self._slots_for(n), {name: a[-self.capacity :] for name, a in fields.items()}
         for name, column in self._columns.items():
-            src = self.layout.slots[name].cells_of(fields[name])
-            column[start : start + first] = src[:first]
-            if first < n:
-                column[: n - first] = src[first:]
-        return self._advance(n)
+            column[slots] = self.layout.slots[name].cells_of(fields[name])
+        return self._advance(n, slots)
 
-    def add_records(self, records: np.ndarray, layout: RecordLayout) -> int:
-        """Copy [n, layout.record_size] uint8 records in: whole rows when `layout` is the stored
-        one (what `RecordLayout.for_fields` gives every sender), field by field otherwise."""
+    def add_records(self, records: np.ndarray, layout: RecordLayout) -> np.ndarray:
+        """Copy [n, layout.record_size] uint8 records in (checked with `check_layout`): whole rows when
+        `layout` is the stored one (what `RecordLayout.for_fields` gives every sender), field by field
+        otherwise. Returns the slots written."""
         if layout is not self._same_layout:
             if layout != self.layout:
                 return self.add(layout.views(records))
             self._same_layout = layout  # senders reuse one layout object per stream: compare it once
         n = len(records)
-        if n > self.capacity:
-            self.inserts_total += n - self.capacity
-            records, n = records[-self.capacity :], self.capacity
-        start = self._next
-        first = min(n, self.capacity - start)
+        slots = self._slots_for(n)
+        records = records[-self.capacity :]
+        start = int(slots[0]) if len(slots) else 0
+        first = min(len(records), self.capacity - start)
         self._records[start : start + first] = records[:first]
-        self._records[: n - first] = records[first:]
-        return self._advance(n)
+        self._records[: len(records) - first] = records[first:]
+        return self._advance(n, slots)
 
-    def _advance(self, n: int) -> int:
-        self._next = (self._next + n) % self.capacity
-        self.size = min(self.size + n, self.capacity)
+    def _slots_for(self, n: int) -> np.ndarray:
+        """Slots of the next min(n, capacity) items that survive an insert of n (only the newest fit)."""
+        kept = min(n, self.capacity)
+        return (self.inserts_total + n - kept + np.arange(kept)) % self.capacity
+
+    def _advance(self, n: int, slots: np.ndarray) -> np.ndarray:
         self.inserts_total += n
-        return n
+        self.size = min(self.size + n, self.capacity)
+        return slots
 
-    def gather(self, indices: np.ndarray) -> np.ndarray:
-        """A [len(indices), record_size] uint8 copy of the records at `indices`; `layout.views` reads its fields."""
-        return np.take(self._records, indices, axis=0)
+    def keys_of(self, slots: np.ndarray) -> np.ndarray:
+        """The key of the item now held at each slot."""
+        newest = self.inserts_total - 1
+        return newest - (newest - slots) % self.capacity
+
+    def slots_of(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(slots, mask of keys whose item is still stored): an item is overwritten `capacity` inserts after it came."""
+        keys = np.asarray(keys, np.int64)
+        live = (keys >= self.inserts_total - self.size) & (keys < self.inserts_total)
+        return keys % self.capacity, live
+
+    def gather(self, slots: np.ndarray) -> np.ndarray:
+        """A [len(slots), record_size] uint8 copy of the records at `slots`; `layout.views` reads its fields."""
+        return np.take(self._records, slots, axis=0)
+
+    def move(self, source: np.ndarray, destination: np.ndarray) -> None:
+        """Copy the records at slots `source` to slots `destination` (a queue closing the gaps of dropped items)."""
+        self._records[destination] = self._records[source]
+
+    def signature(self) -> list[list[Any]]:
+        """Each field's [name, dtype, shape, offset]: what a saved state must match to be read back."""
+        return [[name, s.dtype.name, list(s.shape), s.offset] for name, s in self.layout.slots.items()]
+
+    def state_dict(self) -> dict[str, Any]:
+        """The filled rows, their signature and the insert count (plain numpy, lists and ints)."""
+        return {"records": self._records[: self.size].copy(), "inserts_total": self.inserts_total, "signature": self.signature()}
+
+    def check_state(self, state: Mapping[str, Any]) -> None:
+        """Raise ValueError, changing nothing, unless `state` is one of this storage's signature and capacity."""
+        if state["signature"] != self.signature():
+            raise ValueError(f"signature: the state holds {state['signature']}, this storage {self.signature()}")
+        records = np.asarray(state["records"])
+        if records.dtype != np.uint8 or records.ndim != 2 or records.shape[1] != self.layout.record_size:
+            raise ValueError(f"records: {records.dtype} of shape {records.shape} are not {self.layout.record_size}-byte records")
+        if len(records) > self.capacity or int(state["inserts_total"]) < len(records):
+            raise ValueError(f"records: {len(records)} rows do not fit capacity {self.capacity} with {state['inserts_total']} inserts")
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.check_state(state)
+        records = np.asarray(state["records"], np.uint8)
+        self._records[: len(records)] = records
+        self.size, self.inserts_total = len(records), int(state["inserts_total"])

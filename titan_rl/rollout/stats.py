@@ -16,7 +16,7 @@ class WorkerReport:
 
     worker_id: int
     env_steps: int
-    epsilon: float
+    actor_metrics: dict[str, float]
     policy_version: int
     episode_returns: list[float] = field(default_factory=list)
     episode_lengths: list[int] = field(default_factory=list)
@@ -39,7 +39,9 @@ class TrajectoryStats:
         now = time.monotonic() if now is None else now
         with self._lock:
             w = self._workers[report.worker_id]
-            w.env_steps, w.epsilon, w.policy_version = report.env_steps, report.epsilon, report.policy_version
+            w.env_steps, w.policy_version = report.env_steps, report.policy_version
+            w.actor_metrics.clear()
+            w.actor_metrics.update(report.actor_metrics)
             w.episodes += len(report.episode_returns)
             self._episodes += len(report.episode_returns)
             self._returns.extend(report.episode_returns)

@@ -12,16 +12,15 @@ import time
 import numpy as np
 import torch
 
-from titan_rl.buffer.client import ChunkSender, chunks_in_flight
+from titan_rl.clients.buffer import ChunkSender, chunks_in_flight
+from titan_rl.clients.trainer import PolicySubscriber
 from titan_rl.config import Config
-from titan_rl.envs import check_env_spaces
 from titan_rl.errors import TitanError
-from titan_rl.registry import build_policy, check_policy_fits
-from titan_rl.rollout.actor import VectorActor, linear_epsilon
+from titan_rl.registry import build_algorithm, build_policy
+from titan_rl.rollout.actor import VectorActor
 from titan_rl.rollout.service import CONFIG_ERROR_EXIT_CODE
 from titan_rl.rollout.stats import WorkerReport
 from titan_rl.service import keep_freed_memory, setup_logging
-from titan_rl.trainer.client import PolicySubscriber
 
 log = logging.getLogger(__name__)
 
@@ -45,52 +44,57 @@ def run_worker(cfg: Config, worker_id: int, stop: mp.Event, reports: mp.Queue) -
     global_id, seed = worker_identity(cfg, worker_id)
     torch.manual_seed(seed)
     try:
+        algorithm = build_algorithm(cfg)
         policy = build_policy(cfg).eval()
-        check_policy_fits(policy, *check_env_spaces(cfg))
+        algorithm.check_network(policy)
     except TitanError as e:
         log.error("worker %d: %s", worker_id, e)
         sys.exit(CONFIG_ERROR_EXIT_CODE)
-    final_epsilon = cfg.epsilons()[worker_id]
+    table = algorithm.table().name
     subscriber = PolicySubscriber(cfg.trainer_server.dial_address)
-    sender = ChunkSender(cfg.buffer_server.dial_address, max_in_flight=chunks_in_flight(r.envs_per_worker * r.vector_steps_per_chunk))
+    sender = ChunkSender(
+        cfg.buffer_server.dial_address, max_in_flight=chunks_in_flight(r.envs_per_worker * r.vector_steps_per_chunk), table=table
+    )
     actor = None
     try:
         while not subscriber.wait_first(timeout_s=1.0):
             if stop.is_set() or os.getppid() != parent:
                 return
             log.info("worker %d: waiting for the first weights from %s", worker_id, cfg.trainer_server.dial_address)
-        actor = VectorActor(r.env_name, r.envs_per_worker, policy, seed, cfg.train.n_step, cfg.train.gamma)
+        acting = algorithm.make_actor(policy, worker_id, seed)
+        actor = VectorActor(r.env_name, r.envs_per_worker, acting, algorithm.make_adder(r.envs_per_worker), seed)
         version = -1
         steps = 0
         pending: list[dict[str, np.ndarray]] = []
-        pending_rows = 0
-        report = WorkerReport(worker_id, 0, r.epsilon_start, version)
+        pending_rows = pending_steps = vector_steps = 0  # records, env steps and vector steps since the last chunk
+        report = WorkerReport(worker_id, 0, acting.metrics(), version)
         next_report = time.monotonic() + REPORT_EVERY_S
         while not stop.is_set():
             if (latest := subscriber.take()) is not None:  # swap weights between steps only
-                version, state = latest
-                policy.load_state_dict(state)
-            epsilon = linear_epsilon(r.epsilon_start, final_epsilon, r.epsilon_decay_env_steps, steps * r.num_workers)
-            result = actor.step(epsilon)
-            rows = len(result.transitions["reward"])
-            steps += rows
+                version, acting.env_steps = latest.version, latest.env_steps
+                policy.load_state_dict(latest.state)
+            result = actor.step()
+            rows = len(next(iter(result.records.values())))
+            steps += result.env_steps
             now = time.monotonic()
-            if not pending:
+            if not pending_steps:
                 send_by = now + r.chunk_max_delay_s
-            pending.append(result.transitions)
-            pending_rows += rows
+            if rows:
+                pending.append(result.records)
+                pending_rows += rows
+            pending_steps += result.env_steps
+            vector_steps += 1
             report.episode_returns += result.episode_returns
             report.episode_lengths += result.episode_lengths
-            if len(pending) >= r.vector_steps_per_chunk or now >= send_by:
-                if pending_rows:
-                    chunk = {k: np.concatenate([p[k] for p in pending]) for k in pending[0]}
-                    if not sender.send(chunk, global_id, version, keep_waiting=lambda: not stop.is_set()):
-                        break
-                pending, pending_rows = [], 0
+            if pending_rows and (vector_steps >= r.vector_steps_per_chunk or now >= send_by):
+                chunk = {k: np.concatenate([p[k] for p in pending]) for k in pending[0]}
+                if not sender.send(chunk, global_id, version, pending_steps, keep_waiting=lambda: not stop.is_set()):
+                    break
+                pending, pending_rows, pending_steps, vector_steps = [], 0, 0, 0
             if now >= next_report:
-                report.env_steps, report.epsilon, report.policy_version = steps, epsilon, version
+                report.env_steps, report.actor_metrics, report.policy_version = steps, acting.metrics(), version
                 reports.put(report)
-                report = WorkerReport(worker_id, steps, epsilon, version)
+                report = WorkerReport(worker_id, steps, report.actor_metrics, version)
                 next_report = now + REPORT_EVERY_S
                 if os.getppid() != parent:
                     return

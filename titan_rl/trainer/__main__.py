@@ -10,20 +10,20 @@ from pathlib import Path
 
 import torch
 
-from titan_rl.buffer.client import BatchPrefetcher
+from titan_rl.algorithm import Learner
+from titan_rl.clients.buffer import BatchPrefetcher, PriorityUpdater
+from titan_rl.clients.rollout import RolloutClient
 from titan_rl.config import Config
-from titan_rl.envs import check_env_spaces
 from titan_rl.errors import ConfigError, TitanError
+from titan_rl.evaluation import Evaluator
 from titan_rl.metrics import MetricsLogger
-from titan_rl.registry import build, build_policy, check_policy_fits
-from titan_rl.rollout.client import RolloutClient
+from titan_rl.registry import build_algorithm, build_policy
 from titan_rl.rpc import make_server, set_serving
 from titan_rl.service import parse_service_args
 from titan_rl.trainer.loop import Summary, TrainingLoop
 from titan_rl.trainer.policy_store import PolicyStore
 from titan_rl.trainer.service import TrainerServicer
 from titan_rl.v1 import trainer_pb2, trainer_pb2_grpc
-from trainers.base import Trainer
 
 log = logging.getLogger("titan_rl.trainer")
 
@@ -47,23 +47,29 @@ def run(cfg: Config) -> Summary:
     """Build everything from `cfg`, serve, train until the budget is met, and shut the server down."""
     torch.set_num_threads(cfg.train.torch_threads)
     torch.manual_seed(cfg.seed)
-    obs_shape, n_actions = check_env_spaces(cfg)
+    algorithm = build_algorithm(cfg)
     policy = build_policy(cfg)
-    check_policy_fits(policy, obs_shape, n_actions)
-    trainer = build(cfg.trainer, "trainer", policy, cfg.train)
-    if not isinstance(trainer, Trainer):
-        raise TitanError(f"trainer.path={cfg.trainer.path!r} is not a subclass of trainers.base.Trainer")
+    algorithm.check_network(policy)
+    learner = algorithm.make_learner(policy)
+    if not isinstance(learner, Learner):
+        raise TitanError(f"algorithm.path={cfg.algorithm.path!r}: make_learner returned {type(learner).__name__}, not a Learner")
     check_writable(cfg.logging.checkpoint_path)
     name = run_name(cfg)
     logger = MetricsLogger(cfg, Path(cfg.logging.run_dir) / name, name)
     store = PolicyStore()
-    t = cfg.train
-    batches = BatchPrefetcher(cfg.buffer_server.dial_address, t.batch_size, t.batches_per_request(), t.prefetch_requests)
+    t, table = cfg.train, algorithm.table()
+    address = cfg.buffer_server.dial_address
+    if table.kind == "fifo":  # on-policy: one batch per message, none acted by weights older than the lag allows
+        batches = BatchPrefetcher(address, t.batch_size, 1, t.prefetch_requests, table.name, min_policy_version=lambda: store.version)
+    else:
+        batches = BatchPrefetcher(address, t.batch_size, t.batches_per_request(), t.prefetch_requests, table.name)
+    priorities = PriorityUpdater(address, table.name) if table.kind == "prioritized" else None
     rollout = RolloutClient(cfg.rollout_server.dial_address)
-    loop = TrainingLoop(cfg, trainer, batches, store, logger, rollout)
+    evaluator = Evaluator(cfg, cfg.eval.episodes, cfg.budget.target_eval_return)
+    loop = TrainingLoop(cfg, learner, batches, store, logger, evaluator, rollout, priorities)
     server, port, health = make_server(cfg.trainer_server.host, cfg.trainer_server.port)
     trainer_pb2_grpc.add_TrainerServiceServicer_to_server(TrainerServicer(loop, store), server)
-    store.publish(policy.state_dict())
+    loop.publish()
     server.start()
     set_serving(health, [trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"].full_name])
     log.info("trainer serving on %s:%d, run %s", cfg.trainer_server.host, port, name)
@@ -74,6 +80,9 @@ def run(cfg: Config) -> Summary:
         return loop.run()
     finally:
         store.close()
+        evaluator.close()
+        if priorities is not None:
+            priorities.close()
         batches.close()
         rollout.close()
         logger.close()

@@ -1,4 +1,8 @@
-"""The learner loop: batches in, updates, weights out, evaluation, logging, checkpoints, budget."""
+"""The learner loop: batches in, learner updates, weights out, evaluation, logging, checkpoints, budget.
+
+It knows nothing of the algorithm but the `Learner` contract: any table's batches go to
+`learner.update`, new priorities (if the learner set them) go back to the buffer.
+"""
 
 from __future__ import annotations
 
@@ -13,23 +17,25 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from titan_rl.algorithm import Learner, to_batch
 from titan_rl.checkpoint import last_path, save_checkpoint
+from titan_rl.clients.buffer import PriorityUpdater, Sample
+from titan_rl.clients.rollout import RolloutClient
 from titan_rl.config import Config
+from titan_rl.evaluation import EvalJob, EvalResult, Evaluator, snapshot
 from titan_rl.metrics import MetricsLogger
-from titan_rl.rollout.actor import evaluate_greedy
-from titan_rl.rollout.client import RolloutClient
 from titan_rl.trainer.policy_store import PolicyStore
-from trainers.base import Trainer
 
 log = logging.getLogger(__name__)
 
 WAIT_POLL_S = 0.5
+EVAL_WAIT_S = 120.0
 
 
 class BatchSource(Protocol):
-    inserts_total: int
+    env_steps_total: int
 
-    def next(self, timeout_s: float | None = None) -> dict[str, np.ndarray] | None: ...
+    def next(self, timeout_s: float | None = None) -> Sample | None: ...
 
 
 @dataclass
@@ -46,22 +52,25 @@ class Summary:
 
 
 class TrainingLoop:
-    """Runs `trainer.update` on batches from `batches` until a budget is met or `stop()` is called.
+    """Runs `learner.update` on batches from `batches` until a budget is met or `stop()` is called.
 
-    Env steps are counted by the buffer (every stored transition is one env step), so the
-    count is right however many rollout replicas feed it.
+    Env steps are counted by the buffer (every chunk says how many it covers), so the count is
+    right however many rollout replicas feed it. Evaluation runs on `evaluator`'s thread.
     """
 
     def __init__(
         self,
         cfg: Config,
-        trainer: Trainer,
+        learner: Learner,
         batches: BatchSource,
         store: PolicyStore,
         logger: MetricsLogger,
+        evaluator: Evaluator,
         rollout: RolloutClient | None = None,
+        priorities: PriorityUpdater | None = None,
     ):
-        self.cfg, self.trainer, self.batches, self.store, self.logger, self.rollout = cfg, trainer, batches, store, logger, rollout
+        self.cfg, self.learner, self.batches, self.store, self.logger = cfg, learner, batches, store, logger
+        self.evaluator, self.rollout, self.priorities = evaluator, rollout, priorities
         self.state = "waiting_for_data"
         self.env_steps = 0
         self.best_eval: float | None = None
@@ -71,6 +80,8 @@ class TrainingLoop:
         self._stop = threading.Event()
         self._start = time.monotonic()
         self._evals = 0
+        self._evaluated_at = -1
+        self._loss_key = ""
 
     def stop(self) -> None:
         self._stop.set()
@@ -90,52 +101,57 @@ class TrainingLoop:
             return f"eval return {self.last_eval:.1f} >= budget.target_eval_return={b.target_eval_return:g}"
         return None
 
+    def publish(self) -> int:
+        return self.store.publish(self.learner.network.state_dict(), self.env_steps)
+
     def run(self) -> Summary:
         t = self.cfg.train
         self._start = time.monotonic()
         if self.store.version < 0:
-            self.store.publish(self.trainer.policy.state_dict())
+            self.publish()
         next_eval = self.cfg.eval.interval_env_steps
         next_log = 0.0
         window: dict[str, list[float]] = defaultdict(list)
         updates_at_log, steps_at_log, time_at_log = 0, 0, self._start
-        evaluated_at = -1
         while (reason := self._budget_reason()) is None:
-            batch = self.batches.next(timeout_s=WAIT_POLL_S)
-            if batch is None:
-                self.logger.console(self.env_steps, f"{self.state}: buffer holds back batches (min_buffer_size={t.min_buffer_size})")
+            for result in self.evaluator.results():
+                self._record_eval(result)
+            sample = self.batches.next(timeout_s=WAIT_POLL_S)
+            if sample is None:
+                self.logger.console(self.env_steps, f"{self.state}: the buffer holds back batches (min_buffer_size={t.min_buffer_size})")
                 continue
             self.state = "training"
+            batch = to_batch(sample.fields, sample.keys, sample.weights)
             with self.checkpoint_lock:  # a Checkpoint call never sees half an update
-                metrics = self.trainer.update(batch)
+                metrics = self.learner.update(batch)
+            if batch.new_priorities is not None and self.priorities is not None:
+                self.priorities.put(batch.keys, batch.new_priorities)
+            self._loss_key = self._loss_key or next((k for k in metrics if k.startswith("losses/")), "")
             for key, value in metrics.items():
                 window[key].append(value)
-            if self.trainer.updates % t.policy_sync_every_updates == 0:
-                self.store.publish(self.trainer.policy.state_dict())
-            self.env_steps = self.batches.inserts_total
-            if self.env_steps >= next_eval:
-                self._evaluate()
-                evaluated_at = self.env_steps
+            self.env_steps = sample.env_steps_total
+            if self.learner.updates % t.policy_sync_every_updates == 0:
+                self.publish()
+            if self.env_steps >= next_eval and self._submit_eval():
                 next_eval = (self.env_steps // self.cfg.eval.interval_env_steps + 1) * self.cfg.eval.interval_env_steps
             if (now := time.monotonic()) >= next_log:
                 elapsed = max(now - time_at_log, 1e-9)
                 rates = {
-                    "charts/updates_per_s": (self.trainer.updates - updates_at_log) / elapsed,
+                    "charts/updates_per_s": (self.learner.updates - updates_at_log) / elapsed,
                     "charts/learner_env_steps_per_s": (self.env_steps - steps_at_log) / elapsed,
                 }
                 self._log({**{k: float(np.mean(v)) for k, v in window.items()}, **rates})
                 window.clear()
-                updates_at_log, steps_at_log, time_at_log = self.trainer.updates, self.env_steps, now
+                updates_at_log, steps_at_log, time_at_log = self.learner.updates, self.env_steps, now
                 next_log = now + self.cfg.logging.log_interval_s
         self.state = "stopping"
         log.info("stopping: %s", reason)
-        if evaluated_at != self.env_steps and not self._stop.is_set():
-            self._evaluate()
+        self._final_eval()
         last = self.save(last_path(self.cfg.logging.checkpoint_path))
         summary = Summary(
             stop_reason=reason,
             env_steps=self.env_steps,
-            updates=self.trainer.updates,
+            updates=self.learner.updates,
             policy_version=self.store.version,
             wall_s=round(self.wall_s(), 3),
             best_eval_return=self.best_eval,
@@ -147,31 +163,40 @@ class TrainingLoop:
         self.state = "done"
         return summary
 
-    def _greedy_returns(self) -> list[float]:
+    def _submit_eval(self) -> bool:
+        """Hand a snapshot of the learner to the evaluator; False while it is busy with the last one."""
+        if not self.evaluator.idle:
+            return False
         e = self.cfg.eval
-        seed = 1_000_003 * (self.cfg.seed + 1) + self._evals * e.episodes  # fresh episodes every time
+        seed = 1_000_003 * (self.cfg.seed + 1) + 2 * self._evals * e.episodes  # fresh episodes every time
+        with self.checkpoint_lock:
+            state = snapshot(self.learner.state_dict())
+        self.evaluator.submit(EvalJob(self.env_steps, state, seed, seed + e.episodes))
         self._evals += 1
-        return evaluate_greedy(self.trainer.policy, self.cfg.rollout_server.env_name, e.episodes, seed)
+        self._evaluated_at = self.env_steps
+        return True
 
-    def _evaluate(self) -> None:
-        """Score the greedy policy; a score that reaches the target is confirmed on as many new episodes.
+    def _final_eval(self) -> None:
+        """Wait for a running evaluation, and score the final weights unless they were scored (or stop was asked)."""
+        for result in self.evaluator.results(wait_s=EVAL_WAIT_S):
+            self._record_eval(result)
+        if self._evaluated_at != self.env_steps and not self._stop.is_set() and self._submit_eval():
+            for result in self.evaluator.results(wait_s=EVAL_WAIT_S):
+                self._record_eval(result)
 
-        One lucky set of episodes must not end training: the score that stops it, and the one a
-        best checkpoint is kept for, is then the mean over both sets.
-        """
-        returns = self._greedy_returns()
-        target = self.cfg.budget.target_eval_return
-        if target is not None and np.mean(returns) >= target:
-            returns += self._greedy_returns()
+    def _record_eval(self, result: EvalResult) -> None:
+        """Keep the score, and a best checkpoint of exactly the weights that earned it."""
+        returns = result.returns
         self.last_eval = float(np.mean(returns))
         improved = self.best_eval is None or self.last_eval > self.best_eval
         if improved:
             self.best_eval = self.last_eval
-            self.save(self.cfg.logging.checkpoint_path, returns)
-        self._log({"eval/mean_return": self.last_eval, "eval/min_return": float(np.min(returns)), "eval/best_mean_return": self.best_eval})
-        log.debug("eval at %d env steps: %.1f%s", self.env_steps, self.last_eval, " (best)" if improved else "")
+            self.save(self.cfg.logging.checkpoint_path, returns, state=result.job.state, env_steps=result.job.env_steps)
+        metrics = {"eval/mean_return": self.last_eval, "eval/min_return": float(np.min(returns)), "eval/best_mean_return": self.best_eval}
+        self._log(metrics, result.job.env_steps)
+        log.debug("eval at %d env steps: %.1f%s", result.job.env_steps, self.last_eval, " (best)" if improved else "")
 
-    def _log(self, metrics: dict[str, float]) -> None:
+    def _log(self, metrics: dict[str, float], env_steps: int | None = None) -> None:
         stats = self.rollout.stats() if self.rollout is not None else None
         if stats is not None:
             metrics.update({"charts/policy_version_acting": float(stats.policy_version), "charts/env_steps_per_s": stats.steps_per_second})
@@ -179,36 +204,41 @@ class TrainingLoop:
                 metrics.update({"charts/episodic_return": stats.mean_return, "charts/episodic_length": stats.mean_length})
         metrics.update(
             {
-                "charts/updates": float(self.trainer.updates),
+                "charts/updates": float(self.learner.updates),
                 "charts/policy_version": float(self.store.version),
                 "charts/wall_s": self.wall_s(),
                 "charts/time": time.time(),
             }
         )
         self.last_metrics.update(metrics)
-        self.logger.log(metrics, self.env_steps)
+        self.logger.log(metrics, self.env_steps if env_steps is None else max(env_steps, 0))
         m = self.last_metrics
         ev = "-" if self.last_eval is None else f"{self.last_eval:.1f} (best {self.best_eval:.1f})"
         self.logger.console(
             self.env_steps,
             f"{m.get('charts/env_steps_per_s', 0):,.0f} steps/s | return {m.get('charts/episodic_return', 0):.1f} | "
-            f"eval {ev} | loss {m.get('losses/td_loss', float('nan')):.4f} | policy v{self.store.version}",
+            f"eval {ev} | {self._loss_key.removeprefix('losses/') or 'loss'} {m.get(self._loss_key, float('nan')):.4f} | "
+            f"policy v{self.store.version}",
         )
 
-    def save(self, path: str | Path, eval_returns: list[float] | None = None) -> Path:
-        counters = {
-            "updates": self.trainer.updates,
-            "env_steps": self.env_steps,
-            "policy_version": self.store.version,
-            "wall_s": self.wall_s(),
-        }
+    def save(
+        self, path: str | Path, eval_returns: list[float] | None = None, state: dict[str, Any] | None = None, env_steps: int | None = None
+    ) -> Path:
+        """Write the learner's state (or `state`, a snapshot taken at `env_steps`) with the run's counters."""
         with self.checkpoint_lock:
-            return save_checkpoint(path, self.cfg, self.trainer.state_dict(), counters, eval_returns)
+            state = state if state is not None else self.learner.state_dict()
+            counters = {
+                "updates": int(state["updates"]),
+                "env_steps": self.env_steps if env_steps is None else env_steps,
+                "policy_version": self.store.version,
+                "wall_s": self.wall_s(),
+            }
+            return save_checkpoint(path, self.cfg, state, counters, eval_returns)
 
     def status(self) -> dict[str, Any]:
         return {
             "state": self.state,
-            "updates": self.trainer.updates,
+            "updates": self.learner.updates,
             "env_steps": self.env_steps,
             "policy_version": self.store.version,
             "best_eval_return": self.best_eval if self.best_eval is not None else float("nan"),

@@ -22,11 +22,13 @@ class PolicyStore:
         with self._cond:
             return self._latest.version if self._latest is not None else -1
 
-    def publish(self, state: Mapping[str, torch.Tensor]) -> int:
-        """Encode `state` as the next version and wake every watcher; returns the version."""
+    def publish(self, state: Mapping[str, torch.Tensor], env_steps: int = 0) -> int:
+        """Encode `state` as the next version and wake every watcher; returns the version.
+
+        `env_steps` (buffer-wide) travels with the weights: actors run their schedules on it."""
         with self._cond:
             version = self._latest.version + 1 if self._latest is not None else 0
-        weights = wire.encode_weights({k: t.detach().cpu().numpy() for k, t in state.items()}, version)  # outside the lock
+        weights = wire.encode_weights({k: t.detach().cpu().numpy() for k, t in state.items()}, version, env_steps)  # outside the lock
         with self._cond:
             self._latest = weights
             self._cond.notify_all()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from typing import NamedTuple
 
 import grpc
 import torch
@@ -13,6 +14,12 @@ from titan_rl.rpc import RETRYABLE, Backoff, make_channel
 from titan_rl.v1 import trainer_pb2, trainer_pb2_grpc
 
 log = logging.getLogger(__name__)
+
+
+class Weights(NamedTuple):
+    version: int
+    env_steps: int  # buffer-wide env steps when they were published
+    state: dict[str, torch.Tensor]
 
 
 class PolicySubscriber:
@@ -26,7 +33,7 @@ class PolicySubscriber:
     def __init__(self, address: str):
         self.address = address
         self.version = -1
-        self._latest: tuple[int, dict[str, torch.Tensor]] | None = None
+        self._latest: Weights | None = None
         self._lock = threading.Lock()
         self._arrived = threading.Event()
         self._stop = threading.Event()
@@ -36,7 +43,7 @@ class PolicySubscriber:
         self._thread = threading.Thread(target=self._run, name="policy-subscriber", daemon=True)
         self._thread.start()
 
-    def take(self) -> tuple[int, dict[str, torch.Tensor]] | None:
+    def take(self) -> Weights | None:
         with self._lock:
             latest, self._latest = self._latest, None
         return latest
@@ -53,7 +60,7 @@ class PolicySubscriber:
                     weights = reply.weights
                     state = {k: torch.from_numpy(a.copy()) for k, a in wire.decode_weights(weights).items()}
                     with self._lock:
-                        self._latest = (weights.version, state)
+                        self._latest = Weights(weights.version, weights.env_steps, state)
                         self.version = weights.version
                     self._arrived.set()
                     backoff.reset()

@@ -1,4 +1,4 @@
-"""Clients of the buffer service: a chunk sender for actors and a batch prefetcher for the learner."""
+"""Clients of the buffer service: a chunk sender for actors, a batch prefetcher and a priority updater for the learner."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 
 import grpc
 import numpy as np
@@ -42,6 +43,40 @@ _BUFFER_SERVICE = buffer_pb2.DESCRIPTOR.services_by_name["BufferService"]
 ADD_METHOD = f"/{_BUFFER_SERVICE.full_name}/Add"  # ChunkSender calls it with AddRequests it serialised itself
 
 
+@dataclass
+class Sample:
+    """Sampled rows as they came off the wire: read-only field views, item keys, importance weights."""
+
+    fields: dict[str, np.ndarray]
+    keys: np.ndarray
+    weights: np.ndarray | None
+    env_steps_total: int
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def batches(self, batch_size: int) -> list[Sample]:
+        """Consecutive slices of `batch_size` rows (the message holds whole batches)."""
+        n = len(self) // batch_size
+        if n * batch_size != len(self):
+            raise WireError(f"records: {len(self)} rows are not whole batches of {batch_size}")
+        out = []
+        for i in range(n):
+            rows = slice(i * batch_size, (i + 1) * batch_size)
+            weights = None if self.weights is None else self.weights[rows]
+            out.append(Sample({k: a[rows] for k, a in self.fields.items()}, self.keys[rows], weights, self.env_steps_total))
+        return out
+
+
+def decode_sample(sample: buffer_pb2.SampledBatch) -> Sample:
+    records, layout = wire.decode_records(sample.records)
+    keys = wire.decode(sample.keys, "keys")
+    weights = wire.decode(sample.weights, "weights") if sample.HasField("weights") else None
+    if len(keys) != len(records) or (weights is not None and len(weights) != len(records)):
+        raise WireError(f"keys: {len(keys)} keys for {len(records)} records")
+    return Sample(layout.views(records), keys, weights, sample.env_steps_total)
+
+
 class BufferClient:
     """Unary calls: info and one-off samples. Every call has a timeout."""
 
@@ -51,13 +86,20 @@ class BufferClient:
         self._channel = make_channel(address)
         self.stub = buffer_pb2_grpc.BufferServiceStub(self._channel)
 
-    def info(self) -> buffer_pb2.InfoResponse:
-        return call_with_retry(lambda: self.stub.Info(buffer_pb2.InfoRequest(), timeout=self.timeout_s), f"buffer {self.address} Info")
+    def info(self, table: str = "") -> buffer_pb2.InfoResponse:
+        request = buffer_pb2.InfoRequest(table=table)
+        return call_with_retry(lambda: self.stub.Info(request, timeout=self.timeout_s), f"buffer {self.address} Info")
 
-    def sample(self, batch_size: int, num_batches: int = 1) -> dict[str, np.ndarray]:
-        reply = self.stub.Sample(buffer_pb2.SampleRequest(batch_size=batch_size, num_batches=num_batches), timeout=self.timeout_s)
-        records, layout = wire.decode_records(reply.sample.records)
-        return layout.views(records)
+    def sample(self, batch_size: int, num_batches: int = 1, table: str = "") -> Sample:
+        request = buffer_pb2.SampleRequest(batch_size=batch_size, num_batches=num_batches, table=table)
+        return decode_sample(self.stub.Sample(request, timeout=self.timeout_s).sample)
+
+    def update_priorities(self, keys: np.ndarray, priorities: np.ndarray, table: str = "") -> int:
+        """New priorities for sampled keys; returns how many items were still stored."""
+        request = buffer_pb2.UpdatePrioritiesRequest(table=table)
+        wire.fill(request.keys, np.asarray(keys, np.int64))
+        wire.fill(request.priorities, np.asarray(priorities, np.float32))
+        return self.stub.UpdatePriorities(request, timeout=self.timeout_s).updated
 
     def close(self) -> None:
         self._channel.close()
@@ -76,10 +118,11 @@ class ChunkSender:
     raised from the next `send()`. `send()` is for one producer thread.
     """
 
-    def __init__(self, address: str, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT, give_up_after_s: float = 120.0):
+    def __init__(self, address: str, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT, give_up_after_s: float = 120.0, table: str = ""):
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
         self.address = address
+        self.table = table
         self.give_up_after_s = give_up_after_s
         self.chunks_acked = 0
         self._ack_every = ack_every(max_in_flight)
@@ -96,11 +139,18 @@ class ChunkSender:
         self._thread.start()
 
     def send(
-        self, fields: Mapping[str, np.ndarray], worker_id: int, policy_version: int, keep_waiting: Callable[[], bool] = lambda: True
+        self,
+        fields: Mapping[str, np.ndarray],
+        worker_id: int,
+        policy_version: int,
+        env_steps: int | None = None,
+        keep_waiting: Callable[[], bool] = lambda: True,
     ) -> bool:
-        """Queue a chunk once a slot is free; False if `keep_waiting()` turned False first."""
-        request = buffer_pb2.AddRequest()
-        wire.fill_chunk(request.chunk, fields, worker_id, policy_version)
+        """Queue a chunk of records once a slot is free; False if `keep_waiting()` turned False first.
+
+        `env_steps`: env steps taken since the previous chunk (default: one per record)."""
+        request = buffer_pb2.AddRequest(table=self.table)
+        wire.fill_chunk(request.chunk, fields, worker_id, policy_version, env_steps)
         with self._lock:
             request.ack = self._unasked + 1 >= self._ack_every
         payload = request.SerializeToString()  # here, while earlier chunks are in flight, not on the sending thread
@@ -228,19 +278,29 @@ class BatchPrefetcher:
     Each request asks for `batches_per_request` batches stacked in one message; `next()`
     slices them off one at a time, so it returns ordinary batches of `batch_size` rows
     while the queue between the threads moves whole messages (one hand-off per message,
-    not per batch). A broken stream is reopened with back-off. `next()` is for one
-    consumer thread (the training loop).
+    not per batch). `min_policy_version()` is read as each request is sent (a FIFO table
+    drops items acted by older weights). A broken stream is reopened with back-off.
+    `next()` is for one consumer thread (the training loop).
     """
 
-    def __init__(self, address: str, batch_size: int, batches_per_request: int = 4, prefetch_requests: int = 2):
+    def __init__(
+        self,
+        address: str,
+        batch_size: int,
+        batches_per_request: int = 4,
+        prefetch_requests: int = 2,
+        table: str = "",
+        min_policy_version: Callable[[], int] = lambda: -1,
+    ):
         self.address = address
         self.batch_size = batch_size
-        self.inserts_total = 0
-        self._request = buffer_pb2.SampleStreamRequest(batch_size=batch_size, num_batches=batches_per_request)
+        self.env_steps_total = 0
+        self._request = buffer_pb2.SampleStreamRequest(batch_size=batch_size, num_batches=batches_per_request, table=table)
+        self._min_policy_version = min_policy_version
         self._prefetch_requests = prefetch_requests
         self._credits: queue.Queue = queue.Queue()
         self._ready: queue.Queue = queue.Queue(maxsize=prefetch_requests)
-        self._current: dict[str, np.ndarray] = {}  # every field as [batches, batch_size, ...]
+        self._current: list[Sample] = []
         self._next_batch = 0
         self._error: Exception | None = None
         self._stop = threading.Event()
@@ -250,9 +310,9 @@ class BatchPrefetcher:
         self._thread = threading.Thread(target=self._run, name="batch-prefetcher", daemon=True)
         self._thread.start()
 
-    def next(self, timeout_s: float | None = None) -> dict[str, np.ndarray] | None:
+    def next(self, timeout_s: float | None = None) -> Sample | None:
         """The next batch, or None if none arrived within `timeout_s` (the rate limiter may hold it back)."""
-        if self._next_batch >= len(self._current.get("reward", ())):
+        if self._next_batch >= len(self._current):
             try:
                 self._current, self._next_batch = self._ready.get(timeout=timeout_s), 0
             except queue.Empty:
@@ -260,9 +320,18 @@ class BatchPrefetcher:
                     raise self._error from None
                 return None
         k, self._next_batch = self._next_batch, self._next_batch + 1
-        return {name: a[k] for name, a in self._current.items()}
+        return self._current[k]
 
-    def _put(self, rows: dict[str, np.ndarray]) -> bool:
+    def _credit(self) -> buffer_pb2.SampleStreamRequest:
+        version = self._min_policy_version()
+        if version < 0:
+            return self._request
+        request = buffer_pb2.SampleStreamRequest()
+        request.CopyFrom(self._request)
+        request.min_policy_version = version
+        return request
+
+    def _put(self, rows: list[Sample]) -> bool:
         while not self._stop.is_set():
             try:
                 self._ready.put(rows, timeout=0.2)
@@ -281,18 +350,14 @@ class BatchPrefetcher:
             credits: queue.Queue = queue.Queue()
             self._credits = credits
             for _ in range(self._prefetch_requests):
-                credits.put(self._request)
+                credits.put(self._credit())
             try:
                 self._call = self._stub.SampleStream(self._requests(credits), wait_for_ready=True)
                 for reply in self._call:
-                    credits.put(self._request)  # at once, so the server samples while this reply is decoded
-                    self.inserts_total = reply.sample.inserts_total
-                    records, layout = wire.decode_records(reply.sample.records)
-                    batches = len(records) // self.batch_size
-                    if batches * self.batch_size != len(records):
-                        raise WireError(f"records: {len(records)} rows are not whole batches of {self.batch_size}")
-                    fields = {name: a.reshape(batches, self.batch_size, *a.shape[1:]) for name, a in layout.views(records).items()}
-                    if not self._put(fields):  # blocks while the queue is full: prefetch stays bounded
+                    credits.put(self._credit())  # at once, so the server samples while this reply is decoded
+                    sample = decode_sample(reply.sample)
+                    self.env_steps_total = sample.env_steps_total
+                    if not self._put(sample.batches(self.batch_size)):  # blocks while the queue is full: prefetch stays bounded
                         return
                     backoff.reset()
             except grpc.RpcError as e:
@@ -320,3 +385,61 @@ class BatchPrefetcher:
         if self._call is not None:
             self._call.cancel()
         self._channel.close()
+
+
+class PriorityUpdater:
+    """Sends new priorities to the buffer from a background thread, off the learner's critical path.
+
+    `put()` never blocks: what piles up while an UpdatePriorities call is in flight goes in the
+    next call, as one message. A failed call is logged and its priorities dropped (they are
+    refreshed the next time those items are sampled).
+    """
+
+    def __init__(self, address: str, table: str = "", timeout_s: float = 10.0):
+        self._client = BufferClient(address, timeout_s)
+        self.table = table
+        self.sent_total = 0
+        self._pending: list[tuple[np.ndarray, np.ndarray]] = []
+        self._sending = False
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="priority-updater", daemon=True)
+        self._thread.start()
+
+    def put(self, keys: np.ndarray, priorities: np.ndarray) -> None:
+        with self._cond:
+            self._pending.append((keys, priorities))
+            self._cond.notify()
+
+    def flush(self, timeout_s: float = 5.0) -> bool:
+        """Wait until everything put so far was sent; False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._pending and not self._sending, timeout_s)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._pending or self._closed)
+                if self._closed and not self._pending:
+                    return
+                pending, self._pending = self._pending, []
+                self._sending = True
+            keys = np.concatenate([k for k, _ in pending])
+            priorities = np.concatenate([p for _, p in pending])
+            try:
+                self._client.update_priorities(keys, priorities, self.table)
+                self.sent_total += len(keys)
+            except grpc.RpcError as e:
+                log.warning(
+                    "buffer %s UpdatePriorities: %s: %s; %d priorities dropped", self._client.address, e.code().name, e.details(), len(keys)
+                )
+            with self._cond:
+                self._sending = False
+                self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(5.0)
+        self._client.close()

@@ -1,8 +1,14 @@
-"""n-step transitions from a vector env's one-step ones (pure numpy, no gRPC, no torch)."""
+"""Adders: turn a vector env's steps into records (pure numpy, no gRPC, no torch).
+
+`NStepAdder` writes n-step transitions (DQN and its kin); `SegmentAdder` writes fixed-length
+trajectory segments with per-step extras such as behaviour log-probs (IMPALA).
+"""
 
 from __future__ import annotations
 
 import numpy as np
+
+from titan_rl.algorithm import Adder, EnvStep, RecordSpec
 
 
 class NStepAccumulator:
@@ -69,3 +75,69 @@ class NStepAccumulator:
             "terminated": terminated[env].astype(bool),
             "truncated": truncated[env].astype(bool),
         }
+
+
+def transition_spec(obs_shape: tuple[int, ...], obs_dtype: np.dtype) -> RecordSpec:
+    """The record of an n-step transition: what `NStepAdder` writes."""
+    return {
+        "obs": (obs_shape, np.dtype(obs_dtype)),
+        "action": ((), np.dtype(np.int64)),
+        "reward": ((), np.dtype(np.float32)),
+        "next_obs": (obs_shape, np.dtype(obs_dtype)),
+        "terminated": ((), np.dtype(bool)),
+        "truncated": ((), np.dtype(bool)),
+    }
+
+
+class NStepAdder(Adder):
+    """n-step transitions of every env (see NStepAccumulator); extras are not stored."""
+
+    def __init__(self, num_envs: int, n: int, gamma: float, obs_shape: tuple[int, ...], obs_dtype: np.dtype):
+        self.accumulator = NStepAccumulator(num_envs, n, gamma, obs_shape, obs_dtype)
+
+    def add(self, step: EnvStep) -> dict[str, np.ndarray]:
+        return self.accumulator.push(step.obs, step.action, step.reward, step.next_obs, step.terminated, step.truncated, step.valid)
+
+
+def segment_spec(length: int, obs_shape: tuple[int, ...], obs_dtype: np.dtype, extras: RecordSpec) -> RecordSpec:
+    """The record of a `length`-step segment: every one-step field with a leading time axis, plus `extras` per step."""
+    one_step = {**transition_spec(obs_shape, obs_dtype), **extras}
+    return {name: ((length, *shape), dtype) for name, (shape, dtype) in one_step.items()}
+
+
+class SegmentAdder(Adder):
+    """Fixed-length segments of consecutive valid steps of one env each.
+
+    Each stored step keeps its own true `next_obs`, so a segment may cross episode ends: a
+    learner cuts its returns at `terminated | truncated` and bootstraps a truncation from
+    that step's `next_obs`. Reset steps (not valid) are skipped. Every env fills its own
+    segment; a full one is emitted and the next starts empty, so no step is stored twice.
+    """
+
+    def __init__(self, num_envs: int, length: int, obs_shape: tuple[int, ...], obs_dtype: np.dtype, extras: RecordSpec):
+        if length < 1:
+            raise ValueError(f"length must be >= 1, got {length}")
+        self.length = length
+        spec = segment_spec(length, obs_shape, obs_dtype, extras)
+        self._buffers = {name: np.zeros((num_envs, *shape), dtype) for name, (shape, dtype) in spec.items()}
+        self._filled = np.zeros(num_envs, dtype=np.int64)
+        self._extra_names = tuple(extras)
+
+    def add(self, step: EnvStep) -> dict[str, np.ndarray]:
+        env = np.flatnonzero(step.valid)
+        t = self._filled[env]
+        values = {
+            "obs": step.obs,
+            "action": step.action,
+            "reward": step.reward,
+            "next_obs": step.next_obs,
+            "terminated": step.terminated,
+            "truncated": step.truncated,
+            **{name: step.extras[name] for name in self._extra_names},
+        }
+        for name, buf in self._buffers.items():
+            buf[env, t] = values[name][env]
+        self._filled[env] += 1
+        full = np.flatnonzero(self._filled == self.length)
+        self._filled[full] = 0
+        return {name: buf[full] for name, buf in self._buffers.items()}  # fancy indexing copies

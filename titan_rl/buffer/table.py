@@ -1,0 +1,312 @@
+"""A table: ring storage + how it is sampled (uniform, prioritized or FIFO) + a rate limiter, behind one lock.
+
+Reverb's tables are the model: a replay table samples with replacement and keeps a
+sample-to-insert ratio; a queue hands out each item once, oldest first. The lock is held only
+while rows are copied in or out and while waiters are checked.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from titan_rl.algorithm import RecordSpec, TableSpec
+from titan_rl.buffer.rate_limiter import RateLimiter
+from titan_rl.buffer.samplers import PrioritizedSampler, Sampler, UniformSampler
+from titan_rl.buffer.storage import RingStorage
+from titan_rl.errors import NotEnoughDataError, SampleTooLargeError
+from titan_rl.records import RecordLayout
+
+
+@dataclass
+class TableInfo:
+    kind: str
+    size: int
+    capacity: int
+    inserts_total: int
+    env_steps_total: int
+    sampled_rows_total: int
+    sample_calls_total: int
+    dropped_stale_total: int
+
+
+@dataclass
+class SampledRows:
+    """Rows drawn by `Table.sample`, as the records they are stored in."""
+
+    records: np.ndarray  # [rows, layout.record_size] uint8, a copy
+    layout: RecordLayout
+    keys: np.ndarray  # [rows] int64 item keys
+    weights: np.ndarray | None  # [rows] float32 importance weights (prioritized tables)
+    inserts_total: int  # items stored when these were drawn
+    env_steps_total: int
+
+    def fields(self) -> dict[str, np.ndarray]:
+        """Every field as a strided view into `records`."""
+        return self.layout.views(self.records)
+
+
+class Closed(Exception):
+    """The table was closed while a caller waited on it."""
+
+
+class Table:
+    """One named table of the buffer.
+
+    Example:
+        >>> table = Table(TableSpec("uniform", capacity_items=1000), {"x": ((2,), np.dtype(np.float32))})
+        >>> table.insert_fields({"x": np.zeros((10, 2), np.float32)})
+        >>> batch = table.sample(batch_size=4).fields()
+    """
+
+    def __init__(self, spec: TableSpec, signature: RecordSpec, seed: int | None = None, max_sample_bytes: int | None = None):
+        self.spec = spec
+        self.storage = RingStorage(spec.capacity_items, signature)
+        self._fifo = spec.kind == "fifo"
+        self.sampler = self._make_sampler()
+        self._limiter = None if self._fifo else RateLimiter(spec.samples_per_insert, max(spec.min_size_to_sample, 1), spec.slack_items)
+        self._versions = np.full(spec.capacity_items, -1, np.int64)  # policy version that acted each item (FIFO lag bound)
+        self._read_key = 0  # FIFO: key of the oldest item not yet handed out
+        self._cond = threading.Condition()
+        self._rng = np.random.default_rng(seed)
+        self._max_sample_bytes = max_sample_bytes
+        self.env_steps_total = 0
+        self._sampled_rows = 0
+        self._sample_calls = 0
+        self._dropped_stale = 0
+        self._closed = False
+
+    def _make_sampler(self) -> Sampler:
+        s = self.spec
+        if s.kind == "prioritized":
+            return PrioritizedSampler(s.capacity_items, alpha=s.priority_exponent, beta=s.importance_exponent_start)
+        return UniformSampler()
+
+    @property
+    def layout(self) -> RecordLayout:
+        return self.storage.layout
+
+    def _unread(self) -> int:
+        return self.storage.inserts_total - self._read_key
+
+    def _room(self) -> int:
+        """Records an insert may write now: a queue never overwrites unread items; a replay table
+        writes all at once when its rate limiter allows, and may overshoot by that one call."""
+        if self._fifo:
+            return self.storage.capacity - self._unread()
+        return self.storage.capacity if self._limiter.can_insert(self.storage.inserts_total, self._sampled_rows) else 0
+
+    def insert_records(
+        self,
+        records: np.ndarray,
+        layout: RecordLayout,
+        env_steps: int,
+        policy_version: int = -1,
+        should_wait: Callable[[], bool] = lambda: True,
+    ) -> int:
+        """Store [n, record_size] records once the rate limiter allows; returns n.
+
+        `should_wait` is polled while waiting; returning False (the caller went away) or a
+        `close()` raises `Closed`. Records that do not fit the signature raise
+        ShapeMismatchError and store nothing.
+        """
+        self.storage.check_layout(layout)
+        return self._insert(len(records), lambda a, b: self.storage.add_records(records[a:b], layout), env_steps, policy_version, should_wait)
+
+    def insert_fields(
+        self,
+        fields: Mapping[str, np.ndarray],
+        env_steps: int | None = None,
+        policy_version: int = -1,
+        should_wait: Callable[[], bool] = lambda: True,
+    ) -> int:
+        """`insert_records` for a dict of equal-length arrays; `env_steps` defaults to the row count."""
+        n = self.storage.validate(fields)
+
+        def write(start: int, stop: int) -> np.ndarray:
+            return self.storage.add({name: x[start:stop] for name, x in fields.items()})
+
+        return self._insert(n, write, n if env_steps is None else env_steps, policy_version, should_wait)
+
+    def _insert(
+        self, n: int, write: Callable[[int, int], np.ndarray], env_steps: int, policy_version: int, should_wait: Callable[[], bool]
+    ) -> int:
+        """Write rows [0, n) in as few pieces as the table's room allows.
+
+        A queue takes a chunk larger than its free room piece by piece, as the learner reads:
+        waiting for room for the whole chunk could wait forever on a learner that waits for
+        more items than the queue then holds.
+        """
+        done = 0
+        with self._cond:
+            if n == 0:
+                self.env_steps_total += env_steps
+            while done < n:
+                self._wait(lambda: self._room() > 0, should_wait)
+                stop = done + min(n - done, self._room())
+                slots = write(done, stop)
+                self._versions[slots] = policy_version
+                self.sampler.on_insert(slots)
+                # each piece counts its share of the env steps, so a chunk cut short by a departing writer counts what it stored
+                self.env_steps_total += env_steps * stop // n - env_steps * done // n
+                done = stop
+                self._cond.notify_all()
+        return n
+
+    def sample(
+        self,
+        batch_size: int,
+        num_batches: int = 1,
+        block: bool = False,
+        should_wait: Callable[[], bool] = lambda: True,
+        min_policy_version: int = -1,
+    ) -> SampledRows:
+        """Draw `num_batches * batch_size` rows.
+
+        Replay tables draw with replacement: with `block`, once the rate limiter allows it;
+        without, at once, or NotEnoughDataError while fewer than `batch_size` items are stored.
+        FIFO tables hand out the oldest unread items, each once, waiting for enough of them;
+        with `spec.max_policy_lag` > 0, items acted by weights older than
+        `min_policy_version - max_policy_lag` (the learner passes its current version) are dropped. Rows that would take
+        more than `max_sample_bytes` raise SampleTooLargeError before anything is allocated.
+        """
+        rows = batch_size * num_batches
+        record_size = self.layout.record_size + 12  # a record, its int64 key and float32 weight
+        if self._max_sample_bytes is not None and rows * record_size > self._max_sample_bytes:
+            raise SampleTooLargeError(
+                f"batch_size * num_batches = {rows} rows of {record_size} bytes is over the {self._max_sample_bytes}-byte limit"
+            )
+        if self._fifo:
+            return self._take(rows, should_wait, min_policy_version)
+        with self._cond:
+            if block:
+                self._wait(lambda: self._limiter.can_sample(self.storage.inserts_total, self._sampled_rows), should_wait)
+            size = self.storage.size
+            if size < batch_size:
+                raise NotEnoughDataError(f"the table holds {size} items, fewer than batch_size={batch_size}")
+            if isinstance(self.sampler, PrioritizedSampler):
+                self.sampler.beta = self._importance_exponent()
+            slots, weights = self.sampler.sample(rows, size, self._rng)
+            sampled = self._sampled(slots, weights)
+        return sampled
+
+    def _importance_exponent(self) -> float:
+        s = self.spec
+        progress = min(1.0, self.env_steps_total / max(s.importance_anneal_env_steps, 1))
+        return s.importance_exponent_start + (1.0 - s.importance_exponent_start) * progress
+
+    def _sampled(self, slots: np.ndarray, weights: np.ndarray | None) -> SampledRows:
+        """Gather `slots` and count the sample; call with the lock held."""
+        records = self.storage.gather(slots)
+        self._sampled_rows += len(slots)
+        self._sample_calls += 1
+        self._cond.notify_all()
+        return SampledRows(records, self.layout, self.storage.keys_of(slots), weights, self.storage.inserts_total, self.env_steps_total)
+
+    def _take(self, rows: int, should_wait: Callable[[], bool], min_policy_version: int) -> SampledRows:
+        if rows > self.storage.capacity:
+            raise SampleTooLargeError(f"batch_size * num_batches = {rows} rows cannot come from a queue of {self.storage.capacity}")
+        lag = self.spec.max_policy_lag
+        with self._cond:
+            while True:
+                self._wait(lambda: self._unread() >= rows, should_wait)
+                if lag and min_policy_version >= 0:
+                    self._drop_stale(min_policy_version - lag)
+                if self._unread() >= rows:
+                    break
+            keys = self._read_key + np.arange(rows)
+            self._read_key += rows
+            return self._sampled(keys % self.storage.capacity, None)
+
+    def _drop_stale(self, oldest_version: int) -> None:
+        """Skip unread items acted by weights older than `oldest_version`; the rest keep their order."""
+        keys = np.arange(self._read_key, self.storage.inserts_total)
+        slots = keys % self.storage.capacity
+        fresh = self._versions[slots] >= oldest_version
+        stale = len(keys) - int(fresh.sum())
+        if stale:
+            kept = slots[fresh]
+            new_slots = (self.storage.inserts_total - len(kept) + np.arange(len(kept))) % self.storage.capacity
+            self.storage.move(kept, new_slots)
+            self._versions[new_slots] = self._versions[kept]
+            self._read_key += stale
+            self._dropped_stale += stale
+            self._cond.notify_all()
+
+    def update_priorities(self, keys: np.ndarray, priorities: np.ndarray) -> int:
+        """Set priorities of items still stored; returns how many were. ValueError for a non-prioritized table or bad values."""
+        if not self.sampler.prioritized:
+            raise ValueError(f"table kind {self.spec.kind!r} has no priorities")
+        if len(keys) != len(priorities):
+            raise ValueError(f"{len(keys)} keys but {len(priorities)} priorities")
+        with self._cond:
+            slots, live = self.storage.slots_of(keys)
+            self.sampler.update_priorities(slots[live], np.asarray(priorities, np.float64)[live])
+        return int(live.sum())
+
+    def _wait(self, ready: Callable[[], bool], should_wait: Callable[[], bool]) -> None:
+        while not ready():
+            if self._closed or not should_wait():
+                raise Closed("table closed while waiting on its rate limiter")
+            self._cond.wait(timeout=0.1)
+
+    def info(self) -> TableInfo:
+        with self._cond:
+            size = self._unread() if self._fifo else self.storage.size
+            return TableInfo(
+                kind=self.spec.kind,
+                size=size,
+                capacity=self.storage.capacity,
+                inserts_total=self.storage.inserts_total,
+                env_steps_total=self.env_steps_total,
+                sampled_rows_total=self._sampled_rows,
+                sample_calls_total=self._sample_calls,
+                dropped_stale_total=self._dropped_stale,
+            )
+
+    def state_dict(self) -> dict[str, Any]:
+        """Storage, sampler and counters: what a snapshot of this table saves."""
+        with self._cond:
+            return {
+                "storage": self.storage.state_dict(),
+                "sampler": self.sampler.state_dict(),
+                "versions": self._versions.copy(),
+                "counters": {
+                    "read_key": self._read_key,
+                    "env_steps_total": self.env_steps_total,
+                    "sampled_rows_total": self._sampled_rows,
+                    "sample_calls_total": self._sample_calls,
+                    "dropped_stale_total": self._dropped_stale,
+                },
+            }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a `state_dict`; a state that does not fit raises ValueError and changes nothing."""
+        with self._cond:
+            self.storage.check_state(state["storage"])
+            versions = np.asarray(state["versions"], np.int64)
+            if versions.shape != self._versions.shape:
+                raise ValueError(f"versions: shape {versions.shape}, expected {self._versions.shape}")
+            sampler = self._make_sampler()
+            sampler.load_state_dict(state["sampler"])  # validates before anything of this table changes
+            self.storage.load_state_dict(state["storage"])
+            self.sampler = sampler
+            self._versions[:] = versions
+            c = state["counters"]
+            self._read_key, self.env_steps_total = int(c["read_key"]), int(c["env_steps_total"])
+            self._sampled_rows, self._sample_calls, self._dropped_stale = (
+                int(c["sampled_rows_total"]),
+                int(c["sample_calls_total"]),
+                int(c["dropped_stale_total"]),
+            )
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        """Wake every waiter with `Closed`; used at shutdown."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
