@@ -1,1 +1,1 @@
-"""Policies: torch.nn.Modules mapping a batch of observations to one Q-value per action."""
+"""Networks, chosen by `policy.path` in YAML: what each returns is its algorithm's choice (Q-values, quantiles, logits and values)."""

@@ -17,9 +17,12 @@ def dqn(*overrides: str):
 
 def dqn_actor(num_envs: int, epsilon: float, policy=None, n_step: int = 1) -> VectorActor:
     """A VectorActor acting with DQN's epsilon-greedy policy at a constant `epsilon`."""
-    algo = dqn(f"algorithm.config.epsilon_start={epsilon}", f"algorithm.config.epsilon_final={epsilon}", f"algorithm.config.n_step={n_step}")
+    algo = dqn(
+        f"algorithm.config.epsilon_start={epsilon}", f"algorithm.config.epsilon_final={epsilon}", f"algorithm.config.n_step={n_step}"
+    )
     policy = policy or SimplePolicy(4, 2, [16])
     return VectorActor("CartPole-v1", num_envs, algo.make_actor(policy, 0, seed=0), algo.make_adder(num_envs), seed=0)
+
 
 # CartPole terminates when |x| > 2.4 or |angle| > 0.2095; a reset state is within +-0.05.
 X_LIMIT, ANGLE_LIMIT = 2.4, 12 * 2 * np.pi / 360

@@ -115,7 +115,9 @@ class Table:
         ShapeMismatchError and store nothing.
         """
         self.storage.check_layout(layout)
-        return self._insert(len(records), lambda a, b: self.storage.add_records(records[a:b], layout), env_steps, policy_version, should_wait)
+        return self._insert(
+            len(records), lambda a, b: self.storage.add_records(records[a:b], layout), env_steps, policy_version, should_wait
+        )
 
     def insert_fields(
         self,

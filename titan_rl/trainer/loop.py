@@ -177,10 +177,13 @@ class TrainingLoop:
         return True
 
     def _final_eval(self) -> None:
-        """Wait for a running evaluation, and score the final weights unless they were scored (or stop was asked)."""
+        """Wait for a running evaluation, and score the final weights unless they were scored, the target
+        was reached (the best checkpoint holds the weights that reached it) or stop was asked."""
         for result in self.evaluator.results(wait_s=EVAL_WAIT_S):
             self._record_eval(result)
-        if self._evaluated_at != self.env_steps and not self._stop.is_set() and self._submit_eval():
+        target = self.cfg.budget.target_eval_return
+        reached = target is not None and self.last_eval is not None and self.last_eval >= target
+        if self._evaluated_at != self.env_steps and not reached and not self._stop.is_set() and self._submit_eval():
             for result in self.evaluator.results(wait_s=EVAL_WAIT_S):
                 self._record_eval(result)
 
