@@ -475,7 +475,7 @@ def test_info_names_the_kind_and_the_signature_of_each_table(buffer_server):
     ("config", "overrides", "kind", "capacity", "field", "shape"),
     [
         ("config/cartpole.yaml", ["algorithm.config.replay=prioritized"], "prioritized", 1000, "next_obs", (4,)),
-        ("config/cartpole_impala.yaml", [], "fifo", 64, "log_prob", (20,)),  # 20-step segments, and their log-probs
+        ("config/cartpole_impala.yaml", [], "fifo", 32, "log_prob", (20,)),  # 20-step segments, and their log-probs
     ],
 )
 def test_the_algorithm_in_the_config_decides_the_table_kind_and_signature(config, overrides, kind, capacity, field, shape):

@@ -3,7 +3,7 @@
 Every section is a dataclass; a field's `metadata` may carry `range=(lo, hi)` (inclusive) or
 `choices=(...)`. Loading rejects unknown keys (suggesting the closest name), wrong types and
 out-of-range values with messages that name the file and the dotted key, for example
-``config/cartpole.yaml: train.gamma=1.3 must be in [0, 1]``.
+``config/cartpole.yaml: algorithm.config.gamma=1.3 must be in [0, 1]``.
 """
 
 from __future__ import annotations
@@ -268,7 +268,7 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
 
 
 def parse_override(text: str) -> tuple[str, Any]:
-    """`train.lr=0.001` -> ("train.lr", 0.001); the value is read as YAML."""
+    """`train.batch_size=32` -> ("train.batch_size", 32); the value is read as YAML."""
     key, sep, raw = text.partition("=")
     if not sep or not key:
         raise ConfigError(f"override {text!r} must look like section.key=value")
@@ -282,7 +282,7 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     """Read a YAML file, apply `key=value` overrides and validate everything.
 
     Example:
-        >>> cfg = load_config("config/cartpole.yaml", ["train.lr=0.0005", "seed=3"])
+        >>> cfg = load_config("config/cartpole.yaml", ["algorithm.config.lr=0.0005", "seed=3"])
     """
     path = Path(path)
     try:

@@ -1,17 +1,13 @@
-"""Gymnasium environments by name: space checks and vector envs (no torch here, so light to import)."""
+"""Gymnasium environments by name: space checks and vector envs."""
 
 from __future__ import annotations
-
-from typing import TYPE_CHECKING
 
 import gymnasium as gym
 import numpy as np
 
+from titan_rl.algorithm import EnvSpec
 from titan_rl.config import Config
 from titan_rl.errors import ConfigError
-
-if TYPE_CHECKING:
-    from titan_rl.algorithm import EnvSpec
 
 
 def make_vector_env(env_name: str, num_envs: int) -> gym.vector.VectorEnv:
@@ -26,8 +22,6 @@ def make_vector_env(env_name: str, num_envs: int) -> gym.vector.VectorEnv:
 
 def env_spec(cfg: Config) -> EnvSpec:
     """Observation shape and dtype and action count of the configured env; ConfigError if unsupported."""
-    from titan_rl.algorithm import EnvSpec  # torch is imported there; the rollout service process stays light
-
     obs_shape, obs_dtype, n_actions = check_env_spaces(cfg)
     return EnvSpec(obs_shape, obs_dtype, n_actions)
 

@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default="config/cartpole.yaml", help="YAML config (default: %(default)s)")
     parser.add_argument("--seed", type=int, help="overrides seed")
     parser.add_argument(
-        "overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.lr=0.0005 budget.max_env_steps=50000"
+        "overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. algorithm.config.lr=0.0005 budget.max_env_steps=50000"
     )
     args = parser.parse_intermixed_args(argv)
     overrides = list(args.overrides) + ([f"seed={args.seed}"] if args.seed is not None else [])

@@ -70,7 +70,7 @@ def parse_service_args(service: str, section: str, argv: list[str] | None = None
     parser.add_argument("--host", help=f"bind address (default: {section}.host)")
     parser.add_argument("--port", type=int, help=f"port, 0 for any free one (default: {section}.port)")
     parser.add_argument("--seed", type=int, help="overrides seed")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.lr=0.0005")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. algorithm.config.lr=0.0005")
     args = parser.parse_intermixed_args(argv)
     overrides = list(args.overrides)
     if args.host is not None:

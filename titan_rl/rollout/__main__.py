@@ -23,7 +23,7 @@ log = logging.getLogger("titan_rl.rollout")
 def start(cfg: Config):
     """Check the env, start the workers and the server; returns (server, bound port, pool).
 
-    The policy is checked by each worker (torch is imported only there)."""
+    Each worker builds the algorithm and checks the network fits before it acts."""
     check_env_spaces(cfg)
     stats = TrajectoryStats(cfg.rollout_server.num_workers)
     server, port, health = make_server(cfg.rollout_server.host, cfg.rollout_server.port)

@@ -118,7 +118,7 @@ class TrainingLoop:
                 self._record_eval(result)
             sample = self.batches.next(timeout_s=WAIT_POLL_S)
             if sample is None:
-                self.logger.console(self.env_steps, f"{self.state}: the buffer holds back batches (min_buffer_size={t.min_buffer_size})")
+                self.logger.console(self.env_steps, f"{self.state}: the buffer holds back batches (too few records, or its rate limiter)")
                 continue
             self.state = "training"
             batch = to_batch(sample.fields, sample.keys, sample.weights)
