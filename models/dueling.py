@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from models.simple_policy import relu_mlp
+
 
 class DuelingMLP(nn.Module):
     """MLP torso from a flat observation of `state_dim` floats, then a value stream and an advantage stream.
@@ -24,11 +26,7 @@ class DuelingMLP(nn.Module):
             raise ValueError(f"num_atoms must be >= 1, got {num_atoms}")
         self.action_dim = action_dim
         self.num_atoms = num_atoms
-        layers: list[nn.Module] = []
-        width = state_dim
-        for hidden in hidden_sizes:
-            layers += [nn.Linear(width, hidden), nn.ReLU()]
-            width = hidden
+        layers, width = relu_mlp(state_dim, hidden_sizes)
         self.torso = nn.Sequential(*layers)
         self.value_stream = nn.Linear(width, num_atoms)
         self.advantage_stream = nn.Linear(width, action_dim * num_atoms)

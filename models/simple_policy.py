@@ -6,6 +6,15 @@ import torch
 from torch import nn
 
 
+def relu_mlp(in_width: int, hidden_sizes: list[int] | tuple[int, ...]) -> tuple[list[nn.Module], int]:
+    """Linear + ReLU layers of the given widths, and the width of their output."""
+    layers: list[nn.Module] = []
+    for hidden in hidden_sizes:
+        layers += [nn.Linear(in_width, hidden), nn.ReLU()]
+        in_width = hidden
+    return layers, in_width
+
+
 class SimplePolicy(nn.Module):
     """MLP from a flat observation of `state_dim` floats to `action_dim` Q-values.
 
@@ -24,11 +33,7 @@ class SimplePolicy(nn.Module):
             raise ValueError(f"num_atoms must be >= 1, got {num_atoms}")
         self.action_dim = action_dim
         self.num_atoms = num_atoms
-        layers: list[nn.Module] = []
-        width = state_dim
-        for hidden in hidden_sizes:
-            layers += [nn.Linear(width, hidden), nn.ReLU()]
-            width = hidden
+        layers, width = relu_mlp(state_dim, hidden_sizes)
         layers.append(nn.Linear(width, action_dim * num_atoms))
         self.net = nn.Sequential(*layers)
 

@@ -301,6 +301,7 @@ def test_the_readme_example_algorithm_works_as_written(tmp_path, monkeypatch, se
     try:
         assert discover_algorithms(package, "readme_trainers") == ["readme_trainers.naive_q.NaiveQ"]
         test_records_match_the_spec_and_round_trip_through_a_real_buffer_then_update("readme_trainers.naive_q.NaiveQ", (), served)
+        test_learner_state_round_trips_through_a_weights_only_load("readme_trainers.naive_q.NaiveQ", ())
     finally:
         for name in [m for m in sys.modules if m.startswith("readme_trainers")]:
             del sys.modules[name]

@@ -148,14 +148,16 @@ class Adder(ABC):
 class Learner(ABC):
     """Improves `network` from sampled batches.
 
-    `update` converts the wire batch and counts updates, then calls `_update`. Everything
-    `state_dict` returns must be tensors, numbers, strings and containers of them, so
-    checkpoints load with `torch.load(weights_only=True)`.
+    `update` converts the wire batch and counts updates, then calls `_update`. A subclass that
+    sets `optimizer` gets its state saved and restored; one with more state (a target network)
+    extends `state_dict`/`load_state_dict`. Everything `state_dict` returns must be tensors,
+    numbers, strings and containers of them, so checkpoints load with `torch.load(weights_only=True)`.
     """
 
     def __init__(self, network: nn.Module):
         self.network = network
         self.updates = 0
+        self.optimizer: torch.optim.Optimizer | None = None
 
     def update(self, batch: Batch | Mapping[str, np.ndarray]) -> dict[str, float]:
         """One learning step; returns scalar metrics (`losses/...`)."""
@@ -169,11 +171,16 @@ class Learner(ABC):
     def _update(self, batch: Batch) -> dict[str, float]: ...
 
     def state_dict(self) -> dict[str, Any]:
-        return {"policy": self.network.state_dict(), "updates": self.updates}
+        state = {"policy": self.network.state_dict(), "updates": self.updates}
+        if self.optimizer is not None:
+            state["optimizer"] = self.optimizer.state_dict()
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.network.load_state_dict(state["policy"])
         self.updates = int(state["updates"])
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
 
 
 def to_batch(rows: Mapping[str, np.ndarray], keys: np.ndarray | None = None, weights: np.ndarray | None = None) -> Batch:

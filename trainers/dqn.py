@@ -122,12 +122,11 @@ class DQNLearner(Learner):
             t.copy_(o)
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "target": self.target.state_dict(), "optimizer": self.optimizer.state_dict()}
+        return {**super().state_dict(), "target": self.target.state_dict()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         super().load_state_dict(state)
         self.target.load_state_dict(state["target"])
-        self.optimizer.load_state_dict(state["optimizer"])
 
 
 class DQN(OffPolicyAlgorithm):

@@ -7,9 +7,7 @@ The network maps observations to `(logits [B, A], value [B])`, e.g. `models.acto
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import nn
@@ -89,13 +87,6 @@ class IMPALALearner(Learner):
             "losses/mean_rho": targets.rho.mean().item(),
             "losses/grad_norm": float(grad_norm),
         }
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "optimizer": self.optimizer.state_dict()}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        super().load_state_dict(state)
-        self.optimizer.load_state_dict(state["optimizer"])
 
 
 class IMPALA(OnPolicyAlgorithm):
