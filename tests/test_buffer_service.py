@@ -712,3 +712,17 @@ def test_a_chunk_larger_than_a_queue_goes_in_as_the_learner_reads_and_a_sample_l
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert e.value.details().startswith("batch_size * num_batches = 9 rows cannot come from a queue of 8")
         assert client.info().size == 8  # nothing was handed out
+
+
+def test_a_stream_asking_for_a_batch_larger_than_what_is_stored_waits_for_it_instead_of_failing(buffer_server):
+    address, _ = buffer_server  # min_buffer_size 64: the rate limiter lets samples through from 64 items on
+    stub = buffer_pb2_grpc.BufferServiceStub(grpc.insecure_channel(address))
+    _add(stub, wire.encode_chunk(transitions(80)))
+    prefetcher = BatchPrefetcher(address, batch_size=100, batches_per_request=1)
+    try:
+        assert prefetcher.next(timeout_s=1.0) is None  # waiting, not an error
+        _add(stub, wire.encode_chunk(transitions(40, start=80)))
+        sample = prefetcher.next(timeout_s=10.0)
+        assert sample is not None and len(sample) == 100
+    finally:
+        prefetcher.close()

@@ -13,12 +13,17 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import REPO
+from titan_rl.auth import TOKEN_ENV
 from titan_rl.clients.buffer import BufferClient
 from titan_rl.clients.rollout import RolloutClient
 from titan_rl.clients.trainer import TrainerClient
 from titan_rl.launch import free_port
+from titan_rl.v1 import buffer_pb2, rollout_pb2
 
 pytestmark = pytest.mark.e2e
+
+TOKEN = "e2e-token"
+"""The launcher hands its services the token in its environment; clients in this process send it too."""
 
 
 def descendants(pid: int) -> set[int]:
@@ -47,7 +52,10 @@ def alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
-def launch(tmp_path: Path, *overrides: str, config: str = "config/cartpole.yaml") -> tuple[subprocess.Popen, dict[str, str]]:
+def launch(
+    tmp_path: Path, *overrides: str, config: str = "config/cartpole.yaml", token: str | None = TOKEN
+) -> tuple[subprocess.Popen, dict[str, str]]:
+    """The launcher as `bash run.sh` runs it; with `token` None, none in its environment (it makes its own)."""
     ports = {name: free_port("127.0.0.1") for name in ("buffer_server", "rollout_server", "trainer_server")}
     args = [f"{name}.port={port}" for name, port in ports.items()]
     args += [f"logging.run_dir={tmp_path}/runs", "logging.run_name=test", f"logging.checkpoint_path={tmp_path}/checkpoint.pth"]
@@ -58,7 +66,7 @@ def launch(tmp_path: Path, *overrides: str, config: str = "config/cartpole.yaml"
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env={**os.environ, "WANDB_MODE": "disabled"},
+        env={k: v for k, v in os.environ.items() if k != TOKEN_ENV} | {"WANDB_MODE": "disabled"} | ({TOKEN_ENV: token} if token else {}),
     )
     return proc, {name: f"127.0.0.1:{port}" for name, port in ports.items()}
 
@@ -75,7 +83,8 @@ def wait_for_line(proc: subprocess.Popen, text: str, timeout_s: float = 120) -> 
     raise AssertionError(f"{text!r} never printed:\n{''.join(lines)}")
 
 
-def test_three_services_learn_cartpole_and_the_checkpoint_plays_it(tmp_path):
+def test_three_services_learn_cartpole_and_the_checkpoint_plays_it(tmp_path, monkeypatch):
+    monkeypatch.setenv(TOKEN_ENV, TOKEN)
     proc, addresses = launch(tmp_path, "--seed", "1", "budget.max_env_steps=100000")
     try:
         wait_for_line(proc, "services up")
@@ -202,6 +211,28 @@ def test_killing_the_launcher_outright_takes_every_service_with_it(tmp_path):
     while any(alive(p) for p in tree) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not [p for p in tree if alive(p)], f"left behind: {[p for p in tree if alive(p)]}"
+
+
+def test_the_launcher_locks_its_services_with_a_fresh_token(tmp_path, monkeypatch):
+    import grpc
+
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    proc, addresses = launch(tmp_path, "budget.max_env_steps=10000000", "budget.target_eval_return=null", token=None)
+    try:
+        wait_for_line(proc, "services up")
+        calls = {
+            "buffer_server": lambda: BufferClient(addresses["buffer_server"]).stub.Info(buffer_pb2.InfoRequest(), timeout=5),
+            "rollout_server": lambda: RolloutClient(addresses["rollout_server"]).stub.Stats(rollout_pb2.StatsRequest(), timeout=5),
+            "trainer_server": lambda: TrainerClient(addresses["trainer_server"]).stop(),
+        }
+        for name, call in calls.items():
+            with pytest.raises(grpc.RpcError) as e:
+                call()
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED, name
+    finally:
+        proc.send_signal(signal.SIGINT)
+        output = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 0 and "stop requested" in output, output
 
 
 def test_a_bad_config_key_fails_before_anything_starts():

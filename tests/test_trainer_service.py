@@ -73,15 +73,46 @@ def test_get_policy_status_checkpoint_and_stop(trainer_server, tmp_path):
     client = TrainerClient(address)
     status = client.status()
     assert status.state == "waiting_for_data" and status.updates == 0 and status.policy_version == 0
-    path = client.checkpoint(str(tmp_path / "on_demand.pth"))
-    assert load_checkpoint(path)["counters"]["policy_version"] == 0
-    (tmp_path / "a_file").write_text("")
-    for bad in (tmp_path / "a_file" / "under_a_file.pth", tmp_path / "nul\0.pth", tmp_path):
-        with pytest.raises(grpc.RpcError) as e:
-            client.checkpoint(str(bad))
-        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and e.value.details().startswith("path: "), bad
+    path = client.checkpoint("on_demand.pth")
+    assert Path(path) == tmp_path / "on_demand.pth" and load_checkpoint(path)["counters"]["policy_version"] == 0
+    assert client.checkpoint("on_demand.pth") == path  # a checkpoint may replace a checkpoint
     client.stop()
     assert loop.run().stop_reason == "stop requested"
+
+
+def test_a_checkpoint_call_writes_only_checkpoints_inside_the_checkpoint_directory(trainer_server, tmp_path):
+    address, _, _, _ = trainer_server
+    client = TrainerClient(address)
+    (tmp_path / "a_file").write_text("")
+    (tmp_path / "user.pth").write_text("my notes")
+    outside = tmp_path.parent / f"{tmp_path.name}-outside.pth"
+    (tmp_path / "link.pth").symlink_to(outside)
+    for bad in (
+        "a_file/under_a_file.pth",
+        "nul\0.pth",
+        ".",
+        str(tmp_path / "abs.pth"),
+        "../escape.pth",
+        "notes.txt",
+        "user.pth",
+        "link.pth",
+    ):
+        with pytest.raises(grpc.RpcError) as e:
+            client.checkpoint(bad)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and e.value.details().startswith("path: "), bad
+    assert (tmp_path / "user.pth").read_text() == "my notes"
+    assert not outside.exists() and not (tmp_path.parent / "escape.pth").exists() and not (tmp_path / "abs.pth").exists()
+    assert not list(tmp_path.glob(".*tmp*")), "a failed write left its temp file behind"
+
+
+def test_a_failed_write_removes_its_temp_file(tmp_path):
+    from titan_rl.checkpoint import save_checkpoint
+    from titan_rl.errors import TitanError
+
+    (tmp_path / "a_dir").mkdir()
+    with pytest.raises(TitanError, match="cannot write checkpoint"):
+        save_checkpoint(tmp_path / "a_dir", make_config(), {"policy": {}}, {}, None)
+    assert [p.name for p in tmp_path.iterdir()] == ["a_dir"]
 
 
 def balancing_weights() -> dict[str, torch.Tensor]:

@@ -114,3 +114,30 @@ def test_bad_arguments(checkpoint: Path, args: list[str], message: str):
     assert result.returncode != 0
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("key", "path", "kwargs"),
+    [
+        ("policy", "subprocess.Popen", {"args": ["touch", "{marker}"]}),
+        ("policy", "os.system", {"command": "touch {marker}"}),
+        ("algorithm", "subprocess.Popen", {}),
+        ("policy", "trainers.dqn.DQN", {}),  # inside the allowed packages, but not a network
+    ],
+)
+def test_a_crafted_checkpoint_naming_any_other_callable_is_refused_and_runs_nothing(tmp_path: Path, key, path, kwargs):
+    import torch
+
+    from titan_rl.checkpoint import FORMAT
+    from titan_rl.config import config_to_dict, load_config
+
+    marker = tmp_path / "ran"
+    raw = config_to_dict(load_config(DEFAULT_CONFIG))
+    filled = {k: ([a.format(marker=marker) for a in v] if isinstance(v, list) else str(v).format(marker=marker)) for k, v in kwargs.items()}
+    raw[key] = {**raw[key], "path": path, **({"kwargs": filled} if key == "policy" else {})}
+    crafted = tmp_path / "crafted.pth"
+    torch.save({"format": FORMAT, "config": raw, "policy": {}, "learner": {}, "counters": {}, "eval_returns": []}, crafted)
+    result = visualize("--model_path", crafted, "--no-render", "--episodes", "1")
+    assert result.returncode == 1 and "error:" in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert "not allowed here" in result.stderr or "is not a subclass of torch.nn" in result.stderr
+    assert not marker.exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 from pathlib import Path
@@ -44,8 +45,36 @@ def save_checkpoint(
         torch.save(payload, tmp)
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:  # torch reports file errors as RuntimeError
+        with contextlib.suppress(OSError):  # a half-written temp file must not stay behind
+            tmp.unlink(missing_ok=True)
         raise TitanError(f"cannot write checkpoint {path}: {e}") from e
     return path
+
+
+def requested_path(requested: str, checkpoint_path: str | Path) -> Path:
+    """Where a Checkpoint call may write: a relative `.pth` name inside the run's checkpoint directory.
+
+    The call comes over the network, so the path is data: no absolute paths, no `..`, no links out,
+    and an existing file is replaced only if it is a TITAN-RL checkpoint.
+    """
+    directory = Path(checkpoint_path).resolve().parent
+    if not requested:
+        return Path(checkpoint_path)
+    if "\0" in requested or Path(requested).is_absolute() or ".." in Path(requested).parts:
+        raise TitanError(f"{requested!r} must be a relative path inside the checkpoint directory, without '..'")
+    if not requested.endswith(".pth"):
+        raise TitanError(f"{requested!r} must end in .pth")
+    target = (directory / requested).resolve()
+    if not target.is_relative_to(directory):
+        raise TitanError(f"{requested!r} leads outside the checkpoint directory {directory}")
+    if target.exists():
+        if target.is_dir():
+            raise TitanError(f"{requested!r} is a directory")
+        try:
+            load_checkpoint(target)
+        except TitanError:
+            raise TitanError(f"{requested!r} exists and is not a TITAN-RL checkpoint: refusing to overwrite it") from None
+    return target
 
 
 def last_path(best_path: str | Path) -> Path:

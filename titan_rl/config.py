@@ -149,6 +149,13 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class SecurityConfig:
+    token: str = ""
+    """Shared token every RPC but health must carry; the TITAN_RL_TOKEN environment variable wins. Empty: no check
+    (bash run.sh makes a random one per run for its own services)."""
+
+
+@dataclass(frozen=True)
 class Config:
     seed: int = 0
     rollout_server: RolloutConfig = field(default_factory=lambda: RolloutConfig(port=50051))
@@ -160,6 +167,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
 
 
 def _type_ok(value: Any, hint: Any) -> bool:

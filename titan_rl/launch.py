@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -18,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+from titan_rl.auth import TOKEN_ENV, current_token
 from titan_rl.config import Config, load_config
 from titan_rl.errors import TitanError
 from titan_rl.rpc import is_serving
@@ -45,13 +47,15 @@ class Launcher:
         self.overrides = overrides + extra
         self.cfg: Config = load_config(config_path, self.overrides)
         self.run_dir = Path(self.cfg.logging.run_dir) / self.cfg.logging.run_name
+        # the services answer only calls with this run's token (titan_rl.auth): a fresh one unless one is set
+        self.token = current_token() or self.cfg.security.token or secrets.token_urlsafe(32)
         self.procs: dict[str, subprocess.Popen] = {}
         self._stopping = False
 
     def _start(self, service: str) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", f"titan_rl.{service}", "--config", self.config_path, *self.overrides]
-        env = child_env({**os.environ, "PYTHONUNBUFFERED": "1"})
+        env = child_env({**os.environ, "PYTHONUNBUFFERED": "1", TOKEN_ENV: self.token})
         if service == "trainer":  # its progress is what the user watches
             out = None
         else:

@@ -11,6 +11,7 @@ from typing import TypeVar
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from titan_rl.auth import TokenClientInterceptor, TokenServerInterceptor, current_token
 from titan_rl.errors import PeerUnavailableError
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,10 @@ T = TypeVar("T")
 
 
 def make_channel(address: str) -> grpc.Channel:
-    return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+    """A channel to a peer, sending this process's token (titan_rl.auth) with every call if it has one."""
+    channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+    token = current_token()
+    return grpc.intercept_channel(channel, TokenClientInterceptor(token)) if token else channel
 
 
 # Every open stream (an actor's Add, a learner's SampleStream, an actor's WatchPolicy) holds one
@@ -44,11 +48,14 @@ MAX_CONCURRENT_RPCS = MAX_SERVER_THREADS - 16
 def make_server(host: str, port: int) -> tuple[grpc.Server, int, health.HealthServicer]:
     """A server bound to host:port (0 picks a free port) with the standard health service.
 
-    Health reports NOT_SERVING until the caller sets SERVING once everything is ready.
+    Health reports NOT_SERVING until the caller sets SERVING once everything is ready. With a
+    token (titan_rl.auth), every call but health must carry it.
     Returns the server (not started), the bound port and the health servicer.
     """
+    token = current_token()
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=MAX_SERVER_THREADS),
+        interceptors=[TokenServerInterceptor(token)] if token else None,
         options=SERVER_OPTIONS,
         maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS,
     )

@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 
 import grpc
 
+from titan_rl.auth import use_token
 from titan_rl.config import Config, load_config
 from titan_rl.errors import TitanError
 
@@ -83,9 +84,11 @@ def parse_service_args(service: str, section: str, argv: list[str] | None = None
     die_with_parent()
     keep_freed_memory()
     try:
-        return load_config(args.config, overrides)
+        cfg = load_config(args.config, overrides)
     except TitanError as e:
         sys.exit(f"error: {e}")
+    use_token(cfg.security.token)
+    return cfg
 
 
 def with_bound_port(cfg: Config, section: str, port: int) -> Config:

@@ -186,7 +186,11 @@ class Table:
             return self._take(rows, should_wait, min_policy_version)
         with self._cond:
             if block:
-                self._wait(lambda: self._limiter.can_sample(self.storage.inserts_total, self._sampled_rows), should_wait)
+                # and enough items for one batch: a learner's batch larger than min_size_to_sample waits, it is no error
+                self._wait(
+                    lambda: self._limiter.can_sample(self.storage.inserts_total, self._sampled_rows) and self.storage.size >= batch_size,
+                    should_wait,
+                )
             size = self.storage.size
             if size < batch_size:
                 raise NotEnoughDataError(f"the table holds {size} items, fewer than batch_size={batch_size}")

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import grpc
 
+from titan_rl.checkpoint import requested_path
 from titan_rl.errors import TitanError
 from titan_rl.trainer.loop import TrainingLoop
 from titan_rl.trainer.policy_store import PolicyStore
@@ -44,9 +45,8 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
                 return
 
     def Checkpoint(self, request: trainer_pb2.CheckpointRequest, context: grpc.ServicerContext) -> trainer_pb2.CheckpointResponse:
-        path = request.path or self.loop.cfg.logging.checkpoint_path
         try:
-            written = self.loop.save(path)
+            written = self.loop.save(requested_path(request.path, self.loop.cfg.logging.checkpoint_path))
         except TitanError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"path: {e}")
         log.info("checkpoint written to %s on request", written)
