@@ -726,3 +726,47 @@ def test_a_stream_asking_for_a_batch_larger_than_what_is_stored_waits_for_it_ins
         assert sample is not None and len(sample) == 100
     finally:
         prefetcher.close()
+
+
+def _bool_byte(fields: dict, name: str, byte: int) -> buffer_pb2.AddRequest:
+    """A chunk of `fields` whose first `name` byte is `byte`: not 0 or 1, a bool numpy would read as True."""
+    chunk = wire.encode_chunk(fields)
+    records, layout = wire.decode_chunk(chunk)
+    raw = bytearray(chunk.records.data)
+    raw[layout.slots[name].offset] = byte
+    chunk.records.data = bytes(raw)
+    return chunk
+
+
+@pytest.mark.parametrize(
+    ("make_chunk", "message"),
+    [
+        (
+            lambda: wire.encode_chunk({**transitions(10), "reward": np.r_[np.ones(9), np.nan].astype(np.float32)}),
+            "reward: holds nan or inf at row 9",
+        ),
+        (lambda: wire.encode_chunk({**transitions(10), "obs": np.full((10, 4), np.inf, np.float32)}), "obs: holds nan or inf at row 0"),
+        (
+            lambda: wire.encode_chunk({**transitions(10), "action": np.r_[np.zeros(9), 7].astype(np.int64)}),
+            "action: holds values in [0, 7], outside [0, 1]",
+        ),
+        (lambda: wire.encode_chunk({**transitions(10), "action": np.full(10, -1, np.int64)}), "action: holds values in [-1, -1]"),
+        (lambda: _bool_byte(transitions(10), "terminated", 0x7F), "terminated: holds a bool byte other than 0 or 1"),
+    ],
+)
+def test_values_that_break_the_signature_are_invalid_argument_naming_the_field_and_store_nothing(make_chunk, message):
+    from titan_rl.buffer.__main__ import start
+
+    server, port, tables = start(make_config("buffer_server.port=0", "train.min_buffer_size=64"))  # DQN on CartPole: 2 actions
+    try:
+        stub = buffer_pb2_grpc.BufferServiceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+        with pytest.raises(grpc.RpcError) as e:
+            _add(stub, make_chunk())
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and f"chunk.records.{message}" in e.value.details()
+        assert stub.Info(buffer_pb2.InfoRequest(), timeout=5).inserts_total == 0
+        _add(stub, wire.encode_chunk(transitions(10)))  # and the server goes on serving
+        assert stub.Info(buffer_pb2.InfoRequest(), timeout=5).inserts_total == 10
+    finally:
+        for table in tables.values():
+            table.close()
+        server.stop(grace=None).wait()

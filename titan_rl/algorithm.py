@@ -77,6 +77,9 @@ class TableSpec:
     importance_anneal_env_steps: int = 100_000
     max_policy_lag: int = 0
     """FIFO: drop records acted by weights more than this many versions older than the learner's (0 = keep all)."""
+    value_bounds: dict[str, tuple[float, float]] = field(default_factory=dict)
+    """Inclusive [low, high] of a field's values (e.g. the action of an env with n actions: [0, n - 1]);
+    inserts outside are refused naming the field. Every float field must be finite and every bool 0 or 1."""
 
     def __post_init__(self) -> None:
         if self.kind not in ("uniform", "prioritized", "fifo"):

@@ -14,11 +14,16 @@ class WireError(TitanError, ValueError):
 
 
 class ShapeMismatchError(TitanError, ValueError):
-    """A transition field disagrees with what the buffer stores; `field` names it."""
+    """A record field disagrees with what the buffer stores; `field` names it."""
 
     def __init__(self, field: str, message: str):
         super().__init__(f"{field}: {message}")
         self.field = field
+
+
+class BadValueError(ShapeMismatchError):
+    """A field's values break the table's signature: a float that is not finite, a bool byte other than
+    0 or 1, a value outside its declared bounds; `field` names it."""
 
 
 class SampleTooLargeError(TitanError, ValueError):

@@ -111,6 +111,7 @@ class OffPolicyAlgorithm(Algorithm):
             priority_exponent=c.priority_exponent,
             importance_exponent_start=c.importance_exponent_start,
             importance_anneal_env_steps=c.importance_anneal_env_steps or self.cfg.budget.max_env_steps,
+            value_bounds={"action": (0, self.env.n_actions - 1)},
         )
 
     def make_actor(self, network: nn.Module, worker_index: int, seed: int) -> Actor:

@@ -78,7 +78,12 @@ class OnPolicyAlgorithm(Algorithm):
 
     def table(self) -> TableSpec:
         c = self.config
-        return TableSpec(kind="fifo", capacity_items=c.queue_capacity_segments, max_policy_lag=c.max_policy_lag)
+        return TableSpec(
+            kind="fifo",
+            capacity_items=c.queue_capacity_segments,
+            max_policy_lag=c.max_policy_lag,
+            value_bounds={"action": (0, self.env.n_actions - 1), "log_prob": (-np.inf, 0.0)},
+        )
 
     def make_actor(self, network: nn.Module, worker_index: int, seed: int) -> Actor:
         return SamplingActor(self, network, seed)

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from titan_rl.errors import ShapeMismatchError
+from titan_rl.errors import BadValueError, ShapeMismatchError
 from titan_rl.records import RecordLayout
 
 
@@ -57,6 +57,24 @@ class RingStorage:
                 raise ShapeMismatchError(
                     name, f"got rows of shape {tuple(got_shape)} {np.dtype(got_dtype)}, the table stores {shape} {dtype}"
                 )
+
+    def check_values(self, fields: Mapping[str, np.ndarray], bounds: Mapping[str, tuple[float, float]]) -> None:
+        """Every float finite, every bool byte 0 or 1, every bounded field within [low, high]; else BadValueError naming the field.
+
+        Runs on every insert, before anything is stored: one vectorised pass per field."""
+        for name, values in fields.items():
+            dtype = values.dtype
+            if not values.size:
+                continue
+            if dtype.kind == "f" and not np.isfinite(values).all():
+                row = np.argmin(np.isfinite(values).reshape(len(values), -1).all(axis=1))
+                raise BadValueError(name, f"holds nan or inf at row {row}")
+            if dtype.kind == "b" and values.view(np.uint8).max() > 1:
+                raise BadValueError(name, "holds a bool byte other than 0 or 1")
+            if name in bounds:
+                (low, high), lowest, highest = bounds[name], values.min(), values.max()
+                if lowest < low or highest > high:
+                    raise BadValueError(name, f"holds values in [{lowest}, {highest}], outside [{low:g}, {high:g}]")
 
     def check_layout(self, layout: RecordLayout) -> None:
         """`check_spec` for records, skipped for a layout object already accepted (senders reuse one per stream)."""

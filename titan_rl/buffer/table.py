@@ -115,6 +115,7 @@ class Table:
         ShapeMismatchError and store nothing.
         """
         self.storage.check_layout(layout)
+        self.storage.check_values(layout.views(records), self.spec.value_bounds)
         return self._insert(
             len(records), lambda a, b: self.storage.add_records(records[a:b], layout), env_steps, policy_version, should_wait
         )
@@ -128,6 +129,7 @@ class Table:
     ) -> int:
         """`insert_records` for a dict of equal-length arrays; `env_steps` defaults to the row count."""
         n = self.storage.validate(fields)
+        self.storage.check_values(fields, self.spec.value_bounds)
 
         def write(start: int, stop: int) -> np.ndarray:
             return self.storage.add({name: x[start:stop] for name, x in fields.items()})
