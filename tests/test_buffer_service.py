@@ -15,7 +15,7 @@ from titan_rl.adders import transition_spec
 from titan_rl.algorithm import TableSpec
 from titan_rl.buffer.service import BufferServicer
 from titan_rl.buffer.table import Table
-from titan_rl.clients.buffer import BatchPrefetcher, BufferClient, ChunkSender, PriorityUpdater, Sample
+from titan_rl.clients.buffer import BatchPrefetcher, BufferClient, ChunkSender, PriorityUpdater, Sample, decode_sample
 from titan_rl.errors import TitanError
 from titan_rl.rpc import make_server
 from titan_rl.v1 import buffer_pb2, buffer_pb2_grpc
@@ -197,8 +197,7 @@ def test_chunk_sender_and_prefetcher_move_data_end_to_end(buffer_server):
     assert prefetcher.env_steps_total == 400 and all(b.env_steps_total == 400 for b in batches)
     for b in batches:
         np.testing.assert_array_equal(b.fields["next_obs"], b.fields["obs"] + 1)
-        np.testing.assert_array_equal(b.keys, _obs0(b))  # each key names the item its row came from
-        assert b.weights is None  # a uniform table sends none
+        assert b.keys is None and b.weights is None  # a uniform table sends neither: no one would read them
 
 
 class _AckRecorder(BufferServicer):
@@ -355,7 +354,7 @@ def test_a_bad_credit_on_sample_stream_is_invalid_argument_naming_the_field(buff
     stub = buffer_pb2_grpc.BufferServiceStub(grpc.insecure_channel(address))
     credits = [buffer_pb2.SampleStreamRequest(batch_size=8), buffer_pb2.SampleStreamRequest(batch_size=8, num_batches=-1)]
     replies = stub.SampleStream(iter(credits), timeout=5)
-    assert len(next(replies).sample.keys.data) == 8 * 8  # 8 int64 keys
+    assert next(replies).sample.records.rows == 8
     with pytest.raises(grpc.RpcError) as e:
         next(replies)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "num_batches" in e.value.details()
@@ -670,8 +669,8 @@ def test_sample_stream_on_a_fifo_table_hands_each_item_out_once_in_order():
         _add(client.stub, wire.encode_chunk(transitions(8)))
         credits = [buffer_pb2.SampleStreamRequest(batch_size=4)] * 2
         replies = [r.sample for r in client.stub.SampleStream(iter(credits), timeout=5)]
-        assert [wire.decode(r.keys).tolist() for r in replies] == [[0, 1, 2, 3], [4, 5, 6, 7]]
-        assert all(not r.HasField("weights") for r in replies)
+        assert [decode_sample(r).fields["obs"][:, 0].tolist() for r in replies] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+        assert all(not r.HasField("weights") and not r.HasField("keys") for r in replies)
         assert client.info().size == 0
         _add(client.stub, wire.encode_chunk(transitions(4, start=8)))
         prefetcher = BatchPrefetcher(address, batch_size=2, batches_per_request=2, prefetch_requests=1)
@@ -704,7 +703,7 @@ def test_a_chunk_larger_than_a_queue_goes_in_as_the_learner_reads_and_a_sample_l
         client = BufferClient(address)
         adding = client.stub.Add(iter([buffer_pb2.AddRequest(chunk=wire.encode_chunk(transitions(12)), ack=True)]), timeout=10)
         replies = client.stub.SampleStream(iter([buffer_pb2.SampleStreamRequest(batch_size=4)] * 3), timeout=10)
-        assert [wire.decode(r.sample.keys).tolist() for r in replies] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+        assert [decode_sample(r.sample).fields["obs"][:, 0].tolist() for r in replies] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
         assert next(adding).items_added == 12
         _add(client.stub, wire.encode_chunk(transitions(8)))
         with pytest.raises(grpc.RpcError) as e:

@@ -110,14 +110,14 @@ class EnvStep:
 class Batch:
     """One sampled batch, handed to `Learner.update`.
 
-    `fields` are the table's record fields as tensors ([batch, ...]); `keys` identify the items
-    (for UpdatePriorities); `weights` are importance-sampling weights of a prioritized table.
+    `fields` are the table's record fields as tensors ([batch, ...]); a prioritized table's batch
+    also has `keys`, identifying the items (for UpdatePriorities), and importance-sampling `weights`.
     A learner of a prioritized table sets `new_priorities` (one per row); the loop sends them
     to the buffer off the learner's critical path.
     """
 
     fields: dict[str, torch.Tensor]
-    keys: np.ndarray
+    keys: np.ndarray | None = None
     weights: torch.Tensor | None = None
     new_priorities: np.ndarray | None = None
 
@@ -189,12 +189,7 @@ class Learner(ABC):
 def to_batch(rows: Mapping[str, np.ndarray], keys: np.ndarray | None = None, weights: np.ndarray | None = None) -> Batch:
     """Arrays as a Batch of tensors; copies, since arrays decoded from the wire are read-only views."""
     fields = {name: torch.from_numpy(np.array(a)) for name, a in rows.items()}
-    n = len(next(iter(rows.values()))) if rows else 0
-    return Batch(
-        fields,
-        np.arange(n, dtype=np.int64) if keys is None else keys,
-        None if weights is None else torch.from_numpy(np.array(weights, np.float32)),
-    )
+    return Batch(fields, keys, None if weights is None else torch.from_numpy(np.array(weights, np.float32)))
 
 
 class Algorithm(ABC):

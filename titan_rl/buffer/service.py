@@ -65,8 +65,8 @@ class BufferServicer(buffer_pb2_grpc.BufferServiceServicer):
     def fill_sample(self, sample: buffer_pb2.SampledBatch, name: str, rows: SampledRows) -> None:
         """Fill the response's SampledBatch in place: nesting a separately built one would copy every byte again."""
         wire.fill_records(sample.records, rows.records, self._layout_messages[name])
-        wire.fill(sample.keys, rows.keys)
-        if rows.weights is not None:
+        if rows.weights is not None:  # a prioritized table: keys and weights, for the learner's priority updates
+            wire.fill(sample.keys, rows.keys)
             wire.fill(sample.weights, rows.weights)
         sample.inserts_total = rows.inserts_total
         sample.env_steps_total = rows.env_steps_total

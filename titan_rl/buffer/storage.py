@@ -11,6 +11,12 @@ from titan_rl.errors import BadValueError, ShapeMismatchError
 from titan_rl.records import RecordLayout
 
 
+def keys_at(slots: np.ndarray, inserts_total: int, capacity: int) -> np.ndarray:
+    """Keys of the items at `slots` of a ring of `capacity` after `inserts_total` inserts (the newest wins each slot)."""
+    newest = inserts_total - 1
+    return newest - (newest - slots) % capacity
+
+
 class RingStorage:
     """Fixed-capacity ring of records; writes go to `next_slot` and wrap around.
 
@@ -128,8 +134,7 @@ class RingStorage:
 
     def keys_of(self, slots: np.ndarray) -> np.ndarray:
         """The key of the item now held at each slot."""
-        newest = self.inserts_total - 1
-        return newest - (newest - slots) % self.capacity
+        return keys_at(slots, self.inserts_total, self.capacity)
 
     def slots_of(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(slots, mask of keys whose item is still stored): an item is overwritten `capacity` inserts after it came."""

@@ -7,6 +7,7 @@ while rows are copied in or out and while waiters are checked.
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ import numpy as np
 from titan_rl.algorithm import RecordSpec, TableSpec
 from titan_rl.buffer.rate_limiter import RateLimiter
 from titan_rl.buffer.samplers import PrioritizedSampler, Sampler, UniformSampler
-from titan_rl.buffer.storage import RingStorage
+from titan_rl.buffer.storage import RingStorage, keys_at
 from titan_rl.errors import NotEnoughDataError, SampleTooLargeError
 from titan_rl.records import RecordLayout
 
@@ -40,10 +41,16 @@ class SampledRows:
 
     records: np.ndarray  # [rows, layout.record_size] uint8, a copy
     layout: RecordLayout
-    keys: np.ndarray  # [rows] int64 item keys
+    slots: np.ndarray  # [rows] ring positions drawn
     weights: np.ndarray | None  # [rows] float32 importance weights (prioritized tables)
     inserts_total: int  # items stored when these were drawn
     env_steps_total: int
+    capacity: int
+
+    @functools.cached_property
+    def keys(self) -> np.ndarray:
+        """[rows] int64 item keys, worked out only when asked for: only UpdatePriorities needs them."""
+        return keys_at(self.slots, self.inserts_total, self.capacity)
 
     def fields(self) -> dict[str, np.ndarray]:
         """Every field as a strided view into `records`."""
@@ -213,7 +220,7 @@ class Table:
         self._sampled_rows += len(slots)
         self._sample_calls += 1
         self._cond.notify_all()
-        return SampledRows(records, self.layout, self.storage.keys_of(slots), weights, self.storage.inserts_total, self.env_steps_total)
+        return SampledRows(records, self.layout, slots, weights, self.storage.inserts_total, self.env_steps_total, self.storage.capacity)
 
     def _take(self, rows: int, should_wait: Callable[[], bool], min_policy_version: int) -> SampledRows:
         if rows > self.storage.capacity:

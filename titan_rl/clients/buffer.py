@@ -48,12 +48,12 @@ class Sample:
     """Sampled rows as they came off the wire: read-only field views, item keys, importance weights."""
 
     fields: dict[str, np.ndarray]
-    keys: np.ndarray
+    keys: np.ndarray | None  # prioritized tables only, as `weights`
     weights: np.ndarray | None
     env_steps_total: int
 
     def __len__(self) -> int:
-        return len(self.keys)
+        return len(next(iter(self.fields.values())))
 
     def batches(self, batch_size: int) -> list[Sample]:
         """Consecutive slices of `batch_size` rows (the message holds whole batches)."""
@@ -63,17 +63,19 @@ class Sample:
         out = []
         for i in range(n):
             rows = slice(i * batch_size, (i + 1) * batch_size)
+            keys = None if self.keys is None else self.keys[rows]
             weights = None if self.weights is None else self.weights[rows]
-            out.append(Sample({k: a[rows] for k, a in self.fields.items()}, self.keys[rows], weights, self.env_steps_total))
+            out.append(Sample({k: a[rows] for k, a in self.fields.items()}, keys, weights, self.env_steps_total))
         return out
 
 
 def decode_sample(sample: buffer_pb2.SampledBatch) -> Sample:
     records, layout = wire.decode_records(sample.records)
-    keys = wire.decode(sample.keys, "keys")
+    keys = wire.decode(sample.keys, "keys") if sample.HasField("keys") else None
     weights = wire.decode(sample.weights, "weights") if sample.HasField("weights") else None
-    if len(keys) != len(records) or (weights is not None and len(weights) != len(records)):
-        raise WireError(f"keys: {len(keys)} keys for {len(records)} records")
+    for name, values in (("keys", keys), ("weights", weights)):
+        if values is not None and len(values) != len(records):
+            raise WireError(f"{name}: {len(values)} for {len(records)} records")
     return Sample(layout.views(records), keys, weights, sample.env_steps_total)
 
 
