@@ -71,6 +71,19 @@ def launch(
     return proc, {name: f"127.0.0.1:{port}" for name, port in ports.items()}
 
 
+def visualize_mean_return(checkpoint: Path, episodes: int) -> float:
+    """`visualize.py --no-render` on a checkpoint, as a user runs it; its last line's mean return."""
+    played = subprocess.run(
+        [sys.executable, "visualize.py", "--model_path", str(checkpoint), "--episodes", str(episodes), "--no-render"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert played.returncode == 0, played.stderr
+    return float(played.stdout.strip().splitlines()[-1].removeprefix("mean_return="))
+
+
 def wait_for_line(proc: subprocess.Popen, text: str, timeout_s: float = 120) -> list[str]:
     lines, deadline = [], time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -117,16 +130,7 @@ def test_three_services_learn_cartpole_and_the_checkpoint_plays_it(tmp_path, mon
     evals = [json.loads(line) for line in (tmp_path / "runs" / "test" / "metrics.jsonl").read_text().splitlines()]
     assert any("eval/mean_return" in row for row in evals) and any("losses/td_loss" in row for row in evals)
 
-    played = subprocess.run(
-        [sys.executable, "visualize.py", "--model_path", str(tmp_path / "checkpoint.pth"), "--episodes", "20", "--no-render"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert played.returncode == 0, played.stderr
-    mean_return = float(played.stdout.strip().splitlines()[-1].removeprefix("mean_return="))
-    assert mean_return >= 475, played.stdout
+    assert visualize_mean_return(tmp_path / "checkpoint.pth", episodes=20) >= 475
 
 
 @pytest.mark.parametrize(
@@ -150,15 +154,7 @@ def test_every_shipped_algorithm_learns_through_the_three_services(tmp_path, con
     assert summary["best_eval_return"] >= 300, summary
     rows = [json.loads(line) for line in (tmp_path / "runs" / "test" / "metrics.jsonl").read_text().splitlines()]
     assert any(loss_key in row for row in rows)
-    played = subprocess.run(
-        [sys.executable, "visualize.py", "--model_path", str(tmp_path / "checkpoint.pth"), "--episodes", "5", "--no-render"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert played.returncode == 0, played.stderr
-    assert float(played.stdout.strip().splitlines()[-1].removeprefix("mean_return=")) >= 150, played.stdout
+    assert visualize_mean_return(tmp_path / "checkpoint.pth", episodes=5) >= 150
 
 
 def test_a_chunk_that_never_fills_is_still_sent_after_chunk_max_delay_s(tmp_path):
