@@ -149,6 +149,20 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class DurabilityConfig:
+    """What survives a process dying: replay snapshots, periodic checkpoints, how long a peer may be gone."""
+
+    snapshot_path: str = ""
+    """The buffer's tables on disk; empty: <run_dir>/<run_name>/buffer_snapshot.npz, or none without a run_name."""
+    snapshot_interval_s: float = field(default=30.0, metadata=range_metadata(0))
+    """The buffer saves its tables this often (0: only when it stops cleanly) and restores them at start."""
+    checkpoint_interval_s: float = field(default=30.0, metadata=range_metadata(0))
+    """The trainer writes <stem>_last.pth this often (0: only at the end), for resuming."""
+    peer_timeout_s: float = field(default=300.0, metadata=range_metadata(1))
+    """A service whose peer stays unreachable this long exits non-zero, naming it."""
+
+
+@dataclass(frozen=True)
 class SecurityConfig:
     token: str = ""
     """Shared token every RPC but health must carry; the TITAN_RL_TOKEN environment variable wins. Empty: no check
@@ -167,7 +181,16 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    durability: DurabilityConfig = field(default_factory=DurabilityConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
+
+    def snapshot_path(self) -> Path | None:
+        """Where the buffer keeps its snapshot, or None (no path and no run name to derive one from)."""
+        if self.durability.snapshot_path:
+            return Path(self.durability.snapshot_path)
+        if self.logging.run_name:
+            return Path(self.logging.run_dir) / self.logging.run_name / "buffer_snapshot.npz"
+        return None
 
 
 def _type_ok(value: Any, hint: Any) -> bool:

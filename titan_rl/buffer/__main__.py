@@ -1,6 +1,9 @@
 """`python -m titan_rl.buffer --config FILE [--host H] [--port P]`: run the buffer service.
 
-Its tables, and the record signature of each, come from the algorithm the config names.
+Its tables, and the record signature of each, come from the algorithm the config names. With a
+snapshot path (`durability.snapshot_path`, or a run name to derive it from) it restores its
+tables from the last snapshot at start, saves them every `durability.snapshot_interval_s` and
+once more on SIGTERM / Ctrl-C.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import logging
 import grpc
 
 from titan_rl.buffer.service import BufferServicer, tables_for
+from titan_rl.buffer.snapshot import Snapshotter, restore
 from titan_rl.buffer.table import Table
 from titan_rl.config import Config
 from titan_rl.errors import TitanError
@@ -22,8 +26,12 @@ log = logging.getLogger("titan_rl.buffer")
 
 
 def start(cfg: Config) -> tuple[grpc.Server, int, dict[str, Table]]:
-    """Start a buffer server as configured; returns (server, bound port, tables by name)."""
+    """Start a buffer server as configured, its tables restored from the snapshot if there is one;
+    returns (server, bound port, tables by name)."""
     tables = tables_for(build_algorithm(cfg), cfg.seed)
+    if (path := cfg.snapshot_path()) is not None and restore(tables, path) is not None:
+        restored = ", ".join(f"{name}: {t.info().size} items, {t.env_steps_total} env steps" for name, t in tables.items())
+        log.info("restored %s from %s", restored, path)
     server, port, health = make_server(cfg.buffer_server.host, cfg.buffer_server.port)
     buffer_pb2_grpc.add_BufferServiceServicer_to_server(BufferServicer(tables), server)
     server.start()
@@ -41,10 +49,18 @@ def main() -> None:
         fields = ", ".join(f"{f} {s.dtype.name}{list(s.shape)}" for f, s in table.layout.slots.items())
         log.info("table %r: %s, %d items of {%s}", name, table.spec.kind, table.storage.capacity, fields)
     log.info("buffer serving on %s:%d", cfg.buffer_server.host, port)
+    snapshotter = None
+    if (path := cfg.snapshot_path()) is not None:
+        snapshotter = Snapshotter(tables, path, cfg.durability.snapshot_interval_s)
+        snapshotter.start()
+    else:
+        log.warning("no snapshots: set logging.run_name or durability.snapshot_path to keep the replay across restarts")
 
     def close() -> None:
         for table in tables.values():
             table.close()
+        if snapshotter is not None and (saved := snapshotter.close()) is not None:
+            log.info("snapshot: %.1f MB written to %s", saved.bytes / 1e6, saved.path)
 
     serve_until_signal(server, "buffer", on_stop=close)
 

@@ -154,14 +154,23 @@ class RingStorage:
         """Each field's [name, dtype, shape, offset]: what a saved state must match to be read back."""
         return [[name, s.dtype.name, list(s.shape), s.offset] for name, s in self.layout.slots.items()]
 
-    def state_dict(self) -> dict[str, Any]:
-        """The filled rows, their signature and the insert count (plain numpy, lists and ints)."""
-        return {"records": self._records[: self.size].copy(), "inserts_total": self.inserts_total, "signature": self.signature()}
+    def state_dict(self, records: np.ndarray | None = None) -> dict[str, Any]:
+        """The filled rows, their signature and the insert count (plain numpy, lists and ints).
+
+        `records`: the rows as already copied with `copy_rows` (a snapshot taken a slice at a time)."""
+        records = self._records[: self.size].copy() if records is None else records[: self.size]
+        return {"records": records, "inserts_total": self.inserts_total, "capacity": self.capacity, "signature": self.signature()}
+
+    def copy_rows(self, out: np.ndarray, rows: slice | np.ndarray) -> None:
+        """Copy the records at `rows` (slots) into the same rows of `out`, a [capacity, record_size] uint8 array."""
+        out[rows] = self._records[rows]
 
     def check_state(self, state: Mapping[str, Any]) -> None:
         """Raise ValueError, changing nothing, unless `state` is one of this storage's signature and capacity."""
         if state["signature"] != self.signature():
             raise ValueError(f"signature: the state holds {state['signature']}, this storage {self.signature()}")
+        if state["capacity"] != self.capacity:  # item k lives at slot k % capacity: another capacity scrambles the ring
+            raise ValueError(f"capacity: the state is of a storage of {state['capacity']} items, this one holds {self.capacity}")
         records = np.asarray(state["records"])
         if records.dtype != np.uint8 or records.ndim != 2 or records.shape[1] != self.layout.record_size:
             raise ValueError(f"records: {records.dtype} of shape {records.shape} are not {self.layout.record_size}-byte records")
