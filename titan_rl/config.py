@@ -167,6 +167,16 @@ class SecurityConfig:
     token: str = ""
     """Shared token every RPC but health must carry; the TITAN_RL_TOKEN environment variable wins. Empty: no check
     (bash run.sh makes a random one per run for its own services)."""
+    tls_cert_file: str = ""
+    """PEM certificate (chain) this service serves with and, under mutual TLS, presents as a client; set with
+    tls_key_file to turn TLS on for every server and channel. Empty: plaintext."""
+    tls_key_file: str = ""
+    """PEM private key of tls_cert_file."""
+    tls_ca_file: str = ""
+    """PEM CA certificate(s) that clients verify servers with (empty: gRPC's bundled public roots) and that
+    servers verify client certificates with under tls_client_auth."""
+    tls_client_auth: bool = False
+    """Mutual TLS: servers refuse clients without a certificate signed by tls_ca_file (needs tls_ca_file)."""
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from titan_rl.config import Config, load_config
 from titan_rl.errors import TitanError
 from titan_rl.rpc import is_serving
 from titan_rl.service import child_env
+from titan_rl.tls import load_tls, use_tls
 
 SERVICES = (("buffer", "buffer_server"), ("trainer", "trainer_server"), ("rollout", "rollout_server"))
 HEALTH_TIMEOUT_S = 120.0
@@ -47,6 +48,7 @@ class Launcher:
         self.overrides = overrides + extra
         self.cfg: Config = load_config(config_path, self.overrides)
         self.run_dir = Path(self.cfg.logging.run_dir) / self.cfg.logging.run_name
+        use_tls(load_tls(self.cfg.security, config_path))  # the health checks speak what the services serve
         # the services answer only calls with this run's token (titan_rl.auth): a fresh one unless one is set
         self.token = current_token() or self.cfg.security.token or secrets.token_urlsafe(32)
         self.procs: dict[str, subprocess.Popen] = {}

@@ -13,6 +13,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from titan_rl.auth import TokenClientInterceptor, TokenServerInterceptor, current_token
 from titan_rl.errors import PeerUnavailableError
+from titan_rl.tls import channel_credentials, current_tls, server_credentials
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +33,13 @@ T = TypeVar("T")
 
 
 def make_channel(address: str) -> grpc.Channel:
-    """A channel to a peer, sending this process's token (titan_rl.auth) with every call if it has one."""
-    channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+    """A channel to a peer, over TLS if this process has TLS settings (titan_rl.tls), sending its
+    token (titan_rl.auth) with every call if it has one."""
+    tls = current_tls()
+    if tls is None:
+        channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+    else:
+        channel = grpc.secure_channel(address, channel_credentials(tls), options=CHANNEL_OPTIONS)
     token = current_token()
     return grpc.intercept_channel(channel, TokenClientInterceptor(token)) if token else channel
 
@@ -49,7 +55,8 @@ def make_server(host: str, port: int) -> tuple[grpc.Server, int, health.HealthSe
     """A server bound to host:port (0 picks a free port) with the standard health service.
 
     Health reports NOT_SERVING until the caller sets SERVING once everything is ready. With a
-    token (titan_rl.auth), every call but health must carry it.
+    token (titan_rl.auth), every call but health must carry it; with TLS settings (titan_rl.tls),
+    the port speaks only TLS (and demands a client certificate under mutual TLS).
     Returns the server (not started), the bound port and the health servicer.
     """
     token = current_token()
@@ -59,7 +66,11 @@ def make_server(host: str, port: int) -> tuple[grpc.Server, int, health.HealthSe
         options=SERVER_OPTIONS,
         maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS,
     )
-    bound = server.add_insecure_port(f"{host}:{port}")
+    tls = current_tls()
+    if tls is None:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    else:
+        bound = server.add_secure_port(f"{host}:{port}", server_credentials(tls))
     if bound == 0:
         raise OSError(f"cannot bind {host}:{port}: address in use or not available")
     health_servicer = health.HealthServicer()

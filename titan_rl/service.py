@@ -17,6 +17,7 @@ import grpc
 from titan_rl.auth import use_token
 from titan_rl.config import Config, load_config
 from titan_rl.errors import TitanError
+from titan_rl.tls import load_tls, use_tls
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,7 @@ def parse_service_args(service: str, section: str, argv: list[str] | None = None
     """`--config FILE --host H --port P --seed S [section.key=value ...]` -> validated Config.
 
     --host/--port replace `<section>.host/port`; a user mistake exits with the message, not a traceback.
+    Makes the config's token and TLS settings this process's (titan_rl.auth, titan_rl.tls).
     """
     parser = argparse.ArgumentParser(prog=f"python -m titan_rl.{service}", description=f"Run the TITAN-RL {service} service.")
     parser.add_argument("--config", default="config/cartpole.yaml", help="YAML config file")
@@ -85,9 +87,11 @@ def parse_service_args(service: str, section: str, argv: list[str] | None = None
     keep_freed_memory()
     try:
         cfg = load_config(args.config, overrides)
+        tls = load_tls(cfg.security, args.config)
     except TitanError as e:
         sys.exit(f"error: {e}")
     use_token(cfg.security.token)
+    use_tls(tls)
     return cfg
 
 

@@ -21,6 +21,7 @@ from titan_rl.rollout.actor import VectorActor
 from titan_rl.rollout.service import CONFIG_ERROR_EXIT_CODE
 from titan_rl.rollout.stats import WorkerReport
 from titan_rl.service import keep_freed_memory, setup_logging
+from titan_rl.tls import load_tls, use_tls
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ def run_worker(cfg: Config, worker_id: int, stop: mp.Event, reports: mp.Queue) -
     global_id, seed = worker_identity(cfg, worker_id)
     torch.manual_seed(seed)
     try:
+        use_tls(load_tls(cfg.security))  # a spawned process starts plaintext: its channels follow the config
         algorithm = build_algorithm(cfg)
         policy = build_policy(cfg).eval()
         algorithm.check_network(policy)
