@@ -231,9 +231,9 @@ def test_chunk_sender_asks_for_an_ack_every_half_window_and_flush_asks_for_the_r
             sender.close()
 
 
-def test_chunk_sender_stops_at_its_window_while_the_buffer_holds_inserts_back_and_starts_afresh_after_a_restart():
+def test_chunk_sender_stops_at_its_window_while_the_buffer_holds_inserts_back_and_redelivers_after_a_restart():
     """The rate limiter lets 2 chunks of 8 in, then holds the third: 4 chunks may be unacknowledged, not 5.
-    The buffer then restarts with 2 acks outstanding: the new stream's acks must not be matched to them."""
+    The buffer then restarts with those 4 unacknowledged: they reach the new one, before the 5 sent after."""
     table = _table("uniform", samples_per_insert=1, min_size_to_sample=0, slack_items=8)
     sender = None
     try:
@@ -250,7 +250,9 @@ def test_chunk_sender_stops_at_its_window_while_the_buffer_holds_inserts_back_an
             deadline = time.monotonic() + 20
             for _ in range(5):
                 assert sender.send(transitions(8), 0, 0, keep_waiting=lambda: time.monotonic() < deadline)
-            assert sender.flush(10) and sender.chunks_acked == 2 + 5 and restarted.info().size == 40
+            assert sender.flush(10) and sender.chunks_acked == 2 + 4 + 5 and restarted.info().size == (4 + 5) * 8
+            first = restarted.layout.views(restarted.storage.gather(np.arange(8)))["obs"][:, 0]
+            assert first.astype(int).tolist() == list(range(16, 24)), "the oldest unacknowledged chunk came first"
     finally:
         if sender is not None:
             sender.close(flush_timeout_s=0)
@@ -769,3 +771,41 @@ def test_values_that_break_the_signature_are_invalid_argument_naming_the_field_a
         for table in tables.values():
             table.close()
         server.stop(grace=None).wait()
+
+
+class _BreaksFirstStream(BufferServicer):
+    """Stores the first stream's chunks and breaks it after the third, before any ack for it is sent."""
+
+    def __init__(self, tables):
+        super().__init__(tables)
+        self.streams = 0
+
+    def Add(self, request_iterator, context):
+        self.streams += 1
+        if self.streams > 1:
+            yield from super().Add(request_iterator, context)
+            return
+        for i, request in enumerate(request_iterator):
+            chunk = request.chunk
+            self.tables["default"].insert_records(*wire.decode_chunk(chunk), chunk.env_steps, origin=(chunk.sender_id, chunk.sequence))
+            if i == 2:
+                context.abort(grpc.StatusCode.UNAVAILABLE, "the stream broke")
+            if request.ack:
+                yield buffer_pb2.AddResponse()
+
+
+def test_chunk_sender_resends_what_a_broken_stream_left_unacknowledged_and_the_buffer_stores_it_once():
+    table = _table("uniform")
+    servicer = _BreaksFirstStream({"default": table})
+    with _serving(servicer) as address:
+        sender = ChunkSender(address, max_in_flight=8)
+        try:
+            for i in range(6):
+                assert sender.send(transitions(8, start=8 * i), 0, 0)
+            assert sender.flush(10)
+            assert servicer.streams == 2 and sender.chunks_resent >= 1
+            stored = sorted(table.layout.views(table.storage.gather(np.arange(table.info().size)))["obs"][:, 0].astype(int))
+            assert stored == list(range(48)), "every chunk arrived, and once"
+            assert table.info().env_steps_total == 48
+        finally:
+            sender.close()

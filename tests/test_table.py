@@ -703,3 +703,17 @@ def test_fifo_state_dict_round_trip_keeps_the_read_position_and_versions():
     for table in (saved, loaded):
         assert _obs0(table.sample(4, should_wait=_soon(), min_policy_version=5)) == [3, 4, 6, 7]  # versions 2 and 1 dropped, in both
         assert table.info().dropped_stale_total == 2
+
+
+def test_a_chunk_sent_again_by_its_sender_is_stored_once_and_the_memory_of_it_survives_a_state_dict():
+    table = _uniform(100)
+    layout = table.layout
+    records = layout.pack(transitions(5), 5)
+    assert table.insert_records(records, layout, 5, origin=(7, 1)) == 5
+    assert table.insert_records(records, layout, 5, origin=(7, 1)) == 0  # resent after a broken stream
+    assert table.insert_records(records, layout, 5, origin=(8, 1)) == 5  # another sender's first chunk
+    restored = _uniform(100)
+    restored.load_state_dict(table.state_dict())
+    assert restored.insert_records(records, layout, 5, origin=(7, 1)) == 0
+    assert restored.insert_records(records, layout, 5, origin=(7, 2)) == 5
+    assert (restored.info().size, restored.info().env_steps_total) == (15, 15)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from concurrent import futures
@@ -97,6 +98,7 @@ def is_serving(address: str, timeout_s: float = 1.0) -> bool:
 
 
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+READY_POLL_S = 0.5
 
 
 class Backoff:
@@ -130,3 +132,24 @@ def call_with_retry(fn: Callable[[], T], what: str, deadline_s: float = 60.0) ->
                 raise
             log.warning("%s: %s, retrying in %.1fs", what, e.code().name, backoff.delay_s)
             backoff.sleep()
+
+
+def wait_until_ready(channel: grpc.Channel, contact: float, peer_timeout_s: float | None, stop: threading.Event, peer: str) -> bool:
+    """Wait until the peer behind `channel` answers a health check: True once it has, False if `stop`
+    is set first. Raises PeerUnavailableError naming `peer` once `peer_timeout_s` (None: never)
+    passed since `contact`, the monotonic time of the last sign of the peer.
+
+    A health call with a short deadline rather than `grpc.channel_ready_future`: that one polls
+    from a thread of gRPC's own, which raises when the channel is closed under it."""
+    stub = health_pb2_grpc.HealthStub(channel)
+    while not stop.is_set():
+        try:
+            stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=READY_POLL_S, wait_for_ready=True)
+            return True
+        except grpc.RpcError as e:
+            if e.code() not in RETRYABLE:
+                return True  # it answered (a server without health, say): the call itself will tell what is wrong
+        gone_s = time.monotonic() - contact
+        if peer_timeout_s is not None and gone_s >= peer_timeout_s:
+            raise PeerUnavailableError(f"{peer} unreachable for {gone_s:.0f}s (durability.peer_timeout_s={peer_timeout_s:g})")
+    return False

@@ -180,11 +180,12 @@ def decode_chunk(chunk: common_pb2.RecordChunk) -> tuple[np.ndarray, RecordLayou
         raise WireError(f"records.{e}") from None
 
 
-def encode_weights(arrays: Mapping[str, np.ndarray], version: int, env_steps: int = 0) -> common_pb2.PolicyWeights:
+def encode_weights(arrays: Mapping[str, np.ndarray], version: int, env_steps: int = 0, epoch: int = 0) -> common_pb2.PolicyWeights:
     """Named arrays (a state_dict as numpy) -> PolicyWeights."""
     return common_pb2.PolicyWeights(
         version=version,
         env_steps=env_steps,
+        epoch=epoch,
         tensors=[common_pb2.NamedTensor(name=name, tensor=encode(a)) for name, a in arrays.items()],
     )
 

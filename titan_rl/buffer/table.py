@@ -22,6 +22,7 @@ from titan_rl.buffer.storage import RingStorage, keys_at
 from titan_rl.errors import NotEnoughDataError, SampleTooLargeError
 from titan_rl.records import RecordLayout
 
+MAX_SENDERS_REMEMBERED = 65_536  # chunk senders whose last sequence number a table keeps (one per worker start)
 SNAPSHOT_ROWS_PER_LOCK = 1 << 15  # ~1.6 MB of CartPole transitions: well under a millisecond of copying per hold
 
 @dataclass
@@ -86,6 +87,7 @@ class Table:
         self._sampled_rows = 0
         self._sample_calls = 0
         self._dropped_stale = 0
+        self._last_sequence: dict[int, int] = {}  # sender id -> number of its last chunk stored
         self._closed = False
 
     def _make_sampler(self) -> Sampler:
@@ -115,17 +117,20 @@ class Table:
         env_steps: int,
         policy_version: int = -1,
         should_wait: Callable[[], bool] = lambda: True,
+        origin: tuple[int, int] | None = None,
     ) -> int:
-        """Store [n, record_size] records once the rate limiter allows; returns n.
+        """Store [n, record_size] records once the rate limiter allows; returns n, or 0 for a repeat.
 
         `should_wait` is polled while waiting; returning False (the caller went away) or a
         `close()` raises `Closed`. Records that do not fit the signature raise
-        ShapeMismatchError and store nothing.
+        ShapeMismatchError and store nothing. `origin` (sender id, sequence number): a chunk
+        whose number is not above the last one stored from that sender was stored before, and
+        is skipped (a sender resends what was in flight when its stream broke).
         """
         self.storage.check_layout(layout)
         self.storage.check_values(layout.views(records), self.spec.value_bounds)
         return self._insert(
-            len(records), lambda a, b: self.storage.add_records(records[a:b], layout), env_steps, policy_version, should_wait
+            len(records), lambda a, b: self.storage.add_records(records[a:b], layout), env_steps, policy_version, should_wait, origin
         )
 
     def insert_fields(
@@ -145,20 +150,34 @@ class Table:
         return self._insert(n, write, n if env_steps is None else env_steps, policy_version, should_wait)
 
     def _insert(
-        self, n: int, write: Callable[[int, int], np.ndarray], env_steps: int, policy_version: int, should_wait: Callable[[], bool]
+        self,
+        n: int,
+        write: Callable[[int, int], np.ndarray],
+        env_steps: int,
+        policy_version: int,
+        should_wait: Callable[[], bool],
+        origin: tuple[int, int] | None = None,
     ) -> int:
         """Write rows [0, n) in as few pieces as the table's room allows.
 
         A queue takes a chunk larger than its free room piece by piece, as the learner reads:
         waiting for room for the whole chunk could wait forever on a learner that waits for
-        more items than the queue then holds.
+        more items than the queue then holds. A repeat of `origin` is checked again after the
+        wait: the same chunk may have come meanwhile on a sender's new stream.
         """
         done = 0
         with self._cond:
+            if self._seen(origin):
+                return 0
             if n == 0:
                 self.env_steps_total += env_steps
+                self._note(origin)
             while done < n:
                 self._wait(lambda: self._room() > 0, should_wait)
+                if done == 0:
+                    if self._seen(origin):
+                        return 0
+                    self._note(origin)
                 stop = done + min(n - done, self._room())
                 slots = write(done, stop)
                 self._versions[slots] = policy_version
@@ -168,6 +187,18 @@ class Table:
                 done = stop
                 self._cond.notify_all()
         return n
+
+    def _seen(self, origin: tuple[int, int] | None) -> bool:
+        return origin is not None and origin[1] <= self._last_sequence.get(origin[0], 0)
+
+    def _note(self, origin: tuple[int, int] | None) -> None:
+        """Remember the sender's last stored sequence number; the longest-silent senders are forgotten first."""
+        if origin is None:
+            return
+        self._last_sequence.pop(origin[0], None)
+        self._last_sequence[origin[0]] = origin[1]
+        if len(self._last_sequence) > MAX_SENDERS_REMEMBERED:
+            del self._last_sequence[next(iter(self._last_sequence))]
 
     def sample(
         self,
@@ -303,6 +334,7 @@ class Table:
                 "dropped_stale_total": self._dropped_stale,
             },
             "rng": self._rng.bit_generator.state,
+            "senders": [[sender, sequence] for sender, sequence in self._last_sequence.items()],
         }
 
     def snapshot(self, rows_per_lock: int = SNAPSHOT_ROWS_PER_LOCK) -> dict[str, Any]:
@@ -339,6 +371,10 @@ class Table:
             versions = np.asarray(state["versions"], np.int64)
             if versions.shape != (self._versions.shape if self._fifo else (0,)):
                 raise ValueError(f"versions: shape {versions.shape}, expected {self._versions.shape if self._fifo else (0,)}")
+            try:
+                senders = {int(sender): int(sequence) for sender, sequence in state["senders"]}
+            except (TypeError, ValueError, KeyError) as e:
+                raise ValueError(f"senders: not [sender id, sequence] pairs: {e}") from None
             rng = np.random.default_rng()
             try:
                 rng.bit_generator.state = state["rng"]
@@ -351,6 +387,7 @@ class Table:
             if self._fifo:
                 self._versions[:] = versions
             self._rng = rng
+            self._last_sequence = senders
             c = state["counters"]
             self._read_key, self.env_steps_total = int(c["read_key"]), int(c["env_steps_total"])
             self._sampled_rows, self._sample_calls, self._dropped_stale = (

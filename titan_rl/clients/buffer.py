@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import secrets
 import threading
 import time
 from collections import deque
@@ -15,7 +16,7 @@ import numpy as np
 
 from titan_rl import wire
 from titan_rl.errors import PeerUnavailableError, TitanError, WireError
-from titan_rl.rpc import RETRYABLE, Backoff, call_with_retry, make_channel
+from titan_rl.rpc import RETRYABLE, Backoff, call_with_retry, make_channel, wait_until_ready
 from titan_rl.v1 import buffer_pb2, buffer_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -27,6 +28,7 @@ DEFAULT_MAX_IN_FLIGHT = 4  # unacknowledged chunks, for a sender that does not k
 # waits with this many rows in flight, collected by a policy that old: 4,096 rows per worker left a
 # seed unsolved in 2 of 2 solve_time runs, 1,024 in 1 of 4, 512 in none of 3 (docs/architecture.md).
 MAX_UNACKED_ROWS = 512
+WAIT_LOG_S = 10.0  # a send() blocked this long logs why
 
 
 def ack_every(max_in_flight: int) -> int:
@@ -107,17 +109,29 @@ class BufferClient:
         self._channel.close()
 
 
-class ChunkSender:
-    """Streams transition chunks to the buffer's Add from a background thread.
+@dataclass
+class _Sent:
+    """A request on the stream, kept until an ack covers it: a broken stream resends it."""
 
-    At most `max_in_flight` chunks are unacknowledged at once: `send()` blocks beyond
-    that, so a slow (or rate-limited) buffer slows the actor down instead of letting
-    stale data pile up in transport buffers. Every `max_in_flight // 2`-th chunk asks for
-    an acknowledgement, which covers it and every chunk before it: a reply per chunk cost
-    both processes as much CPU as the chunk itself. `flush()` asks for one at once.
-    A broken stream is reopened with back-off; chunks in flight when it broke are lost,
-    and the log says how many. INVALID_ARGUMENT is not retried: it is a bug in the sender,
-    raised from the next `send()`. `send()` is for one producer thread.
+    payload: bytes
+    is_chunk: bool
+    asks_ack: bool
+
+
+class ChunkSender:
+    """Streams record chunks to the buffer's Add from a background thread, and never loses one.
+
+    At most `max_in_flight` chunks are unacknowledged at once: `send()` blocks beyond that, so
+    a slow (or rate-limited, or unreachable) buffer slows the actor down instead of letting
+    stale data pile up; the window is the bounded queue an outage fills. Every
+    `max_in_flight // 2`-th chunk asks for an acknowledgement, which covers it and every chunk
+    before it: a reply per chunk cost both processes as much CPU as the chunk itself.
+    `flush()` asks for one at once. A broken stream is reopened with back-off and every
+    unacknowledged chunk is sent again; each carries this sender's random id and a sequence
+    number, so the buffer stores a chunk once even when it got it before the break. After
+    `give_up_after_s` without reaching the buffer, `send()` raises PeerUnavailableError.
+    INVALID_ARGUMENT is not retried: it is a bug in the sender, raised from the next `send()`.
+    `send()` is for one producer thread.
     """
 
     def __init__(self, address: str, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT, give_up_after_s: float = 120.0, table: str = ""):
@@ -126,12 +140,15 @@ class ChunkSender:
         self.address = address
         self.table = table
         self.give_up_after_s = give_up_after_s
+        self.sender_id = secrets.randbits(63)
         self.chunks_acked = 0
+        self.chunks_resent = 0
+        self._max_in_flight = max_in_flight
         self._ack_every = ack_every(max_in_flight)
         self._slots = threading.Semaphore(max_in_flight)
-        self._in_flight = 0
+        self._sequence = 0
         self._unasked = 0  # chunks queued since the last one that asked for an ack
-        self._asked: deque[int] = deque()  # chunks each outstanding ack will cover, oldest first
+        self._unacked: deque[_Sent] = deque()  # on the stream, oldest first
         self._lock = threading.Lock()
         self._requests: queue.Queue = queue.Queue()
         self._error: Exception | None = None
@@ -153,32 +170,41 @@ class ChunkSender:
         `env_steps`: env steps taken since the previous chunk (default: one per record)."""
         request = buffer_pb2.AddRequest(table=self.table)
         wire.fill_chunk(request.chunk, fields, worker_id, policy_version, env_steps)
+        request.chunk.sender_id, request.chunk.sequence = self.sender_id, self._sequence + 1
         with self._lock:
             request.ack = self._unasked + 1 >= self._ack_every
         payload = request.SerializeToString()  # here, while earlier chunks are in flight, not on the sending thread
+        waited_from = time.monotonic()
         while not self._slots.acquire(timeout=0.2):
             if self._error is not None or not self._thread.is_alive():
                 raise self._error or TitanError("chunk sender stopped")
             if not keep_waiting():
                 return False
+            if time.monotonic() - waited_from > WAIT_LOG_S:
+                log.warning("buffer %s: %d chunks wait for it (the most a worker holds); acting paused", self.address, self._max_in_flight)
+                waited_from = time.monotonic()
         if self._error is not None:
             raise self._error
         with self._lock:
-            self._in_flight += 1
+            self._sequence += 1
             self._unasked += 1
-            self._queue(payload, request.ack)
+            self._queue(_Sent(payload, True, request.ack))
         return True
+
+    @property
+    def in_flight(self) -> int:
+        with self._lock:
+            return sum(sent.is_chunk for sent in self._unacked)
 
     def flush(self, timeout_s: float) -> bool:
         """Wait until every sent chunk is acknowledged; False on timeout."""
         with self._lock:
             if self._unasked:
-                self._queue(_ACK_NOW, ack=True)  # the last chunks did not ask
+                self._queue(_Sent(_ACK_NOW, False, True))  # the last chunks did not ask
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            with self._lock:
-                if self._in_flight == 0:
-                    return True
+            if self.in_flight == 0:
+                return True
             time.sleep(0.01)
         return False
 
@@ -191,22 +217,26 @@ class ChunkSender:
             self._call.cancel()
         self._thread.join(1.0)
 
-    def _queue(self, payload: bytes, ack: bool) -> None:
-        """Hand a request to the stream; one that asks for an ack closes the count of chunks it covers. Call with the lock held."""
-        if ack:
-            self._asked.append(self._unasked)
+    def _queue(self, sent: _Sent) -> None:
+        """Hand a request to the stream and keep it until acknowledged. Call with the lock held."""
+        if sent.asks_ack:
             self._unasked = 0
-        self._requests.put(payload)
+        self._unacked.append(sent)
+        self._requests.put(sent.payload)
 
     def _acknowledged(self) -> bool:
-        """One ack arrived: it covers the chunks counted when it was asked for. False if none was asked for."""
+        """One ack arrived: it covers every request up to the oldest one that asked. False if none asked."""
         with self._lock:
-            if not self._asked:
+            if not any(sent.asks_ack for sent in self._unacked):
                 return False
-            n = self._asked.popleft()
-            self._in_flight -= n
-            self.chunks_acked += n  # with the count, so flush() never returns before it
-        for _ in range(n):
+            chunks = 0
+            while True:
+                sent = self._unacked.popleft()
+                chunks += sent.is_chunk
+                if sent.asks_ack:
+                    break
+            self.chunks_acked += chunks  # with the count, so flush() never returns before it
+        for _ in range(chunks):
             self._slots.release()
         return True
 
@@ -214,34 +244,42 @@ class ChunkSender:
         while (item := requests.get()) is not _END:
             yield item
 
-    def _release_in_flight(self) -> int:
-        """Free the slots of chunks that will never be acknowledged; returns how many.
+    def _resend_unacked(self) -> int:
+        """A new request queue holding every unacknowledged request, in order; returns the chunks in it.
 
-        The request queue is replaced under the same lock, so a chunk sent meanwhile is either
-        lost with the old stream and counted here, or goes on the next stream and counted there.
-        """
+        Replaced under the lock, so a chunk sent meanwhile goes after them, on the next stream."""
         with self._lock:
-            n, self._in_flight = self._in_flight, 0
-            self._unasked = 0
-            self._asked.clear()
             self._requests = queue.Queue()
-        for _ in range(n):
-            self._slots.release()
-        return n
+            for sent in self._unacked:
+                self._requests.put(sent.payload)
+            chunks = sum(sent.is_chunk for sent in self._unacked)
+            self.chunks_resent += chunks
+            return chunks
 
     def _fail(self, error: TitanError) -> None:
         """Stop for good: the error first, then the slots, so a send() woken by them raises it."""
         self._error = error
         log.error("%s", error)
-        self._release_in_flight()
+        with self._lock:
+            chunks = sum(sent.is_chunk for sent in self._unacked)
+            self._unacked.clear()
+        for _ in range(chunks):
+            self._slots.release()
 
     def _run(self) -> None:
         channel = make_channel(self.address)
         add = channel.stream_stream(ADD_METHOD, request_serializer=None, response_deserializer=buffer_pb2.AddResponse.FromString)
         backoff = Backoff()
-        failing_since = None
+        contact = time.monotonic()
         try:
             while True:
+                try:
+                    if not wait_until_ready(channel, contact, self.give_up_after_s, self._closing, f"buffer {self.address}"):
+                        return
+                except PeerUnavailableError as e:
+                    self._fail(e)
+                    return
+                contact = time.monotonic()  # connected: the buffer is there
                 try:
                     self._call = add(self._stream(self._requests), wait_for_ready=True)
                     for _ in self._call:
@@ -249,24 +287,22 @@ class ChunkSender:
                             self._fail(TitanError(f"buffer {self.address} acknowledged chunks that did not ask: an older buffer?"))
                             self._call.cancel()
                             return
-                        failing_since = None
+                        contact = time.monotonic()
                         backoff.reset()
                     return  # the stream ended because close() was called
                 except grpc.RpcError as e:
                     if self._closing.is_set():
-                        self._release_in_flight()
                         return
                     if e.code() not in RETRYABLE:
                         self._fail(TitanError(f"buffer {self.address} rejected a chunk: {e.code().name}: {e.details()}"))
                         return
-                    now = time.monotonic()
-                    failing_since = failing_since or now
-                    if now - failing_since > self.give_up_after_s:
-                        self._fail(PeerUnavailableError(f"buffer {self.address} unreachable for {self.give_up_after_s:.0f}s"))
-                        return
-                    lost = self._release_in_flight()  # and a new request queue: the old one belongs to the dead call
+                    waiting = self._resend_unacked()  # on a new request queue: the old one belongs to the dead call
                     log.warning(
-                        "buffer stream %s: %s, %d chunks lost; reconnecting in %.1fs", self.address, e.code().name, lost, backoff.delay_s
+                        "buffer stream %s: %s; reconnecting in %.1fs, then %d unacknowledged chunks are sent again",
+                        self.address,
+                        e.code().name,
+                        backoff.delay_s,
+                        waiting,
                     )
                     backoff.sleep()
         finally:

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import NamedTuple
 
 import grpc
 import torch
 
 from titan_rl import wire
-from titan_rl.rpc import RETRYABLE, Backoff, make_channel
+from titan_rl.errors import PeerUnavailableError
+from titan_rl.rpc import RETRYABLE, Backoff, make_channel, wait_until_ready
 from titan_rl.v1 import trainer_pb2, trainer_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -27,12 +29,19 @@ class PolicySubscriber:
 
     Only the newest weights are kept; `take()` hands them over once, so the actor
     can swap weights between two env steps (never mid-batch). A dropped stream is
-    reopened with back-off, asking only for versions newer than the last one seen.
+    reopened with back-off, asking only for versions newer than the last one seen (of the
+    same trainer epoch: a restarted trainer's weights are taken whatever their version).
+    `finished` is set when the trainer says the run has ended; `gone` when it stayed
+    unreachable for `peer_timeout_s` (None: wait forever).
     """
 
-    def __init__(self, address: str):
+    def __init__(self, address: str, peer_timeout_s: float | None = None):
         self.address = address
+        self.peer_timeout_s = peer_timeout_s
         self.version = -1
+        self.epoch = 0
+        self.finished = threading.Event()
+        self.gone = threading.Event()
         self._latest: Weights | None = None
         self._lock = threading.Lock()
         self._arrived = threading.Event()
@@ -53,15 +62,28 @@ class PolicySubscriber:
 
     def _run(self) -> None:
         backoff = Backoff()
+        contact = time.monotonic()  # the trainer counts as gone peer_timeout_s after the last sign of it
         while not self._stop.is_set():
             try:
-                self._call = self._stub.WatchPolicy(trainer_pb2.WatchPolicyRequest(after_version=self.version), wait_for_ready=True)
+                if not wait_until_ready(self._channel, contact, self.peer_timeout_s, self._stop, f"trainer {self.address}"):
+                    return
+            except PeerUnavailableError as e:
+                log.error("%s", e)
+                self.gone.set()
+                return
+            request = trainer_pb2.WatchPolicyRequest(after_version=self.version, epoch=self.epoch)
+            try:
+                self._call = self._stub.WatchPolicy(request, wait_for_ready=True)
                 for reply in self._call:
+                    if reply.run_finished:
+                        log.info("trainer %s: the run has finished", self.address)
+                        self.finished.set()
+                        return
                     weights = reply.weights
                     state = {k: torch.from_numpy(a.copy()) for k, a in wire.decode_weights(weights).items()}
                     with self._lock:
                         self._latest = Weights(weights.version, weights.env_steps, state)
-                        self.version = weights.version
+                        self.version, self.epoch = weights.version, weights.epoch
                     self._arrived.set()
                     backoff.reset()
             except grpc.RpcError as e:
@@ -69,6 +91,7 @@ class PolicySubscriber:
                     return
                 level = logging.WARNING if e.code() in RETRYABLE else logging.ERROR
                 log.log(level, "policy stream from %s: %s; retrying in %.1fs", self.address, e.code().name, backoff.delay_s)
+            contact = time.monotonic()
             if not self._stop.is_set():
                 backoff.sleep()
 

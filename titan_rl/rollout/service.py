@@ -17,7 +17,10 @@ from titan_rl.v1 import rollout_pb2, rollout_pb2_grpc
 log = logging.getLogger(__name__)
 
 RESTART_DELAY_S = 2.0
-CONFIG_ERROR_EXIT_CODE = 3  # titan_rl.rollout.worker exits with it when the config cannot work
+# titan_rl.rollout.worker exits with these when restarting it would not help
+CONFIG_ERROR_EXIT_CODE = 3  # the config cannot work
+RUN_FINISHED_EXIT_CODE = 4  # the trainer said training has ended
+PEER_GONE_EXIT_CODE = 5  # the trainer or the buffer stayed unreachable for durability.peer_timeout_s
 
 
 def _worker_main(*args: object) -> None:
@@ -39,7 +42,8 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
 class WorkerPool:
     """Starts `num_workers` processes (spawned: no fork of gRPC state), collects their reports,
     and restarts a worker that dies, after a delay, logging why. A worker that exits because
-    the config cannot work sets `failed` instead: restarting it would fail the same way."""
+    the config cannot work, or a peer is gone, sets `failed` instead: restarting it would fail
+    the same way. One that exits because the run has finished sets `finished`."""
 
     def __init__(self, cfg: Config, stats: TrajectoryStats):
         self.cfg = cfg
@@ -49,6 +53,8 @@ class WorkerPool:
         self._reports = self._ctx.Queue()
         self._procs: dict[int, mp.Process] = {}
         self.failed = threading.Event()
+        self.finished = threading.Event()
+        self.ended = threading.Event()  # failed or finished: the service stops
         self._thread = threading.Thread(target=self._supervise, name="worker-pool", daemon=True)
 
     def _spawn(self, worker_id: int) -> None:
@@ -70,9 +76,16 @@ class WorkerPool:
             except queue.Empty:
                 pass
             for worker_id, proc in list(self._procs.items()):
-                if not proc.is_alive() and proc.exitcode == CONFIG_ERROR_EXIT_CODE:
-                    log.error("rollout worker %d cannot run with this config (see above); stopping", worker_id)
+                if not proc.is_alive() and proc.exitcode == RUN_FINISHED_EXIT_CODE:
+                    log.info("the run has finished; stopping the workers")
+                    self.finished.set()
+                    self.ended.set()
+                    return
+                if not proc.is_alive() and proc.exitcode in (CONFIG_ERROR_EXIT_CODE, PEER_GONE_EXIT_CODE):
+                    why = "cannot run with this config" if proc.exitcode == CONFIG_ERROR_EXIT_CODE else "lost its peer"
+                    log.error("rollout worker %d %s (see above); stopping", worker_id, why)
                     self.failed.set()
+                    self.ended.set()
                     return
                 if not proc.is_alive() and not self._stop.is_set():
                     log.error("rollout worker %d exited with code %s; restarting in %.0fs", worker_id, proc.exitcode, RESTART_DELAY_S)

@@ -12,13 +12,14 @@ import time
 import numpy as np
 import torch
 
+from titan_rl.algorithm import Algorithm
 from titan_rl.clients.buffer import ChunkSender, chunks_in_flight
 from titan_rl.clients.trainer import PolicySubscriber
 from titan_rl.config import Config
-from titan_rl.errors import TitanError
+from titan_rl.errors import PeerUnavailableError, TitanError
 from titan_rl.registry import build_algorithm, build_policy
 from titan_rl.rollout.actor import VectorActor
-from titan_rl.rollout.service import CONFIG_ERROR_EXIT_CODE
+from titan_rl.rollout.service import CONFIG_ERROR_EXIT_CODE, PEER_GONE_EXIT_CODE, RUN_FINISHED_EXIT_CODE
 from titan_rl.rollout.stats import WorkerReport
 from titan_rl.service import keep_freed_memory, setup_logging
 from titan_rl.tls import load_tls, use_tls
@@ -35,14 +36,14 @@ def worker_identity(cfg: Config, worker_id: int) -> tuple[int, int]:
 
 
 def run_worker(cfg: Config, worker_id: int, stop: mp.Event, reports: mp.Queue) -> None:
-    """Process entry point; returns when `stop` is set or the parent dies."""
+    """Process entry point; returns when `stop` is set or the parent dies, exits with a code the
+    pool reads when the run has finished or a peer is gone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the rollout service stops us through `stop`
     setup_logging()
     keep_freed_memory()
     torch.set_num_threads(1)
-    parent = os.getppid()
     r = cfg.rollout_server
-    global_id, seed = worker_identity(cfg, worker_id)
+    _, seed = worker_identity(cfg, worker_id)
     torch.manual_seed(seed)
     try:
         use_tls(load_tls(cfg.security))  # a spawned process starts plaintext: its channels follow the config
@@ -53,14 +54,47 @@ def run_worker(cfg: Config, worker_id: int, stop: mp.Event, reports: mp.Queue) -
         log.error("worker %d: %s", worker_id, e)
         sys.exit(CONFIG_ERROR_EXIT_CODE)
     table = algorithm.table().name
-    subscriber = PolicySubscriber(cfg.trainer_server.dial_address)
+    peer_timeout_s = cfg.durability.peer_timeout_s
+    subscriber = PolicySubscriber(cfg.trainer_server.dial_address, peer_timeout_s)
     sender = ChunkSender(
-        cfg.buffer_server.dial_address, max_in_flight=chunks_in_flight(r.envs_per_worker * r.vector_steps_per_chunk), table=table
+        cfg.buffer_server.dial_address,
+        max_in_flight=chunks_in_flight(r.envs_per_worker * r.vector_steps_per_chunk),
+        give_up_after_s=peer_timeout_s,
+        table=table,
     )
+    try:
+        _collect(cfg, worker_id, stop, reports, algorithm, policy, subscriber, sender)
+    except PeerUnavailableError as e:
+        log.error("worker %d: %s", worker_id, e)
+        sys.exit(PEER_GONE_EXIT_CODE)
+    finally:
+        subscriber.close()
+        sender.close(flush_timeout_s=0.0)  # stopping: what is still in flight does not matter
+    if subscriber.finished.is_set():
+        sys.exit(RUN_FINISHED_EXIT_CODE)
+    if subscriber.gone.is_set():
+        sys.exit(PEER_GONE_EXIT_CODE)
+
+
+def _collect(
+    cfg: Config,
+    worker_id: int,
+    stop: mp.Event,
+    reports: mp.Queue,
+    algorithm: Algorithm,
+    policy: torch.nn.Module,
+    subscriber: PolicySubscriber,
+    sender: ChunkSender,
+) -> None:
+    """Act with the latest weights and send what the adder writes, until `stop`, the parent's death,
+    or the trainer's end or absence."""
+    r = cfg.rollout_server
+    parent = os.getppid()
+    global_id, seed = worker_identity(cfg, worker_id)
     actor = None
     try:
         while not subscriber.wait_first(timeout_s=1.0):
-            if stop.is_set() or os.getppid() != parent:
+            if stop.is_set() or os.getppid() != parent or subscriber.finished.is_set() or subscriber.gone.is_set():
                 return
             log.info("worker %d: waiting for the first weights from %s", worker_id, cfg.trainer_server.dial_address)
         acting = algorithm.make_actor(policy, worker_id, seed)
@@ -71,7 +105,7 @@ def run_worker(cfg: Config, worker_id: int, stop: mp.Event, reports: mp.Queue) -
         pending_rows = pending_steps = vector_steps = 0  # records, env steps and vector steps since the last chunk
         report = WorkerReport(worker_id, 0, acting.metrics(), version)
         next_report = time.monotonic() + REPORT_EVERY_S
-        while not stop.is_set():
+        while not (stop.is_set() or subscriber.finished.is_set() or subscriber.gone.is_set()):
             if (latest := subscriber.take()) is not None:  # swap weights between steps only
                 version, acting.env_steps = latest.version, latest.env_steps
                 policy.load_state_dict(latest.state)
@@ -101,7 +135,5 @@ def run_worker(cfg: Config, worker_id: int, stop: mp.Event, reports: mp.Queue) -
                 if os.getppid() != parent:
                     return
     finally:
-        subscriber.close()
-        sender.close(flush_timeout_s=0.0)  # stopping: what is still in flight does not matter
         if actor is not None:
             actor.close()

@@ -35,13 +35,14 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
     def WatchPolicy(
         self, request: trainer_pb2.WatchPolicyRequest, context: grpc.ServicerContext
     ) -> Iterator[trainer_pb2.WatchPolicyResponse]:
-        after = request.after_version
+        after, epoch = request.after_version, request.epoch
         while context.is_active():
-            weights = self.store.wait_newer(after, WATCH_POLL_S)
+            weights = self.store.wait_newer(after, WATCH_POLL_S, epoch)
             if weights is not None:
-                after = weights.version
+                after, epoch = weights.version, weights.epoch
                 yield trainer_pb2.WatchPolicyResponse(weights=weights)
-            elif self.loop.state == "done":
+            elif self.store.finished:
+                yield trainer_pb2.WatchPolicyResponse(run_finished=True)
                 return
 
     def Checkpoint(self, request: trainer_pb2.CheckpointRequest, context: grpc.ServicerContext) -> trainer_pb2.CheckpointResponse:
