@@ -189,8 +189,27 @@ def test_ctrl_c_stops_every_process_and_keeps_the_last_checkpoint(tmp_path):
     while any(alive(p) for p in tree) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not [p for p in tree if alive(p)], f"left behind: {[p for p in tree if alive(p)]}\n{output}"
-    assert "stop requested" in output and "Traceback" not in output, output
+    assert "stopped by a signal" in output and "Traceback" not in output, output
     assert (tmp_path / "checkpoint_last.pth").exists()
+
+
+def test_run_sh_resume_continues_the_last_run_with_its_learner_counters_and_replay(tmp_path):
+    proc, _ = launch(tmp_path, "budget.max_env_steps=4000", "budget.target_eval_return=null")
+    first_output = proc.communicate(timeout=180)[0]
+    assert proc.returncode == 0, first_output
+    first = json.loads((tmp_path / "runs" / "test" / "summary.json").read_text())
+    metrics = tmp_path / "runs" / "test" / "metrics.jsonl"
+    first_rows = len(metrics.read_text().splitlines())
+
+    proc, _ = launch(tmp_path, "--resume", "budget.max_env_steps=8000", "budget.target_eval_return=null")
+    output = proc.communicate(timeout=180)[0]
+    assert proc.returncode == 0, output
+    second = json.loads((tmp_path / "runs" / "test" / "summary.json").read_text())
+    assert second["updates"] > first["updates"] > 100 and second["policy_version"] > first["policy_version"]
+    assert 8000 <= second["env_steps"] < 8000 + 4000, "it went on from 4,000 steps, not from 0"
+    assert "restored" in (tmp_path / "runs" / "test" / "buffer.log").read_text()
+    resumed_steps = [json.loads(line)["env_steps"] for line in metrics.read_text().splitlines()[first_rows:]]
+    assert resumed_steps and min(resumed_steps) >= first["env_steps"], "the run's metrics go on from where they stopped"
 
 
 def test_killing_the_launcher_outright_takes_every_service_with_it(tmp_path):
@@ -228,7 +247,7 @@ def test_the_launcher_locks_its_services_with_a_fresh_token(tmp_path, monkeypatc
     finally:
         proc.send_signal(signal.SIGINT)
         output = proc.communicate(timeout=60)[0]
-    assert proc.returncode == 0 and "stop requested" in output, output
+    assert proc.returncode == 0 and "stopped by a signal" in output, output
 
 
 def test_a_bad_config_key_fails_before_anything_starts():

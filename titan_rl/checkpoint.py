@@ -114,3 +114,22 @@ def policy_from_checkpoint(payload: dict[str, Any]) -> tuple[nn.Module, Config, 
     except (KeyError, TypeError, RuntimeError) as e:  # entries missing, or weights that do not fit the stored policy class
         raise TitanError(f"the checkpoint does not rebuild its policy: {e}") from e
     return policy.eval(), cfg, algorithm
+
+
+def run_name_of(payload: dict[str, Any]) -> str:
+    """The run that wrote a checkpoint (its config's `logging.run_name`), or ""."""
+    config = payload.get("config")
+    section = config.get("logging") if isinstance(config, dict) else None
+    name = section.get("run_name", "") if isinstance(section, dict) else ""
+    return name if isinstance(name, str) else ""
+
+
+def run_to_resume(checkpoint_path: str | Path) -> str:
+    """The run whose `<stem>_last.pth` lies beside `checkpoint_path`: what `--resume` continues."""
+    path = last_path(checkpoint_path)
+    if not path.exists():
+        raise TitanError(f"--resume: no {path} to resume from (the trainer writes it every durability.checkpoint_interval_s)")
+    name = run_name_of(load_checkpoint(path))
+    if not name:
+        raise TitanError(f"--resume: {path} names no run")
+    return name

@@ -39,11 +39,15 @@ def free_port(host: str) -> int:
 
 
 class Launcher:
-    def __init__(self, config_path: str, overrides: list[str]):
+    def __init__(self, config_path: str, overrides: list[str], resume: bool = False):
         self.config_path = config_path
         cfg = load_config(config_path, overrides)
         extra = [f"{section}.port={free_port(getattr(cfg, section).host)}" for _, section in SERVICES if getattr(cfg, section).port == 0]
-        if not cfg.logging.run_name:
+        if resume:  # the same run name: the trainer resumes its last checkpoint, the buffer restores its snapshot
+            from titan_rl.checkpoint import run_to_resume
+
+            extra.append(f"logging.run_name={run_to_resume(cfg.logging.checkpoint_path)}")
+        elif not cfg.logging.run_name:
             extra.append(f"logging.run_name={cfg.rollout_server.env_name}-seed{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
         self.overrides = overrides + extra
         self.cfg: Config = load_config(config_path, self.overrides)
@@ -87,7 +91,7 @@ class Launcher:
         """Ask the trainer to finish (it saves its checkpoint); the rest is stopped once it exits."""
         if not self._stopping and "trainer" in self.procs:
             self._stopping = True
-            print("\nstopping: the trainer writes its checkpoint, then every service exits", flush=True)
+            print("\nstopping: the trainer writes its checkpoint, the buffer its snapshot (bash run.sh --resume continues)", flush=True)
             self.procs["trainer"].send_signal(signal.SIGTERM)
 
     def _terminate(self, service: str, grace_s: float) -> None:
@@ -113,7 +117,8 @@ class Launcher:
             print(f"services up in {time.monotonic() - started:.1f}s; logs in {self.run_dir}", flush=True)
             while (code := self.procs["trainer"].poll()) is None:
                 for service in ("buffer", "rollout"):
-                    if self.procs[service].poll() is not None and not self._stopping:
+                    # exit 0: the trainer ended the run and told it so (the trainer exits next)
+                    if self.procs[service].poll() not in (None, 0) and not self._stopping:
                         print(f"{service} died (code {self.procs[service].returncode}):\n{self._log_tail(service)}", flush=True)
                         self.stop()
                 time.sleep(0.2)
@@ -146,13 +151,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bash run.sh", description="Train with buffer, trainer and rollout services on this machine.")
     parser.add_argument("--config", default="config/cartpole.yaml", help="YAML config (default: %(default)s)")
     parser.add_argument("--seed", type=int, help="overrides seed")
+    parser.add_argument("--resume", action="store_true", help="continue the run of the last checkpoint: learner, counters, replay")
     parser.add_argument(
         "overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. algorithm.config.lr=0.0005 budget.max_env_steps=50000"
     )
     args = parser.parse_intermixed_args(argv)
     overrides = list(args.overrides) + ([f"seed={args.seed}"] if args.seed is not None else [])
     try:
-        launcher = Launcher(args.config, overrides)
+        launcher = Launcher(args.config, overrides, resume=args.resume)
     except TitanError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,11 @@ from titan_rl.config import Config, config_to_dict
 log = logging.getLogger(__name__)
 
 PLAIN_LINE_EVERY_S = 5.0
+
+
+def wandb_run_id(run_name: str) -> str:
+    """A W&B run id from the run name: its letters, digits, '-' and '_' (W&B refuses others), at most 64."""
+    return re.sub(r"[^A-Za-z0-9_-]", "-", run_name)[:64]
 
 
 def wandb_mode(cfg: Config) -> str:
@@ -84,6 +90,8 @@ class MetricsLogger:
             self._wandb = wandb.init(
                 project=self.cfg.logging.wandb_project,
                 name=self.run_name,
+                id=wandb_run_id(self.run_name),  # a resumed run logs on to the same W&B run
+                resume="allow",
                 dir=str(self.run_dir),
                 config=config_to_dict(self.cfg),
                 mode=mode,

@@ -62,17 +62,20 @@ def keep_freed_memory() -> None:
         mallopt(_M_TRIM_THRESHOLD, 32 << 20)
 
 
-def parse_service_args(service: str, section: str, argv: list[str] | None = None) -> Config:
+def parse_service_args(service: str, section: str, argv: list[str] | None = None, resumable: bool = False) -> Config:
     """`--config FILE --host H --port P --seed S [section.key=value ...]` -> validated Config.
 
     --host/--port replace `<section>.host/port`; a user mistake exits with the message, not a traceback.
     Makes the config's token and TLS settings this process's (titan_rl.auth, titan_rl.tls).
+    `resumable` adds `--resume`: continue the run of the last checkpoint (its `logging.run_name`).
     """
     parser = argparse.ArgumentParser(prog=f"python -m titan_rl.{service}", description=f"Run the TITAN-RL {service} service.")
     parser.add_argument("--config", default="config/cartpole.yaml", help="YAML config file")
     parser.add_argument("--host", help=f"bind address (default: {section}.host)")
     parser.add_argument("--port", type=int, help=f"port, 0 for any free one (default: {section}.port)")
     parser.add_argument("--seed", type=int, help="overrides seed")
+    if resumable:
+        parser.add_argument("--resume", action="store_true", help="continue the run of <checkpoint stem>_last.pth")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. algorithm.config.lr=0.0005")
     args = parser.parse_intermixed_args(argv)
     overrides = list(args.overrides)
@@ -87,6 +90,10 @@ def parse_service_args(service: str, section: str, argv: list[str] | None = None
     keep_freed_memory()
     try:
         cfg = load_config(args.config, overrides)
+        if getattr(args, "resume", False):
+            from titan_rl.checkpoint import run_to_resume  # imports torch: only the trainer gets here
+
+            cfg = load_config(args.config, [*overrides, f"logging.run_name={run_to_resume(cfg.logging.checkpoint_path)}"])
         tls = load_tls(cfg.security, args.config)
     except TitanError as e:
         sys.exit(f"error: {e}")

@@ -9,6 +9,7 @@ once more on SIGTERM / Ctrl-C.
 from __future__ import annotations
 
 import logging
+import threading
 
 import grpc
 
@@ -25,26 +26,46 @@ from titan_rl.v1 import buffer_pb2, buffer_pb2_grpc
 log = logging.getLogger("titan_rl.buffer")
 
 
-def start(cfg: Config) -> tuple[grpc.Server, int, dict[str, Table]]:
+def serve(cfg: Config) -> tuple[grpc.Server, int, BufferServicer]:
     """Start a buffer server as configured, its tables restored from the snapshot if there is one;
-    returns (server, bound port, tables by name)."""
+    returns (server, bound port, servicer)."""
     tables = tables_for(build_algorithm(cfg), cfg.seed)
     if (path := cfg.snapshot_path()) is not None and restore(tables, path) is not None:
         restored = ", ".join(f"{name}: {t.info().size} items, {t.env_steps_total} env steps" for name, t in tables.items())
         log.info("restored %s from %s", restored, path)
     server, port, health = make_server(cfg.buffer_server.host, cfg.buffer_server.port)
-    buffer_pb2_grpc.add_BufferServiceServicer_to_server(BufferServicer(tables), server)
+    servicer = BufferServicer(tables)
+    buffer_pb2_grpc.add_BufferServiceServicer_to_server(servicer, server)
     server.start()
     set_serving(health, [buffer_pb2.DESCRIPTOR.services_by_name["BufferService"].full_name])
-    return server, port, tables
+    return server, port, servicer
+
+
+def start(cfg: Config) -> tuple[grpc.Server, int, dict[str, Table]]:
+    """`serve`, returning the tables by name instead of the servicer."""
+    server, port, servicer = serve(cfg)
+    return server, port, servicer.tables
+
+
+def watch_peers(servicer: BufferServicer, peer_timeout_s: float, stop: threading.Event, learner_gone: threading.Event) -> None:
+    """Set `stop` once the run has ended, or once no learner has had a SampleStream open for
+    `peer_timeout_s` (then `learner_gone` too)."""
+    while not stop.wait(0.5):
+        if servicer.run_ended.is_set():
+            stop.set()
+        elif (absent_s := servicer.learner_absent_s()) >= peer_timeout_s:
+            log.error("no learner has read from this buffer for %.0fs (durability.peer_timeout_s): the trainer is gone", absent_s)
+            learner_gone.set()
+            stop.set()
 
 
 def main() -> None:
     cfg = parse_service_args("buffer", "buffer_server")
     try:
-        server, port, tables = start(cfg)
+        server, port, servicer = serve(cfg)
     except TitanError as e:
         raise SystemExit(f"error: {e}") from None
+    tables = servicer.tables
     for name, table in tables.items():
         fields = ", ".join(f"{f} {s.dtype.name}{list(s.shape)}" for f, s in table.layout.slots.items())
         log.info("table %r: %s, %d items of {%s}", name, table.spec.kind, table.storage.capacity, fields)
@@ -62,7 +83,13 @@ def main() -> None:
         if snapshotter is not None and (saved := snapshotter.close()) is not None:
             log.info("snapshot: %.1f MB written to %s", saved.bytes / 1e6, saved.path)
 
-    serve_until_signal(server, "buffer", on_stop=close)
+    stop, learner_gone = threading.Event(), threading.Event()
+    watcher = threading.Thread(target=watch_peers, args=(servicer, cfg.durability.peer_timeout_s, stop, learner_gone), daemon=True)
+    watcher.start()
+    serve_until_signal(server, "buffer", on_stop=close, stop_event=stop)
+    stop.set()
+    if learner_gone.is_set():
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import contextlib
 import logging
 import queue
 import threading
+import time
 from collections.abc import Iterator
 
 import grpc
@@ -52,6 +53,10 @@ class BufferServicer(buffer_pb2_grpc.BufferServiceServicer):
         if not tables:
             raise ValueError("a buffer needs at least one table")
         self.tables = tables
+        self.run_ended = threading.Event()
+        self._learners = 0  # SampleStream calls open now
+        self._learner_seen = time.monotonic()  # when one was last open (or the buffer started)
+        self._learner_lock = threading.Lock()
         self._layout_messages: dict[str, common_pb2.RecordLayout] = {name: wire.encode_layout(t.layout) for name, t in tables.items()}
 
     def table(self, name: str, context: grpc.ServicerContext) -> tuple[str, Table]:
@@ -120,18 +125,30 @@ class BufferServicer(buffer_pb2_grpc.BufferServiceServicer):
         ready: queue.Queue = queue.Queue(maxsize=1)
         producer = threading.Thread(target=self._produce, args=(request_iterator, context, ready), name="sample-producer", daemon=True)
         producer.start()
-        while context.is_active():
-            try:
-                item = ready.get(timeout=0.1)
-            except queue.Empty:
-                continue
-            if item is _END:
-                return
-            if isinstance(item, _BadRequest):
-                context.abort(item.code, str(item))
-            if isinstance(item, Exception):
-                raise item
-            yield item
+        with self._learner_lock:
+            self._learners += 1
+        try:
+            while context.is_active():
+                try:
+                    item = ready.get(timeout=0.1)
+                except queue.Empty:
+                    continue
+                if item is _END:
+                    return
+                if isinstance(item, _BadRequest):
+                    context.abort(item.code, str(item))
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+        finally:
+            with self._learner_lock:
+                self._learners -= 1
+                self._learner_seen = time.monotonic()
+
+    def learner_absent_s(self) -> float:
+        """Seconds since a learner last had a SampleStream open (0 while one has)."""
+        with self._learner_lock:
+            return 0.0 if self._learners else time.monotonic() - self._learner_seen
 
     def _produce(
         self, request_iterator: Iterator[buffer_pb2.SampleStreamRequest], context: grpc.ServicerContext, ready: queue.Queue
@@ -205,3 +222,8 @@ class BufferServicer(buffer_pb2_grpc.BufferServiceServicer):
             dropped_stale_total=i.dropped_stale_total,
             signature=self._layout_messages[name],
         )
+
+    def EndRun(self, request: buffer_pb2.EndRunRequest, context: grpc.ServicerContext) -> buffer_pb2.EndRunResponse:
+        log.info("run ended (%s), told by %s", request.reason or "no reason given", context.peer())
+        self.run_ended.set()
+        return buffer_pb2.EndRunResponse()

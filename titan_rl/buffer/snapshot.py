@@ -127,9 +127,7 @@ class Snapshotter:
     """Saves every table to `path` every `interval_s` seconds (0: never on its own) from a thread of
     its own, and once more on `close()`. `extra()` adds plain values (e.g. senders' sequence numbers)."""
 
-    def __init__(
-        self, tables: Mapping[str, Table], path: Path, interval_s: float, extra: Callable[[], Mapping[str, Any]] = dict
-    ):
+    def __init__(self, tables: Mapping[str, Table], path: Path, interval_s: float, extra: Callable[[], Mapping[str, Any]] = dict):
         self.tables, self.path, self.interval_s, self.extra = tables, path, interval_s, extra
         self.saves = 0
         self._lock = threading.Lock()  # one save at a time

@@ -25,6 +25,7 @@ from titan_rl.records import RecordLayout
 MAX_SENDERS_REMEMBERED = 65_536  # chunk senders whose last sequence number a table keeps (one per worker start)
 SNAPSHOT_ROWS_PER_LOCK = 1 << 15  # ~1.6 MB of CartPole transitions: well under a millisecond of copying per hold
 
+
 @dataclass
 class TableInfo:
     kind: str

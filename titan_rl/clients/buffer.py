@@ -105,6 +105,11 @@ class BufferClient:
         wire.fill(request.priorities, np.asarray(priorities, np.float32))
         return self.stub.UpdatePriorities(request, timeout=self.timeout_s).updated
 
+    def end_run(self, reason: str) -> None:
+        """Tell the buffer that training has ended: it saves its snapshot and exits."""
+        request = buffer_pb2.EndRunRequest(reason=reason)
+        call_with_retry(lambda: self.stub.EndRun(request, timeout=self.timeout_s), f"buffer {self.address} EndRun", deadline_s=10.0)
+
     def close(self) -> None:
         self._channel.close()
 
@@ -329,9 +334,11 @@ class BatchPrefetcher:
         prefetch_requests: int = 2,
         table: str = "",
         min_policy_version: Callable[[], int] = lambda: -1,
+        peer_timeout_s: float | None = None,
     ):
         self.address = address
         self.batch_size = batch_size
+        self.peer_timeout_s = peer_timeout_s
         self.env_steps_total = 0
         self._request = buffer_pb2.SampleStreamRequest(batch_size=batch_size, num_batches=batches_per_request, table=table)
         self._min_policy_version = min_policy_version
@@ -384,7 +391,15 @@ class BatchPrefetcher:
 
     def _run(self) -> None:
         backoff = Backoff()
+        contact = time.monotonic()
         while not self._stop.is_set():
+            try:
+                if not wait_until_ready(self._channel, contact, self.peer_timeout_s, self._stop, f"buffer {self.address}"):
+                    return
+            except PeerUnavailableError as e:
+                self._error = e
+                log.error("%s", e)
+                return
             credits: queue.Queue = queue.Queue()
             self._credits = credits
             for _ in range(self._prefetch_requests):
@@ -414,6 +429,7 @@ class BatchPrefetcher:
                 return
             finally:
                 credits.put(_END)
+            contact = time.monotonic()  # the stream was open until now
             if not self._stop.is_set():
                 backoff.sleep()
 

@@ -43,7 +43,7 @@ def main() -> None:
         raise SystemExit(f"error: {e}") from None
     r = cfg.rollout_server
     log.info("rollout serving on %s:%d: %d workers x %d %s envs", r.host, port, r.num_workers, r.envs_per_worker, r.env_name)
-    serve_until_signal(server, "rollout", on_stop=pool.stop, stop_event=pool.failed)
+    serve_until_signal(server, "rollout", on_stop=pool.stop, stop_event=pool.ended)
     if pool.failed.is_set():
         raise SystemExit(1)
 

@@ -105,7 +105,10 @@ def _collect(
         pending_rows = pending_steps = vector_steps = 0  # records, env steps and vector steps since the last chunk
         report = WorkerReport(worker_id, 0, acting.metrics(), version)
         next_report = time.monotonic() + REPORT_EVERY_S
-        while not (stop.is_set() or subscriber.finished.is_set() or subscriber.gone.is_set()):
+        def ended() -> bool:
+            return stop.is_set() or subscriber.finished.is_set() or subscriber.gone.is_set()
+
+        while not ended():
             if (latest := subscriber.take()) is not None:  # swap weights between steps only
                 version, acting.env_steps = latest.version, latest.env_steps
                 policy.load_state_dict(latest.state)
@@ -124,7 +127,7 @@ def _collect(
             report.episode_lengths += result.episode_lengths
             if pending_rows and (vector_steps >= r.vector_steps_per_chunk or now >= send_by):
                 chunk = {k: np.concatenate([p[k] for p in pending]) for k in pending[0]}
-                if not sender.send(chunk, global_id, version, pending_steps, keep_waiting=lambda: not stop.is_set()):
+                if not sender.send(chunk, global_id, version, pending_steps, keep_waiting=lambda: not ended()):
                     break
                 pending, pending_rows, pending_steps, vector_steps = [], 0, 0, 0
             if now >= next_report:

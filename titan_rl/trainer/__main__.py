@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
 import time
 from pathlib import Path
 
+import grpc
 import torch
 
 from titan_rl.algorithm import Learner
-from titan_rl.clients.buffer import BatchPrefetcher, PriorityUpdater
+from titan_rl.checkpoint import last_path
+from titan_rl.clients.buffer import BatchPrefetcher, BufferClient, PriorityUpdater
 from titan_rl.clients.rollout import RolloutClient
 from titan_rl.config import Config
 from titan_rl.errors import ConfigError, TitanError
@@ -22,10 +25,13 @@ from titan_rl.rpc import make_server, set_serving
 from titan_rl.service import parse_service_args
 from titan_rl.trainer.loop import Summary, TrainingLoop
 from titan_rl.trainer.policy_store import PolicyStore
+from titan_rl.trainer.resume import best_of_run, resume_point
 from titan_rl.trainer.service import TrainerServicer
 from titan_rl.v1 import trainer_pb2, trainer_pb2_grpc
 
 log = logging.getLogger("titan_rl.trainer")
+
+END_RUN_GRACE_S = 1.0
 
 
 def run_name(cfg: Config) -> str:
@@ -43,6 +49,20 @@ def check_writable(checkpoint_path: str) -> None:
         raise ConfigError(f"logging.checkpoint_path={checkpoint_path!r}: not a writable file path")
 
 
+def end_run(store: PolicyStore, buffer_address: str, reason: str) -> None:
+    """Tell the actors (through their weight subscriptions) and the buffer that training has ended,
+    so that they exit 0 on their own hosts too; a buffer that cannot be told is logged, not waited for."""
+    store.finish()
+    time.sleep(END_RUN_GRACE_S)  # the actors hear first, so they stop sending before the buffer goes
+    client = BufferClient(buffer_address, timeout_s=5.0)
+    try:
+        client.end_run(reason)
+    except (grpc.RpcError, TitanError) as e:
+        log.warning("could not tell the buffer %s that the run ended: %s", buffer_address, e)
+    finally:
+        client.close()
+
+
 def run(cfg: Config) -> Summary:
     """Build everything from `cfg`, serve, train until the budget is met, and shut the server down."""
     torch.set_num_threads(cfg.train.torch_threads)
@@ -54,19 +74,45 @@ def run(cfg: Config) -> Summary:
     if not isinstance(learner, Learner):
         raise TitanError(f"algorithm.path={cfg.algorithm.path!r}: make_learner returned {type(learner).__name__}, not a Learner")
     check_writable(cfg.logging.checkpoint_path)
-    name = run_name(cfg)
+    if not cfg.logging.run_name:
+        log.warning("logging.run_name is not set: a restarted trainer starts a new run instead of resuming this one")
+        cfg = dataclasses.replace(cfg, logging=dataclasses.replace(cfg.logging, run_name=run_name(cfg)))
+    name = cfg.logging.run_name
+    resumed = resume_point(cfg)
+    counters = {}
+    if resumed is not None:
+        try:
+            learner.load_state_dict(resumed["learner"])
+        except (KeyError, RuntimeError, ValueError, TypeError) as e:
+            raise TitanError(f"cannot resume run {name!r} from {last_path(cfg.logging.checkpoint_path)}: {e}") from e
+        counters = resumed["counters"]
+        log.info(
+            "resuming run %s: %d updates, %d env steps, policy v%d",
+            name,
+            learner.updates,
+            counters["env_steps"],
+            counters["policy_version"],
+        )
     logger = MetricsLogger(cfg, Path(cfg.logging.run_dir) / name, name)
-    store = PolicyStore()
+    store = PolicyStore(first_version=int(counters.get("policy_version", -1)) + 1)
     t, table = cfg.train, algorithm.table()
-    address = cfg.buffer_server.dial_address
+    address, peer_timeout_s = cfg.buffer_server.dial_address, cfg.durability.peer_timeout_s
     if table.kind == "fifo":  # on-policy: one batch per message, none acted by weights older than the lag allows
-        batches = BatchPrefetcher(address, t.batch_size, 1, t.prefetch_requests, table.name, min_policy_version=lambda: store.version)
+        batches = BatchPrefetcher(
+            address, t.batch_size, 1, t.prefetch_requests, table.name, lambda: store.version, peer_timeout_s=peer_timeout_s
+        )
     else:
-        batches = BatchPrefetcher(address, t.batch_size, t.batches_per_request(), t.prefetch_requests, table.name)
+        batches = BatchPrefetcher(
+            address, t.batch_size, t.batches_per_request(), t.prefetch_requests, table.name, peer_timeout_s=peer_timeout_s
+        )
     priorities = PriorityUpdater(address, table.name) if table.kind == "prioritized" else None
     rollout = RolloutClient(cfg.rollout_server.dial_address)
     evaluator = Evaluator(cfg, cfg.eval.episodes, cfg.budget.target_eval_return)
     loop = TrainingLoop(cfg, learner, batches, store, logger, evaluator, rollout, priorities)
+    if resumed is not None:
+        loop.resume(counters, best_of_run(cfg))
+    else:
+        loop.best_eval = best_of_run(cfg)  # a restarted trainer that lost its last checkpoint: the best stays the best
     server, port, health = make_server(cfg.trainer_server.host, cfg.trainer_server.port)
     trainer_pb2_grpc.add_TrainerServiceServicer_to_server(TrainerServicer(loop, store), server)
     loop.publish()
@@ -74,10 +120,13 @@ def run(cfg: Config) -> Summary:
     set_serving(health, [trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"].full_name])
     log.info("trainer serving on %s:%d, run %s", cfg.trainer_server.host, port, name)
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: loop.stop())
+        signal.signal(sig, lambda *_: loop.stop(end_run=False))
     try:
         logger.start()
-        return loop.run()
+        summary = loop.run()
+        if loop.ends_run:
+            end_run(store, cfg.buffer_server.dial_address, summary.stop_reason)
+        return summary
     finally:
         store.close()
         evaluator.close()
@@ -90,7 +139,7 @@ def run(cfg: Config) -> Summary:
 
 
 def main() -> None:
-    cfg = parse_service_args("trainer", "trainer_server")
+    cfg = parse_service_args("trainer", "trainer_server", resumable=True)
     try:
         summary = run(cfg)
     except TitanError as e:

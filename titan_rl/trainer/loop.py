@@ -78,21 +78,49 @@ class TrainingLoop:
         self.last_metrics: dict[str, float] = {}
         self.checkpoint_lock = threading.Lock()
         self._stop = threading.Event()
+        self.ends_run = True  # once it stops: does the run end with it?
         self._start = time.monotonic()
         self._evals = 0
         self._evaluated_at = -1
         self._loss_key = ""
+        self._wall_before_s = 0.0  # wall-clock of the run before this trainer resumed it
+        self._buffer_env_steps = 0  # the buffer's own count, as last seen
+        self._env_steps_lost = 0  # steps the buffer counted and then lost in a restart: still steps taken
 
-    def stop(self) -> None:
+    def resume(self, counters: dict[str, Any], best_eval: float | None) -> None:
+        """Continue the counters of a checkpoint of this run (the learner's own state is loaded apart)."""
+        self.env_steps = int(counters["env_steps"])
+        self._wall_before_s = float(counters["wall_s"])
+        self._buffer_env_steps = int(counters.get("buffer_env_steps", self.env_steps))
+        self._env_steps_lost = int(counters.get("env_steps_lost", 0))
+        self._evals = int(counters.get("evals", 0))
+        self.best_eval = best_eval
+
+    def _count_env_steps(self, buffer_env_steps: int) -> None:
+        """The run's env steps from the buffer's count, which restarts lower when the buffer does:
+        the steps it lost (since its snapshot) were still taken, so the run's count never goes back."""
+        if buffer_env_steps < self._buffer_env_steps:
+            lost = self._buffer_env_steps - buffer_env_steps
+            self._env_steps_lost += lost
+            log.warning("the buffer's env-step count went back by %d (a restart): the run's count continues", lost)
+        self._buffer_env_steps = buffer_env_steps
+        self.env_steps = max(self.env_steps, buffer_env_steps + self._env_steps_lost)
+
+    def stop(self, end_run: bool = True) -> None:
+        """Stop training. `end_run`: the run is over (the actors and the buffer are told, and exit);
+        False (SIGTERM, as when Kubernetes moves the pod): this trainer stops, the run goes on and a
+        restarted trainer resumes it."""
+        self.ends_run = end_run
         self._stop.set()
 
     def wall_s(self) -> float:
-        return time.monotonic() - self._start
+        """Seconds of training in this run, across restarts of the trainer."""
+        return self._wall_before_s + time.monotonic() - self._start
 
     def _budget_reason(self) -> str | None:
         b = self.cfg.budget
         if self._stop.is_set():
-            return "stop requested"
+            return "stop requested" if self.ends_run else "trainer stopped by a signal; the run can be resumed"
         if self.env_steps >= b.max_env_steps:
             return f"budget.max_env_steps={b.max_env_steps} reached"
         if b.max_wall_s and self.wall_s() >= b.max_wall_s:
@@ -111,6 +139,8 @@ class TrainingLoop:
             self.publish()
         next_eval = self.cfg.eval.interval_env_steps
         next_log = 0.0
+        save_every_s = self.cfg.durability.checkpoint_interval_s
+        next_save = self._start + save_every_s
         window: dict[str, list[float]] = defaultdict(list)
         updates_at_log, steps_at_log, time_at_log = 0, 0, self._start
         while (reason := self._budget_reason()) is None:
@@ -129,7 +159,7 @@ class TrainingLoop:
             self._loss_key = self._loss_key or next((k for k in metrics if k.startswith("losses/")), "")
             for key, value in metrics.items():
                 window[key].append(value)
-            self.env_steps = sample.env_steps_total
+            self._count_env_steps(sample.env_steps_total)
             if self.learner.updates % t.policy_sync_every_updates == 0:
                 self.publish()
             if self.env_steps >= next_eval and self._submit_eval():
@@ -144,6 +174,9 @@ class TrainingLoop:
                 window.clear()
                 updates_at_log, steps_at_log, time_at_log = self.learner.updates, self.env_steps, now
                 next_log = now + self.cfg.logging.log_interval_s
+            if save_every_s and now >= next_save:
+                self.save(last_path(self.cfg.logging.checkpoint_path))
+                next_save = now + save_every_s
         self.state = "stopping"
         log.info("stopping: %s", reason)
         self._final_eval()
@@ -235,6 +268,9 @@ class TrainingLoop:
                 "env_steps": self.env_steps if env_steps is None else env_steps,
                 "policy_version": self.store.version,
                 "wall_s": self.wall_s(),
+                "buffer_env_steps": self._buffer_env_steps,
+                "env_steps_lost": self._env_steps_lost,
+                "evals": self._evals,
             }
             return save_checkpoint(path, self.cfg, state, counters, eval_returns)
 

@@ -1,0 +1,202 @@
+"""Fault drills: each service as its own process, started as on separate hosts, then killed.
+
+kill -9 leaves a process no time to save anything: what comes back is what its last periodic
+snapshot or checkpoint held (both every second here), and the run must go on and solve CartPole.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.helpers import REPO
+from titan_rl.auth import TOKEN_ENV
+from titan_rl.clients.buffer import BufferClient
+from titan_rl.clients.rollout import RolloutClient
+from titan_rl.clients.trainer import TrainerClient
+from titan_rl.launch import free_port
+from titan_rl.v1 import buffer_pb2
+
+pytestmark = pytest.mark.e2e
+
+TOKEN = "drill-token"
+SERVICES = {"buffer": "buffer_server", "trainer": "trainer_server", "rollout": "rollout_server"}
+
+
+def wait_until(condition: Callable[[], object], timeout_s: float, what: str) -> object:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if value := condition():
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+
+
+class Run:
+    """One run's three services, each started with `python -m titan_rl.<service>` on its own port."""
+
+    def __init__(self, tmp_path: Path, *overrides: str):
+        self.tmp_path = tmp_path
+        ports = {section: free_port("127.0.0.1") for section in SERVICES.values()}
+        self.address = {service: f"127.0.0.1:{ports[section]}" for service, section in SERVICES.items()}
+        self.overrides = [f"{section}.port={port}" for section, port in ports.items()] + [
+            f"logging.run_dir={tmp_path}/runs",
+            "logging.run_name=drill",
+            f"logging.checkpoint_path={tmp_path}/checkpoint.pth",
+            "logging.console=false",
+            "durability.snapshot_interval_s=1",
+            "durability.checkpoint_interval_s=1",
+            *overrides,
+        ]
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.starts = dict.fromkeys(SERVICES, 0)
+        os.environ[TOKEN_ENV] = TOKEN  # this process's clients carry it too
+
+    def start(self, service: str, *flags: str) -> subprocess.Popen:
+        self.starts[service] += 1
+        log = open(self.tmp_path / f"{service}.{self.starts[service]}.log", "w")
+        self.procs[service] = subprocess.Popen(
+            [sys.executable, "-m", f"titan_rl.{service}", "--config", "config/cartpole.yaml", *flags, *self.overrides],
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=os.environ | {"WANDB_MODE": "disabled", TOKEN_ENV: TOKEN, "PYTHONUNBUFFERED": "1"},
+        )
+        return self.procs[service]
+
+    def log(self, service: str, start: int | None = None) -> str:
+        return (self.tmp_path / f"{service}.{start or self.starts[service]}.log").read_text()
+
+    def kill(self, service: str) -> None:
+        self.procs[service].send_signal(signal.SIGKILL)
+        self.procs[service].wait()
+
+    def trainer_status(self):
+        try:
+            return TrainerClient(self.address["trainer"], timeout_s=2).status()
+        except Exception:  # noqa: BLE001 - not up (yet): the drills poll
+            return None
+
+    def buffer_info(self):
+        try:
+            return BufferClient(self.address["buffer"], timeout_s=2).stub.Info(buffer_pb2.InfoRequest(), timeout=2)
+        except Exception:  # noqa: BLE001 - not up (yet): the drills poll
+            return None
+
+    def wait_exit(self, service: str, timeout_s: float) -> int:
+        try:
+            return self.procs[service].wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"{service} still running after {timeout_s:.0f}s:\n{self.log(service)[-3000:]}") from None
+
+    def close(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.fixture
+def run_factory(tmp_path) -> Iterator[Callable[..., Run]]:
+    runs: list[Run] = []
+
+    def make(*overrides: str) -> Run:
+        runs.append(Run(tmp_path, *overrides))
+        return runs[-1]
+
+    yield make
+    for run in runs:
+        run.close()
+
+
+def eval_mean(path: Path) -> float:
+    returns = torch.load(path, weights_only=True)["eval_returns"]
+    return sum(returns) / len(returns)
+
+
+def test_buffer_killed_restores_its_snapshot_and_the_run_still_solves(run_factory):
+    run = run_factory()
+    for service in ("buffer", "trainer", "rollout"):
+        run.start(service)
+    snapshot = run.tmp_path / "runs" / "drill" / "buffer_snapshot.npz"
+    wait_until(lambda: snapshot.exists() and (s := run.trainer_status()) and s.env_steps > 4000, 120, "4k steps")
+    time.sleep(1.5)  # a snapshot after those steps
+    before = run.trainer_status().env_steps
+    run.kill("buffer")
+    run.start("buffer")
+    info = wait_until(run.buffer_info, 60, "the restarted buffer")
+    assert info.size > 3000 and info.env_steps_total > 3000, "the replay came back from the snapshot"
+    assert "restored" in run.log("buffer")
+    wait_until(lambda: (s := run.trainer_status()) and s.env_steps > before + 2000, 60, "training to go on")
+    assert run.wait_exit("trainer", 240) == 0, run.log("trainer")[-3000:]
+    assert "budget.target_eval_return" in run.log("trainer"), run.log("trainer")[-2000:]
+    # the trainer ended the run: the others stop by themselves, with exit 0
+    assert run.wait_exit("buffer", 30) == 0 and run.wait_exit("rollout", 30) == 0
+    assert eval_mean(run.tmp_path / "checkpoint.pth") >= 475
+
+
+def test_trainer_killed_resumes_its_counters_the_actors_take_its_weights_and_the_best_checkpoint_never_worsens(run_factory):
+    run = run_factory()
+    for service in ("buffer", "trainer", "rollout"):
+        run.start(service)
+    last = run.tmp_path / "checkpoint_last.pth"
+    status = wait_until(lambda: (s := run.trainer_status()) and s.updates > 1500 and last.exists() and s, 120, "1.5k updates")
+    time.sleep(1.5)
+    saved = torch.load(last, weights_only=True)["counters"]
+    best = eval_mean(run.tmp_path / "checkpoint.pth") if (run.tmp_path / "checkpoint.pth").exists() else None
+    run.kill("trainer")
+    acting = RolloutClient(run.address["rollout"]).stats().policy_version
+    run.start("trainer")  # as Kubernetes restarts it: the same run name, so it resumes
+    resumed = wait_until(run.trainer_status, 60, "the restarted trainer")
+    assert resumed.updates >= saved["updates"] > 0 and resumed.env_steps >= saved["env_steps"] >= status.env_steps - 5000
+    assert resumed.policy_version > saved["policy_version"], "versions go on from the checkpoint's"
+    assert "resuming run drill" in run.log("trainer")
+    wait_until(
+        lambda: (s := RolloutClient(run.address["rollout"]).stats()) and s.policy_version > max(acting, saved["policy_version"]),
+        30,
+        "the actors to act with the new trainer's weights",
+    )
+    assert run.wait_exit("trainer", 240) == 0, run.log("trainer")[-3000:]
+    final = eval_mean(run.tmp_path / "checkpoint.pth")
+    assert final >= 475 and (best is None or final >= best)
+
+
+def test_a_killed_rollout_worker_is_restarted(run_factory):
+    run = run_factory("budget.target_eval_return=null", "budget.max_env_steps=1000000")
+    for service in ("buffer", "trainer", "rollout"):
+        run.start(service)
+    wait_until(lambda: (s := run.trainer_status()) and s.env_steps > 2000, 120, "collection")
+    pgrep = subprocess.run(["pgrep", "-P", str(run.procs["rollout"].pid)], capture_output=True, text=True)
+    children = [int(pid) for pid in pgrep.stdout.split()]  # the pool's spawned workers, and multiprocessing's resource tracker
+    workers = [pid for pid in children if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    assert len(workers) == 2, pgrep
+    os.kill(workers[0], signal.SIGKILL)
+    wait_until(lambda: "restarting" in run.log("rollout"), 20, "the pool to notice")
+    steps = run.trainer_status().env_steps
+    wait_until(lambda: run.trainer_status().env_steps > steps + 2000, 60, "collection to go on")
+
+
+def test_services_started_in_any_order_find_each_other(run_factory):
+    run = run_factory()
+    for service in ("rollout", "trainer", "buffer"):  # each waits for the peers it needs
+        run.start(service)
+        time.sleep(2)
+    assert run.wait_exit("trainer", 240) == 0, run.log("trainer")[-3000:]
+    assert eval_mean(run.tmp_path / "checkpoint.pth") >= 475
+
+
+@pytest.mark.parametrize("service, peer", [("rollout", "trainer"), ("trainer", "buffer"), ("buffer", "learner")])
+def test_a_service_whose_peer_stays_gone_exits_non_zero_naming_it(run_factory, service, peer):
+    run = run_factory("durability.peer_timeout_s=3")
+    proc = run.start(service)
+    code = run.wait_exit(service, 60)
+    assert code != 0 and peer in run.log(service), run.log(service)[-2000:]
+    assert proc.returncode == code
