@@ -19,7 +19,7 @@ import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 FORMAT = "titan-rl-buffer-snapshot/1"
 _META = "meta.json"
+WRITE_PIECE_BYTES = 1 << 20
 
 
 def _flatten(tree: Mapping[str, Any], prefix: str, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -55,6 +56,24 @@ def _unflatten(tree: Any, arrays: Mapping[str, np.ndarray]) -> Any:
     return tree
 
 
+def _write_npz(file: BinaryIO, arrays: Mapping[str, np.ndarray]) -> None:
+    """What `np.savez` writes (an uncompressed zip of .npy files), without its copy of every array,
+    and at half speed: each array's bytes go to the file as they lie in memory (np.savez copied
+    16 MB at a time holding the GIL), WRITE_PIECE_BYTES at a time, each piece followed by a pause
+    as long as it took. On two cores a writer running flat out left the buffer's gRPC threads
+    waiting for a core: sample p99 went from 1.4 to 3.7 ms while it wrote (benchmarks/snapshot.py)."""
+    with zipfile.ZipFile(file, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+        for name, array in arrays.items():
+            array = np.ascontiguousarray(array)
+            with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array_header_2_0(member, np.lib.format.header_data_from_array_1_0(array))
+                data = memoryview(array.reshape(-1)).cast("B")
+                for start in range(0, len(data), WRITE_PIECE_BYTES):
+                    began = time.perf_counter()
+                    member.write(data[start : start + WRITE_PIECE_BYTES])
+                    time.sleep(time.perf_counter() - began)
+
+
 def write_snapshot(path: Path, tables: Mapping[str, dict[str, Any]], extra: Mapping[str, Any]) -> int:
     """Write the tables' states and `extra` (plain values) to `path` atomically; returns the bytes written."""
     arrays: dict[str, np.ndarray] = {}
@@ -64,7 +83,7 @@ def write_snapshot(path: Path, tables: Mapping[str, dict[str, Any]], extra: Mapp
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
+            _write_npz(f, arrays)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
