@@ -58,7 +58,6 @@ class Run:
         ]
         self.procs: dict[str, subprocess.Popen] = {}
         self.starts = dict.fromkeys(SERVICES, 0)
-        os.environ[TOKEN_ENV] = TOKEN  # this process's clients carry it too
 
     def start(self, service: str, *flags: str) -> subprocess.Popen:
         self.starts[service] += 1
@@ -105,7 +104,8 @@ class Run:
 
 
 @pytest.fixture
-def run_factory(tmp_path) -> Iterator[Callable[..., Run]]:
+def run_factory(tmp_path, monkeypatch) -> Iterator[Callable[..., Run]]:
+    monkeypatch.setenv(TOKEN_ENV, TOKEN)  # this process's clients carry the services' token too
     runs: list[Run] = []
 
     def make(*overrides: str) -> Run:

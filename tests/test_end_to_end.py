@@ -172,14 +172,15 @@ def test_a_chunk_that_never_fills_is_still_sent_after_chunk_max_delay_s(tmp_path
     assert summary["env_steps"] >= 3000 and summary["updates"] > 0, summary
 
 
-def test_ctrl_c_stops_every_process_and_keeps_the_last_checkpoint(tmp_path):
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_stops_every_process_and_keeps_the_checkpoint_and_the_snapshot(tmp_path, stop_signal):
     proc, _ = launch(tmp_path, "budget.max_env_steps=10000000", "budget.target_eval_return=null")  # never ends by itself
     try:
         wait_for_line(proc, "services up")
         time.sleep(3)  # let it train a little
         tree = descendants(proc.pid)
         assert len(tree) >= 5, tree  # buffer, trainer, rollout and its two workers (plus helpers)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(stop_signal)
         proc.wait(timeout=60)
         output = proc.stdout.read()
     finally:
@@ -190,7 +191,8 @@ def test_ctrl_c_stops_every_process_and_keeps_the_last_checkpoint(tmp_path):
         time.sleep(0.2)
     assert not [p for p in tree if alive(p)], f"left behind: {[p for p in tree if alive(p)]}\n{output}"
     assert "stopped by a signal" in output and "Traceback" not in output, output
-    assert (tmp_path / "checkpoint_last.pth").exists()
+    assert proc.returncode == 0
+    assert (tmp_path / "checkpoint_last.pth").exists() and (tmp_path / "runs" / "test" / "buffer_snapshot.npz").exists()
 
 
 def test_run_sh_resume_continues_the_last_run_with_its_learner_counters_and_replay(tmp_path):

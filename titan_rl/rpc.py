@@ -149,6 +149,8 @@ def wait_until_ready(channel: grpc.Channel, contact: float, peer_timeout_s: floa
         except grpc.RpcError as e:
             if e.code() not in RETRYABLE:
                 return True  # it answered (a server without health, say): the call itself will tell what is wrong
+        except ValueError:  # the channel was closed: its owner is stopping
+            return False
         gone_s = time.monotonic() - contact
         if peer_timeout_s is not None and gone_s >= peer_timeout_s:
             raise PeerUnavailableError(f"{peer} unreachable for {gone_s:.0f}s (durability.peer_timeout_s={peer_timeout_s:g})")

@@ -29,6 +29,7 @@ DEFAULT_MAX_IN_FLIGHT = 4  # unacknowledged chunks, for a sender that does not k
 # seed unsolved in 2 of 2 solve_time runs, 1,024 in 1 of 4, 512 in none of 3 (docs/architecture.md).
 MAX_UNACKED_ROWS = 512
 WAIT_LOG_S = 10.0  # a send() blocked this long logs why
+JOIN_TIMEOUT_S = 2.0  # a background thread notices a stop within READY_POLL_S
 
 
 def ack_every(max_in_flight: int) -> int:
@@ -434,10 +435,12 @@ class BatchPrefetcher:
                 backoff.sleep()
 
     def close(self) -> None:
+        """Stop the thread, then close the channel: closing it under a call in flight can crash gRPC at exit."""
         self._stop.set()
         self._credits.put(_END)
         if self._call is not None:
             self._call.cancel()
+        self._thread.join(JOIN_TIMEOUT_S)
         self._channel.close()
 
 

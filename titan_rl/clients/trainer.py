@@ -17,6 +17,8 @@ from titan_rl.v1 import trainer_pb2, trainer_pb2_grpc
 
 log = logging.getLogger(__name__)
 
+JOIN_TIMEOUT_S = 2.0  # the subscriber's thread notices a stop within READY_POLL_S
+
 
 class Weights(NamedTuple):
     version: int
@@ -96,9 +98,11 @@ class PolicySubscriber:
                 backoff.sleep()
 
     def close(self) -> None:
+        """Stop the thread, then close the channel: closing it under a call in flight can crash gRPC at exit."""
         self._stop.set()
         if self._call is not None:
             self._call.cancel()
+        self._thread.join(JOIN_TIMEOUT_S)
         self._channel.close()
 
 

@@ -105,6 +105,7 @@ def _collect(
         pending_rows = pending_steps = vector_steps = 0  # records, env steps and vector steps since the last chunk
         report = WorkerReport(worker_id, 0, acting.metrics(), version)
         next_report = time.monotonic() + REPORT_EVERY_S
+
         def ended() -> bool:
             return stop.is_set() or subscriber.finished.is_set() or subscriber.gone.is_set()
 
