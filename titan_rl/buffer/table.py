@@ -22,6 +22,8 @@ from titan_rl.buffer.storage import RingStorage, keys_at
 from titan_rl.errors import NotEnoughDataError, SampleTooLargeError
 from titan_rl.records import RecordLayout
 
+MAX_COUNT = 2**63 - 1  # counters travel as int64
+
 
 @dataclass
 class TableInfo:
@@ -119,7 +121,8 @@ class Table:
 
         `should_wait` is polled while waiting; returning False (the caller went away) or a
         `close()` raises `Closed`. Records that do not fit the signature raise
-        ShapeMismatchError and store nothing.
+        ShapeMismatchError, and `env_steps` that would carry the count past MAX_COUNT OverflowError;
+        either stores nothing.
         """
         self.storage.check_layout(layout)
         self.storage.check_values(layout.views(records), self.spec.value_bounds)
@@ -154,6 +157,8 @@ class Table:
         """
         done = 0
         with self._cond:
+            if self.env_steps_total + env_steps > MAX_COUNT:
+                raise OverflowError(f"env_steps: {env_steps} more would carry the table's count of {self.env_steps_total} past 2**63 - 1")
             if n == 0:
                 self.env_steps_total += env_steps
             while done < n:
