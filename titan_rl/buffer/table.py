@@ -188,7 +188,8 @@ class Table:
         FIFO tables hand out the oldest unread items, each once, waiting for enough of them;
         with `spec.max_policy_lag` > 0, items acted by weights older than
         `min_policy_version - max_policy_lag` (the learner passes its current version) are dropped. Rows that would take
-        more than `max_sample_bytes` raise SampleTooLargeError before anything is allocated.
+        more than `max_sample_bytes`, or a replay batch larger than the table's capacity (it would wait
+        forever), raise SampleTooLargeError before anything is allocated.
         """
         rows = batch_size * num_batches
         record_size = self.layout.record_size + 12  # a record, its int64 key and float32 weight
@@ -198,6 +199,8 @@ class Table:
             )
         if self._fifo:
             return self._take(rows, should_wait, min_policy_version)
+        if batch_size > self.storage.capacity:
+            raise SampleTooLargeError(f"batch_size={batch_size} is over the table's capacity of {self.storage.capacity} items")
         with self._cond:
             if block:
                 # and enough items for one batch: a learner's batch larger than min_size_to_sample waits, it is no error
