@@ -64,11 +64,15 @@ def requested_path(requested: str, checkpoint_path: str | Path) -> Path:
         raise TitanError(f"{requested!r} must be a relative path inside the checkpoint directory, without '..'")
     if not requested.endswith(".pth"):
         raise TitanError(f"{requested!r} must end in .pth")
-    target = (directory / requested).resolve()
+    try:
+        target = (directory / requested).resolve()
+        exists, is_dir = target.exists(), target.is_dir()
+    except OSError as e:  # e.g. a name longer than the file system takes
+        raise TitanError(f"{requested!r} cannot name a file: {e.strerror}") from None
     if not target.is_relative_to(directory):
         raise TitanError(f"{requested!r} leads outside the checkpoint directory {directory}")
-    if target.exists():
-        if target.is_dir():
+    if exists:
+        if is_dir:
             raise TitanError(f"{requested!r} is a directory")
         try:
             load_checkpoint(target)

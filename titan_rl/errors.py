@@ -27,7 +27,7 @@ class BadValueError(ShapeMismatchError):
 
 
 class SampleTooLargeError(TitanError, ValueError):
-    """A sample was asked for whose rows would not fit one message."""
+    """A sample was asked for whose rows would not fit one message, or whose batch its table can never hold."""
 
 
 class NotEnoughDataError(TitanError):

@@ -5,11 +5,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent import futures
-from typing import TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from titan_rl.auth import TokenClientInterceptor, TokenServerInterceptor, current_token
@@ -52,18 +53,80 @@ MAX_SERVER_THREADS = 1024
 MAX_CONCURRENT_RPCS = MAX_SERVER_THREADS - 16
 
 
+class _Undecodable:
+    """What the bytes of a request that does not parse become: the servicer is never handed one."""
+
+    def __init__(self, error: DecodeError):
+        self.error = error
+
+
+def _refuse(context: grpc.ServicerContext, request: _Undecodable) -> NoReturn:
+    context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request: {request.error}")
+
+
+class RefuseUndecodable(grpc.ServerInterceptor):
+    """Answers a request whose bytes do not parse as its message INVALID_ARGUMENT, naming the message.
+
+    gRPC parses a request before any servicer code runs and answers one that does not parse
+    INTERNAL ("Exception deserializing request!"): to a client, a server bug. Here the parse
+    error becomes a value the wrapped handler refuses, one request of a stream at a time.
+    """
+
+    def intercept_service(self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        handler = continuation(handler_call_details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        parse = handler.request_deserializer
+
+        def deserialize(data: bytes) -> Any:
+            try:
+                return parse(data)
+            except DecodeError as e:
+                return _Undecodable(e)
+
+        def one(behavior: Callable) -> Callable:
+            def checked(request: Any, context: grpc.ServicerContext) -> Any:
+                if isinstance(request, _Undecodable):
+                    _refuse(context, request)
+                return behavior(request, context)
+
+            return checked
+
+        def stream(behavior: Callable) -> Callable:
+            def checked(request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Any:
+                def requests() -> Iterator[Any]:
+                    for request in request_iterator:
+                        if isinstance(request, _Undecodable):
+                            _refuse(context, request)
+                        yield request
+
+                return behavior(requests(), context)
+
+            return checked
+
+        codecs = {"request_deserializer": deserialize, "response_serializer": handler.response_serializer}
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(one(handler.unary_unary), **codecs)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(one(handler.unary_stream), **codecs)
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(stream(handler.stream_unary), **codecs)
+        return grpc.stream_stream_rpc_method_handler(stream(handler.stream_stream), **codecs)
+
+
 def make_server(host: str, port: int) -> tuple[grpc.Server, int, health.HealthServicer]:
     """A server bound to host:port (0 picks a free port) with the standard health service.
 
     Health reports NOT_SERVING until the caller sets SERVING once everything is ready. With a
     token (titan_rl.auth), every call but health must carry it; with TLS settings (titan_rl.tls),
-    the port speaks only TLS (and demands a client certificate under mutual TLS).
+    the port speaks only TLS (and demands a client certificate under mutual TLS). A request that
+    does not parse is INVALID_ARGUMENT (`RefuseUndecodable`).
     Returns the server (not started), the bound port and the health servicer.
     """
     token = current_token()
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=MAX_SERVER_THREADS),
-        interceptors=[TokenServerInterceptor(token)] if token else None,
+        interceptors=[*([TokenServerInterceptor(token)] if token else []), RefuseUndecodable()],
         options=SERVER_OPTIONS,
         maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS,
     )

@@ -63,7 +63,10 @@ def decode(tensor: common_pb2.Tensor, name: str = "tensor") -> np.ndarray:
     expected = math.prod(shape) * dtype.itemsize
     if len(data) != expected:
         raise WireError(f"{name}: {len(data)} bytes do not fill shape {shape} of {dtype.name} ({expected} bytes)")
-    return np.frombuffer(data, dtype=dtype).reshape(shape)
+    try:
+        return np.frombuffer(data, dtype=dtype).reshape(shape)
+    except ValueError as e:  # a shape numpy cannot hold: over 64 dimensions, or beside a 0 ones whose product passes its index range
+        raise WireError(f"{name}: shape {shape}: {e}") from None
 
 
 def encode_layout(layout: RecordLayout) -> common_pb2.RecordLayout:

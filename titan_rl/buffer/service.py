@@ -86,13 +86,15 @@ class BufferServicer(buffer_pb2_grpc.BufferServiceServicer):
                     records, layout = wire.decode_chunk(chunk)
                     if chunk.env_steps <= 0 and len(records):
                         raise WireError(f"env_steps: must be > 0 for {len(records)} records, got {chunk.env_steps} (an older actor?)")
+                    if chunk.env_steps < 0:  # a chunk without records still must not take steps off the count
+                        raise WireError(f"env_steps: must be >= 0, got {chunk.env_steps}")
                     origin = (chunk.sender_id, chunk.sequence) if chunk.sender_id else None
                     added += table.insert_records(
                         records, layout, chunk.env_steps, chunk.policy_version, should_wait=context.is_active, origin=origin
                     )
                 elif not request.ack:
                     raise WireError("missing (only a request with ack may come without one)")
-            except (WireError, ShapeMismatchError, SampleTooLargeError) as e:
+            except (WireError, ShapeMismatchError, SampleTooLargeError, OverflowError) as e:
                 where = f"chunk.records.{e}" if isinstance(e, ShapeMismatchError) else f"chunk.{e}"
                 log.warning("rejected chunk from %s: %s", context.peer(), where)
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{where} ({added} records were stored before it)")

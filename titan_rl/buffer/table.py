@@ -23,6 +23,7 @@ from titan_rl.buffer.storage import RingStorage, keys_at
 from titan_rl.errors import NotEnoughDataError, SampleTooLargeError
 from titan_rl.records import RecordLayout
 
+MAX_COUNT = 2**63 - 1  # counters travel as int64
 MAX_SENDERS_REMEMBERED = 65_536  # chunk senders whose last sequence number a table keeps (one per worker start)
 SNAPSHOT_ROWS_PER_LOCK = 1 << 13  # ~400 KB of CartPole transitions: a tenth of a millisecond of copying per hold
 
@@ -125,9 +126,10 @@ class Table:
 
         `should_wait` is polled while waiting; returning False (the caller went away) or a
         `close()` raises `Closed`. Records that do not fit the signature raise
-        ShapeMismatchError and store nothing. `origin` (sender id, sequence number): a chunk
-        whose number is not above the last one stored from that sender was stored before, and
-        is skipped (a sender resends what was in flight when its stream broke).
+        ShapeMismatchError, and `env_steps` that would carry the count past MAX_COUNT OverflowError;
+        either stores nothing. `origin` (sender id, sequence number): a chunk whose number is not
+        above the last one stored from that sender was stored before, and is skipped (a sender
+        resends what was in flight when its stream broke).
         """
         self.storage.check_layout(layout)
         self.storage.check_values(layout.views(records), self.spec.value_bounds)
@@ -171,6 +173,8 @@ class Table:
         with self._cond:
             if self._seen(origin):
                 return 0
+            if self.env_steps_total + env_steps > MAX_COUNT:
+                raise OverflowError(f"env_steps: {env_steps} more would carry the table's count of {self.env_steps_total} past 2**63 - 1")
             if n == 0:
                 self.env_steps_total += env_steps
                 self._note(origin)
@@ -217,7 +221,8 @@ class Table:
         FIFO tables hand out the oldest unread items, each once, waiting for enough of them;
         with `spec.max_policy_lag` > 0, items acted by weights older than
         `min_policy_version - max_policy_lag` (the learner passes its current version) are dropped. Rows that would take
-        more than `max_sample_bytes` raise SampleTooLargeError before anything is allocated.
+        more than `max_sample_bytes`, or a replay batch larger than the table's capacity (it would wait
+        forever), raise SampleTooLargeError before anything is allocated.
         """
         rows = batch_size * num_batches
         record_size = self.layout.record_size + 12  # a record, its int64 key and float32 weight
@@ -227,6 +232,8 @@ class Table:
             )
         if self._fifo:
             return self._take(rows, should_wait, min_policy_version)
+        if batch_size > self.storage.capacity:
+            raise SampleTooLargeError(f"batch_size={batch_size} is over the table's capacity of {self.storage.capacity} items")
         with self._cond:
             if block:
                 # and enough items for one batch: a learner's batch larger than min_size_to_sample waits, it is no error
