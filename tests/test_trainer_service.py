@@ -166,3 +166,14 @@ def test_evaluation_runs_off_the_learner_thread_and_keeps_the_scored_weights(tra
     assert saved["eval_returns"] == result.returns and saved["counters"]["env_steps"] == 2500
     for name, tensor in result.job.state["policy"].items():
         assert torch.equal(saved["policy"][name], tensor)
+
+
+def test_a_checkpoint_name_that_is_a_symlink_loop_is_refused_by_name(tmp_path):
+    """Path.resolve raises RuntimeError on a loop before Python 3.13: that escaped as UNKNOWN."""
+    from titan_rl.checkpoint import requested_path
+    from titan_rl.errors import TitanError
+
+    (tmp_path / "a.pth").symlink_to(tmp_path / "b.pth")
+    (tmp_path / "b.pth").symlink_to(tmp_path / "a.pth")
+    with pytest.raises(TitanError, match="'a.pth' cannot name a file"):
+        requested_path("a.pth", tmp_path / "checkpoint.pth")

@@ -67,8 +67,8 @@ def requested_path(requested: str, checkpoint_path: str | Path) -> Path:
     try:
         target = (directory / requested).resolve()
         exists, is_dir = target.exists(), target.is_dir()
-    except OSError as e:  # e.g. a name longer than the file system takes
-        raise TitanError(f"{requested!r} cannot name a file: {e.strerror}") from None
+    except (OSError, RuntimeError) as e:  # a name longer than the file system takes; a symlink loop (RuntimeError before 3.13)
+        raise TitanError(f"{requested!r} cannot name a file: {getattr(e, 'strerror', None) or e}") from None
     if not target.is_relative_to(directory):
         raise TitanError(f"{requested!r} leads outside the checkpoint directory {directory}")
     if exists:
