@@ -717,3 +717,16 @@ def test_a_chunk_sent_again_by_its_sender_is_stored_once_and_the_memory_of_it_su
     assert restored.insert_records(records, layout, 5, origin=(7, 1)) == 0
     assert restored.insert_records(records, layout, 5, origin=(7, 2)) == 5
     assert (restored.info().size, restored.info().env_steps_total) == (15, 15)
+
+
+def test_a_float_field_may_hold_nan_or_inf_only_where_the_table_spec_allows_it():
+    strict = _uniform(100)
+    relaxed = Table(TableSpec("uniform", capacity_items=100, slack_items=10**6, non_finite_fields=("reward",)), SPEC)
+    rewards = {**transitions(4), "reward": np.array([0.0, -np.inf, np.nan, np.inf], np.float32)}
+    with pytest.raises(ShapeMismatchError, match="reward: holds nan or inf at row 1"):
+        strict.insert_fields(rewards)
+    assert strict.info().size == 0
+    relaxed.insert_fields(rewards)
+    assert relaxed.info().size == 4
+    with pytest.raises(ShapeMismatchError, match="obs: holds nan or inf"):  # every other float field stays checked
+        relaxed.insert_fields({**transitions(4), "obs": np.full((4, 4), np.nan, np.float32)})

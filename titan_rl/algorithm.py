@@ -79,7 +79,10 @@ class TableSpec:
     """FIFO: drop records acted by weights more than this many versions older than the learner's (0 = keep all)."""
     value_bounds: dict[str, tuple[float, float]] = field(default_factory=dict)
     """Inclusive [low, high] of a field's values (e.g. the action of an env with n actions: [0, n - 1]);
-    inserts outside are refused naming the field. Every float field must be finite and every bool 0 or 1."""
+    inserts outside are refused naming the field. Every bool must be 0 or 1."""
+    non_finite_fields: tuple[str, ...] = ()
+    """Float fields that may hold nan or +-inf (a masked action's log-prob, say); every other float
+    field must be finite, or the insert is refused naming it."""
 
     def __post_init__(self) -> None:
         if self.kind not in ("uniform", "prioritized", "fifo"):

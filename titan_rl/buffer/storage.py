@@ -64,15 +64,18 @@ class RingStorage:
                     name, f"got rows of shape {tuple(got_shape)} {np.dtype(got_dtype)}, the table stores {shape} {dtype}"
                 )
 
-    def check_values(self, fields: Mapping[str, np.ndarray], bounds: Mapping[str, tuple[float, float]]) -> None:
-        """Every float finite, every bool byte 0 or 1, every bounded field within [low, high]; else BadValueError naming the field.
+    def check_values(
+        self, fields: Mapping[str, np.ndarray], bounds: Mapping[str, tuple[float, float]], non_finite: tuple[str, ...] = ()
+    ) -> None:
+        """Every float finite (but in the `non_finite` fields), every bool byte 0 or 1, every bounded field
+        within [low, high]; else BadValueError naming the field.
 
         Runs on every insert, before anything is stored: one vectorised pass per field."""
         for name, values in fields.items():
             dtype = values.dtype
             if not values.size:
                 continue
-            if dtype.kind == "f" and not np.isfinite(values).all():
+            if dtype.kind == "f" and name not in non_finite and not np.isfinite(values).all():
                 row = np.argmin(np.isfinite(values).reshape(len(values), -1).all(axis=1))
                 raise BadValueError(name, f"holds nan or inf at row {row}")
             if dtype.kind == "b" and values.view(np.uint8).max() > 1:

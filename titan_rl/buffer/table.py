@@ -132,7 +132,7 @@ class Table:
         resends what was in flight when its stream broke).
         """
         self.storage.check_layout(layout)
-        self.storage.check_values(layout.views(records), self.spec.value_bounds)
+        self.storage.check_values(layout.views(records), self.spec.value_bounds, self.spec.non_finite_fields)
         return self._insert(
             len(records), lambda a, b: self.storage.add_records(records[a:b], layout), env_steps, policy_version, should_wait, origin
         )
@@ -146,7 +146,7 @@ class Table:
     ) -> int:
         """`insert_records` for a dict of equal-length arrays; `env_steps` defaults to the row count."""
         n = self.storage.validate(fields)
-        self.storage.check_values(fields, self.spec.value_bounds)
+        self.storage.check_values(fields, self.spec.value_bounds, self.spec.non_finite_fields)
 
         def write(start: int, stop: int) -> np.ndarray:
             return self.storage.add({name: x[start:stop] for name, x in fields.items()})
