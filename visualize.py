@@ -65,6 +65,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model_path", "--model-path", type=Path, default=Path("checkpoint.pth"), help="checkpoint (default: %(default)s)")
     parser.add_argument("--episodes", type=_positive_int, default=5, help="episodes to play (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="episode I is reset with seed SEED+I (default: %(default)s)")
+    parser.add_argument(
+        "--allow-module",
+        action="append",
+        default=[],
+        metavar="PACKAGE",
+        help="also build classes the checkpoint names under this package (default: only models/ and trainers/); repeatable",
+    )
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--no-render", action="store_true", help="only play and score the episodes: no window, no video")
     mode.add_argument(
@@ -101,9 +108,9 @@ def choose_mode(args: argparse.Namespace) -> tuple[str | None, Path | None]:
     return "rgb_array", video
 
 
-def load_policy(path: Path) -> tuple[nn.Module, Algorithm, str]:
+def load_policy(path: Path, extra_modules: Sequence[str] = ()) -> tuple[nn.Module, Algorithm, str]:
     """The policy stored in a checkpoint, its algorithm and the name of the env it was trained on."""
-    policy, cfg, algorithm = policy_from_checkpoint(load_checkpoint(path))
+    policy, cfg, algorithm = policy_from_checkpoint(load_checkpoint(path), tuple(extra_modules))
     return policy, algorithm, cfg.rollout_server.env_name
 
 
@@ -158,7 +165,7 @@ def play(env: gym.Env, policy: Greedy, episodes: int, seed: int, on_frame: Frame
 
 
 def run(args: argparse.Namespace) -> list[float]:
-    network, algorithm, env_name = load_policy(args.model_path)
+    network, algorithm, env_name = load_policy(args.model_path, args.allow_module)
     policy = greedy_policy(network, algorithm)
     render_mode, video = choose_mode(args)
     env = make_env(env_name, render_mode)

@@ -148,7 +148,7 @@ def test_trainer_killed_resumes_its_counters_the_actors_take_its_weights_and_the
     for service in ("buffer", "trainer", "rollout"):
         run.start(service)
     last = run.tmp_path / "checkpoint_last.pth"
-    status = wait_until(lambda: (s := run.trainer_status()) and s.updates > 1500 and last.exists() and s, 120, "1.5k updates")
+    status = wait_until(lambda: (s := run.trainer_status()) and s.updates > 1500 and last.exists() and s, 180, "1.5k updates")
     time.sleep(1.5)
     saved = torch.load(last, weights_only=True)["counters"]
     best = eval_mean(run.tmp_path / "checkpoint.pth") if (run.tmp_path / "checkpoint.pth").exists() else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import subprocess
@@ -141,3 +142,24 @@ def test_a_crafted_checkpoint_naming_any_other_callable_is_refused_and_runs_noth
     assert result.returncode == 1 and "error:" in result.stderr and "Traceback" not in result.stderr, result.stderr
     assert "not allowed here" in result.stderr or "is not a subclass of torch.nn" in result.stderr
     assert not marker.exists()
+
+
+def test_a_policy_class_of_the_users_own_package_loads_only_when_named_on_the_command_line(tmp_path: Path):
+    from titan_rl.checkpoint import save_checkpoint
+    from titan_rl.config import load_config
+    from titan_rl.registry import build_algorithm, build_policy
+
+    (tmp_path / "mynets").mkdir()
+    (tmp_path / "mynets" / "__init__.py").write_text("")
+    source = "from models.simple_policy import SimplePolicy\n\n\nclass Net(SimplePolicy):\n    pass\n"
+    (tmp_path / "mynets" / "policy.py").write_text(source)
+    cfg = load_config(DEFAULT_CONFIG)
+    learner = build_algorithm(cfg).make_learner(build_policy(cfg))
+    cfg = dataclasses.replace(cfg, policy=dataclasses.replace(cfg.policy, path="mynets.policy.Net"))
+    counters = {"updates": 0, "env_steps": 0, "policy_version": 0, "wall_s": 0.0}
+    path = save_checkpoint(tmp_path / "mine.pth", cfg, learner.state_dict(), counters, None)
+
+    refused = visualize("--model_path", path, "--no-render", "--episodes", "1", cwd=tmp_path)
+    assert refused.returncode == 1 and "not allowed here" in refused.stderr, refused.stderr
+    played = visualize("--model_path", path, "--no-render", "--episodes", "1", "--allow-module", "mynets", cwd=tmp_path)
+    assert played.returncode == 0 and len(episode_returns(played.stdout)) == 1, played.stderr

@@ -104,14 +104,15 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return payload
 
 
-def policy_from_checkpoint(payload: dict[str, Any]) -> tuple[nn.Module, Config, Algorithm]:
+def policy_from_checkpoint(payload: dict[str, Any], extra_modules: tuple[str, ...] = ()) -> tuple[nn.Module, Config, Algorithm]:
     """Rebuild the algorithm and policy classes named in the stored config and load the weights.
 
-    The config is data: its class paths must name classes under models/ or trainers/ of the
-    right kind (titan_rl.registry), checked before anything is imported or called.
+    The config is data: its class paths must name classes under models/ or trainers/ (or the
+    packages the user names in `extra_modules`, e.g. visualize.py --allow-module) of the right
+    kind (titan_rl.registry), checked before anything is imported or called.
     """
     try:
-        cfg = config_from_dict(payload["config"], "checkpoint config", allowed_modules=CHECKPOINT_MODULES)
+        cfg = config_from_dict(payload["config"], "checkpoint config", allowed_modules=(*CHECKPOINT_MODULES, *extra_modules))
         algorithm = build_algorithm(cfg)
         policy = build_policy(cfg)
         policy.load_state_dict(payload["policy"])

@@ -61,6 +61,9 @@ class RolloutConfig(ServerConfig):
     chunk_max_delay_s: float = field(default=0.02, metadata=range_metadata(0))
     """A worker sends what it has once its oldest unsent transition is this old, so small or throttled
     collection still reaches the learner fresh; 0 sends after every vector step."""
+    max_unacked_rows: int = field(default=512, metadata=range_metadata(1))
+    """Records a worker may have sent and not yet seen acknowledged: what waits for redelivery while the
+    buffer is unreachable (acting pauses when it is full), and how stale a rate-limited worker's data gets."""
 
 
 @dataclass(frozen=True)

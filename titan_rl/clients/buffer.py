@@ -24,9 +24,10 @@ log = logging.getLogger(__name__)
 _END = object()
 _ACK_NOW = buffer_pb2.AddRequest(ack=True).SerializeToString()  # asks for an ack of everything sent, with no chunk
 DEFAULT_MAX_IN_FLIGHT = 4  # unacknowledged chunks, for a sender that does not know its chunk sizes (workers use chunks_in_flight)
-# Transitions a sender may have unacknowledged. While the rate limiter holds inserts back, a worker
-# waits with this many rows in flight, collected by a policy that old: 4,096 rows per worker left a
-# seed unsolved in 2 of 2 solve_time runs, 1,024 in 1 of 4, 512 in none of 3 (docs/architecture.md).
+# Transitions a sender may have unacknowledged: the default of rollout_server.max_unacked_rows. While
+# the rate limiter holds inserts back, a worker waits with this many rows in flight, collected by a
+# policy that old: 4,096 rows per worker left a seed unsolved in 2 of 2 solve_time runs, 1,024 in 1
+# of 4, 512 in none of 3 (docs/architecture.md).
 MAX_UNACKED_ROWS = 512
 WAIT_LOG_S = 10.0  # a send() blocked this long logs why
 JOIN_TIMEOUT_S = 2.0  # a background thread notices a stop within READY_POLL_S
@@ -37,9 +38,9 @@ def ack_every(max_in_flight: int) -> int:
     return max(1, max_in_flight // 2)
 
 
-def chunks_in_flight(rows_per_chunk: int) -> int:
-    """ChunkSender's window for chunks of `rows_per_chunk` rows: MAX_UNACKED_ROWS rows, and at least 2 chunks."""
-    return max(2, MAX_UNACKED_ROWS // max(1, rows_per_chunk))
+def chunks_in_flight(rows_per_chunk: int, max_unacked_rows: int = MAX_UNACKED_ROWS) -> int:
+    """ChunkSender's window for chunks of `rows_per_chunk` rows: `max_unacked_rows` rows, and at least 2 chunks."""
+    return max(2, max_unacked_rows // max(1, rows_per_chunk))
 
 
 _BUFFER_SERVICE = buffer_pb2.DESCRIPTOR.services_by_name["BufferService"]
@@ -187,7 +188,11 @@ class ChunkSender:
             if not keep_waiting():
                 return False
             if time.monotonic() - waited_from > WAIT_LOG_S:
-                log.warning("buffer %s: %d chunks wait for it (the most a worker holds); acting paused", self.address, self._max_in_flight)
+                log.warning(
+                    "buffer %s: %d chunks wait for it (the most this worker holds: rollout_server.max_unacked_rows); acting paused",
+                    self.address,
+                    self._max_in_flight,
+                )
                 waited_from = time.monotonic()
         if self._error is not None:
             raise self._error

@@ -58,7 +58,7 @@ def run_worker(cfg: Config, worker_id: int, stop: mp.Event, reports: mp.Queue) -
     subscriber = PolicySubscriber(cfg.trainer_server.dial_address, peer_timeout_s)
     sender = ChunkSender(
         cfg.buffer_server.dial_address,
-        max_in_flight=chunks_in_flight(r.envs_per_worker * r.vector_steps_per_chunk),
+        max_in_flight=chunks_in_flight(r.envs_per_worker * r.vector_steps_per_chunk, r.max_unacked_rows),
         give_up_after_s=peer_timeout_s,
         table=table,
     )
