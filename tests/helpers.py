@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from titan_rl.buffer.table import Table
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO / "config" / "cartpole.yaml"
@@ -34,3 +40,26 @@ def transitions(n: int, obs_dim: int = 4, seed: int = 0, start: float = 0.0) -> 
         "terminated": np.zeros(n, dtype=bool),
         "truncated": np.zeros(n, dtype=bool),
     }
+
+
+@contextlib.contextmanager
+def serving_buffer(config: str | Path = DEFAULT_CONFIG, *overrides: str) -> Iterator[tuple[str, Table]]:
+    """A real buffer service, started as `python -m titan_rl.buffer` starts it, on a free port: its one
+    table holds at most 1000 items and its rate limiter holds nobody back. Yields (address, table)."""
+    from titan_rl.buffer.__main__ import start
+
+    cfg = make_config_from(
+        config,
+        "buffer_server.port=0",
+        "buffer_server.capacity_items=1000",
+        "train.min_buffer_size=64",
+        "buffer_server.rate_limit_slack_items=1000000000",
+        *overrides,
+    )
+    server, port, tables = start(cfg)
+    (table,) = tables.values()
+    try:
+        yield f"127.0.0.1:{port}", table
+    finally:
+        table.close()
+        server.stop(grace=None).wait()

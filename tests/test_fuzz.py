@@ -28,7 +28,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.helpers import make_config, make_config_from, transitions
+from tests.helpers import make_config, serving_buffer, transitions
 from titan_rl import wire
 from titan_rl.buffer.table import Table
 from titan_rl.rpc import make_channel, make_server, set_serving
@@ -69,25 +69,12 @@ class Buffer:
 @contextlib.contextmanager
 def _buffer(config: str, *overrides: str) -> Iterator[Buffer]:
     """A buffer service started as `python -m titan_rl.buffer` starts it, its one table holding 1000 items at most."""
-    from titan_rl.buffer.__main__ import start
-
-    cfg = make_config_from(
-        config,
-        "buffer_server.port=0",
-        "buffer_server.capacity_items=1000",
-        "train.min_buffer_size=64",
-        "buffer_server.rate_limit_slack_items=1000000000",
-        *overrides,
-    )
-    server, port, tables = start(cfg)
-    (table,) = tables.values()
-    channel = make_channel(f"127.0.0.1:{port}")
-    try:
-        yield Buffer(f"127.0.0.1:{port}", table, buffer_pb2_grpc.BufferServiceStub(channel), channel)
-    finally:
-        channel.close()
-        table.close()
-        server.stop(None).wait()
+    with serving_buffer(config, *overrides) as (address, table):
+        channel = make_channel(address)
+        try:
+            yield Buffer(address, table, buffer_pb2_grpc.BufferServiceStub(channel), channel)
+        finally:
+            channel.close()
 
 
 @pytest.fixture(scope="module")
