@@ -16,7 +16,10 @@ process, every page written):
 Targets (issue #12): save <= 1 s and restore <= 1 s for 1M transitions; p99 during saves <= 2x
 the baseline p99.
 
-    .venv/bin/python -m benchmarks.snapshot [--items 1000000] [--saves 5] [--dir runs/bench-snapshot] [--quick]
+    .venv/bin/python -m benchmarks.snapshot [--items 1000000] [--saves 5] [--dir runs/bench-snapshot] [--quick] [--in-process]
+
+--in-process samples from a thread of the buffer's own process with `Table.sample` (no gRPC, no
+second process): what a save costs through the table's lock and the GIL alone.
 """
 
 from __future__ import annotations
@@ -92,6 +95,51 @@ def _sampler(address: str, stop: threading.Event, out: list[tuple[float, float]]
     channel.close()
 
 
+def _in_process(items: int, saves: int, directory: Path) -> None:
+    """The same saves with the sampler a thread of the buffer's own process, calling `Table.sample`
+    directly: no gRPC, no second process, so what is left is the table's lock and the GIL."""
+    from benchmarks.common import in_process_table
+    from titan_rl.buffer.snapshot import Snapshotter
+
+    table = in_process_table(items)
+    data = cartpole_transitions(FILL_CHUNK)
+    for start in range(0, items, FILL_CHUNK):
+        n = min(FILL_CHUNK, items - start)
+        table.insert_fields({name: values[:n] for name, values in data.items()}, env_steps=n)
+    snapshotter = Snapshotter({"default": table}, directory / "buffer_snapshot.npz", interval_s=0)
+    calls: list[tuple[float, float]] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            started = time.monotonic()
+            table.sample(64, 32)
+            calls.append((started, time.monotonic()))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    time.sleep(1.0)
+    windows = []
+    for _ in range(saves):
+        started = time.monotonic()
+        snapshotter.save()
+        windows.append((started, time.monotonic()))
+        time.sleep(0.5)
+    stop.set()
+    sampler.join()
+    during = [(e - s) * 1e3 for s, e in calls if any(s < we and e > ws for ws, we in windows)]
+    baseline = [(e - s) * 1e3 for s, e in calls if not any(s < we and e > ws for ws, we in windows)]
+    print(f"in process, {items:,} items, {saves} saves: Table.sample(64 x 32) back to back on a thread of the buffer's process")
+    print_table(
+        ["Table.sample calls", "calls", "p50 ms", "p99 ms", "max ms"],
+        [
+            ["no save (baseline)", len(baseline), *(f"{x:.3f}" for x in (_p(baseline, 50), _p(baseline, 99), max(baseline)))],
+            ["during Snapshotter.save", len(during), *(f"{x:.3f}" for x in (_p(during, 50), _p(during, 99), max(during)))],
+        ],
+    )
+    print(f"sample p99 during saves / baseline p99, in process: {_p(during, 99) / _p(baseline, 99):.2f}x")
+
+
 def _p(latencies_ms: list[float], q: float) -> float:
     return float(np.percentile(latencies_ms, q)) if latencies_ms else float("nan")
 
@@ -102,10 +150,17 @@ def main() -> None:
     parser.add_argument("--saves", type=int, default=5, help="saves of each kind (and restores)")
     parser.add_argument("--dir", default="runs/bench-snapshot", help="where the snapshot is written (a real disk, not tmpfs)")
     parser.add_argument("--quick", action="store_true", help="100k items, 2 saves: a smoke test, not a measurement")
+    parser.add_argument("--in-process", action="store_true", help="sample from a thread of the buffer's process instead, no gRPC")
     args = parser.parse_args()
     items, saves = (100_000, 2) if args.quick else (args.items, args.saves)
     directory = Path(args.dir)
     directory.mkdir(parents=True, exist_ok=True)
+    if args.in_process:
+        try:
+            _in_process(items, saves, directory)
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
+        return
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
     proc = ctx.Process(target=_buffer_child, args=(items, str(directory), child), daemon=True)
