@@ -45,11 +45,13 @@ def descendants(pid: int) -> set[int]:
 
 
 def alive(pid: int) -> bool:
+    """Running, or a zombie its living parent has not reaped (a zombie whose parent is gone waits
+    for init, whose job that is)."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        state, ppid = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[:2]
     except OSError:
         return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    return state != "Z" or (int(ppid) != 1 and alive(int(ppid)))
 
 
 def launch(
