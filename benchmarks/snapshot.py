@@ -25,6 +25,7 @@ second process): what a save costs through the table's lock and the GIL alone.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import datetime
 import multiprocessing as mp
 import os
@@ -51,7 +52,7 @@ def _buffer_child(items: int, directory: str, conn) -> None:
     from benchmarks.common import CONFIG, NO_RATE_LIMIT
     from titan_rl.buffer.__main__ import serve
     from titan_rl.buffer.service import tables_for
-    from titan_rl.buffer.snapshot import Snapshotter, restore, write_snapshot
+    from titan_rl.buffer.snapshot import Snapshotter, restore, write_snapshot, yield_the_cores
     from titan_rl.config import load_config
     from titan_rl.registry import build_algorithm
 
@@ -67,8 +68,9 @@ def _buffer_child(items: int, directory: str, conn) -> None:
     conn.send(("ready", port, table.info().size, table.layout.record_size))
     while (command := conn.recv()) != "stop":
         started = time.monotonic()
-        if command == "save":
-            stats = snapshotter.save()
+        if command == "save":  # on a thread of its own at the lowest priority, as the buffer's snapshotter runs
+            with concurrent.futures.ThreadPoolExecutor(1, initializer=yield_the_cores) as saver:
+                stats = saver.submit(snapshotter.save).result()
             conn.send(("saved", started, time.monotonic(), stats.copy_s, stats.write_s, stats.bytes))
         elif command == "save_blocking":
             state = table.state_dict()  # the whole table copied under the lock at once

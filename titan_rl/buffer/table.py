@@ -25,7 +25,7 @@ from titan_rl.records import RecordLayout
 
 MAX_COUNT = 2**63 - 1  # counters travel as int64
 MAX_SENDERS_REMEMBERED = 65_536  # chunk senders whose last sequence number a table keeps (one per worker start)
-SNAPSHOT_ROWS_PER_LOCK = 1 << 13  # ~400 KB of CartPole transitions: a tenth of a millisecond of copying per hold
+SNAPSHOT_ROWS_PER_SLICE = 1 << 13  # ~400 KB of CartPole transitions: a tenth of a millisecond of copying
 
 
 @dataclass
@@ -346,28 +346,24 @@ class Table:
             "senders": [[sender, sequence] for sender, sequence in self._last_sequence.items()],
         }
 
-    def snapshot(self, rows_per_lock: int = SNAPSHOT_ROWS_PER_LOCK) -> dict[str, Any]:
-        """`state_dict()` without stopping the table: rows are copied `rows_per_lock` at a time, each
-        slice under the lock, so inserts and samples go on between slices (Reverb blocks both for a
-        whole checkpoint). Rows inserted meanwhile are copied again, under the lock, at the end: the
-        result is the table exactly as it was then. A queue is copied whole: it is small, and moves
-        its rows when it drops stale ones."""
+    def snapshot(self, rows_per_slice: int = SNAPSHOT_ROWS_PER_SLICE) -> dict[str, Any]:
+        """`state_dict()` without stopping the table (Reverb blocks inserts and samples for a whole
+        checkpoint). The rows are copied without the lock, `rows_per_slice` at a time with a pause
+        as long after each: in a replay table only inserts write rows, so any row that changed
+        meanwhile belongs to an item inserted since the copy began, and those are copied again,
+        under the lock, at the end. The result is the table exactly as it was then. A queue is
+        copied whole under the lock: it is small, and moves its rows when it drops stale ones."""
         if self._fifo:
             return self.state_dict()
         out = np.empty((self.storage.capacity, self.layout.record_size), np.uint8)
         with self._cond:
             first_new_key = self.storage.inserts_total
         copied = 0
-        while True:
+        while (stop := min(self.storage.size, copied + rows_per_slice)) > copied:
             began = time.perf_counter()
-            with self._cond:
-                stop = min(self.storage.size, copied + rows_per_lock)
-                if stop <= copied:
-                    break
-                self.storage.copy_rows(out, slice(copied, stop))
+            self.storage.copy_rows(out, slice(copied, stop))
             copied = stop
-            # at half speed: a sampler waiting on the lock (or on the GIL, or a core) gets in between two slices
-            time.sleep(time.perf_counter() - began)
+            time.sleep(time.perf_counter() - began)  # at half speed: the buffer's other threads get a core meanwhile
         with self._cond:
             new_items = self.storage.inserts_total - first_new_key
             if new_items >= self.storage.capacity:
