@@ -6,9 +6,31 @@ import os
 
 import pytest
 
-from tests.helpers import serving_buffer
+from tests.helpers import REPO, serving_buffer
 
 os.environ["WANDB_MODE"] = "disabled"  # inherited by every service a test starts
+
+USER_FILES = ("runs", "wandb", "checkpoint.pth", "checkpoint_last.pth")
+"""What a user's own `bash run.sh` leaves in the repository: the suite must neither add to it nor overwrite it."""
+
+
+def _user_files() -> dict[str, float]:
+    found = {}
+    for name in USER_FILES:
+        path = REPO / name
+        for item in [path, *(path.iterdir() if path.is_dir() else ())]:
+            if item.exists():
+                found[str(item.relative_to(REPO))] = item.stat().st_mtime
+    return found
+
+
+@pytest.fixture(scope="session", autouse=True)
+def the_suite_leaves_the_users_runs_alone():
+    before = _user_files()
+    yield
+    after = _user_files()
+    changed = sorted(name for name, mtime in after.items() if before.get(name) != mtime and name not in USER_FILES)
+    assert not changed, f"the test suite wrote into the repository: {changed}"
 
 
 @pytest.fixture

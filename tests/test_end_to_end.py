@@ -264,10 +264,23 @@ def test_a_bad_config_key_fails_before_anything_starts():
 
 
 @pytest.mark.parametrize("service", ["buffer", "rollout", "trainer"])
-def test_each_service_runs_alone_with_host_and_port_flags(service):
+def test_each_service_runs_alone_with_host_and_port_flags(service, tmp_path):
     port = free_port("127.0.0.1")
+    # its files go to tmp_path: the defaults (runs/, checkpoint.pth) would land in, and clobber, the user's
+    files = [f"logging.run_dir={tmp_path}/runs", f"logging.checkpoint_path={tmp_path}/checkpoint.pth"]
     proc = subprocess.Popen(
-        [sys.executable, "-m", f"titan_rl.{service}", "--config", "config/cartpole.yaml", "--host", "127.0.0.1", "--port", str(port)],
+        [
+            sys.executable,
+            "-m",
+            f"titan_rl.{service}",
+            "--config",
+            "config/cartpole.yaml",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            *files,
+        ],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
