@@ -79,16 +79,22 @@ class Run:
         self.procs[service].wait()
 
     def trainer_status(self):
+        client = TrainerClient(self.address["trainer"], timeout_s=2)
         try:
-            return TrainerClient(self.address["trainer"], timeout_s=2).status()
+            return client.status()
         except Exception:  # noqa: BLE001 - not up (yet): the drills poll
             return None
+        finally:
+            client.close()
 
     def buffer_info(self):
+        client = BufferClient(self.address["buffer"], timeout_s=2)
         try:
-            return BufferClient(self.address["buffer"], timeout_s=2).stub.Info(buffer_pb2.InfoRequest(), timeout=2)
+            return client.stub.Info(buffer_pb2.InfoRequest(), timeout=2)
         except Exception:  # noqa: BLE001 - not up (yet): the drills poll
             return None
+        finally:
+            client.close()
 
     def wait_exit(self, service: str, timeout_s: float) -> int:
         try:

@@ -13,7 +13,6 @@ import grpc
 import torch
 
 from titan_rl.algorithm import Learner
-from titan_rl.checkpoint import last_path
 from titan_rl.clients.buffer import BatchPrefetcher, BufferClient, PriorityUpdater
 from titan_rl.clients.rollout import RolloutClient
 from titan_rl.config import Config
@@ -25,7 +24,7 @@ from titan_rl.rpc import make_server, set_serving
 from titan_rl.service import parse_service_args
 from titan_rl.trainer.loop import Summary, TrainingLoop
 from titan_rl.trainer.policy_store import PolicyStore
-from titan_rl.trainer.resume import best_of_run, resume_point
+from titan_rl.trainer.resume import best_of_run, resume_learner
 from titan_rl.trainer.service import TrainerServicer
 from titan_rl.v1 import trainer_pb2, trainer_pb2_grpc
 
@@ -78,21 +77,7 @@ def run(cfg: Config) -> Summary:
         log.warning("logging.run_name is not set: a restarted trainer starts a new run instead of resuming this one")
         cfg = dataclasses.replace(cfg, logging=dataclasses.replace(cfg.logging, run_name=run_name(cfg)))
     name = cfg.logging.run_name
-    resumed = resume_point(cfg)
-    counters = {}
-    if resumed is not None:
-        try:
-            learner.load_state_dict(resumed["learner"])
-        except (KeyError, RuntimeError, ValueError, TypeError) as e:
-            raise TitanError(f"cannot resume run {name!r} from {last_path(cfg.logging.checkpoint_path)}: {e}") from e
-        counters = resumed["counters"]
-        log.info(
-            "resuming run %s: %d updates, %d env steps, policy v%d",
-            name,
-            learner.updates,
-            counters["env_steps"],
-            counters["policy_version"],
-        )
+    counters = resume_learner(cfg, learner)
     logger = MetricsLogger(cfg, Path(cfg.logging.run_dir) / name, name)
     store = PolicyStore(first_version=int(counters.get("policy_version", -1)) + 1)
     t, table = cfg.train, algorithm.table()
@@ -109,10 +94,9 @@ def run(cfg: Config) -> Summary:
     rollout = RolloutClient(cfg.rollout_server.dial_address)
     evaluator = Evaluator(cfg, cfg.eval.episodes, cfg.budget.target_eval_return)
     loop = TrainingLoop(cfg, learner, batches, store, logger, evaluator, rollout, priorities)
-    if resumed is not None:
-        loop.resume(counters, best_of_run(cfg))
-    else:
-        loop.best_eval = best_of_run(cfg)  # a restarted trainer that lost its last checkpoint: the best stays the best
+    loop.best_eval = best_of_run(cfg)  # even for a trainer that lost its last checkpoint: the best stays the best
+    if counters:
+        loop.resume(counters)
     server, port, health = make_server(cfg.trainer_server.host, cfg.trainer_server.port)
     trainer_pb2_grpc.add_TrainerServiceServicer_to_server(TrainerServicer(loop, store), server)
     loop.publish()

@@ -87,14 +87,13 @@ class TrainingLoop:
         self._buffer_env_steps = 0  # the buffer's own count, as last seen
         self._env_steps_lost = 0  # steps the buffer counted and then lost in a restart: still steps taken
 
-    def resume(self, counters: dict[str, Any], best_eval: float | None) -> None:
+    def resume(self, counters: dict[str, Any]) -> None:
         """Continue the counters of a checkpoint of this run (the learner's own state is loaded apart)."""
         self.env_steps = int(counters["env_steps"])
         self._wall_before_s = float(counters["wall_s"])
         self._buffer_env_steps = int(counters.get("buffer_env_steps", self.env_steps))
         self._env_steps_lost = int(counters.get("env_steps_lost", 0))
         self._evals = int(counters.get("evals", 0))
-        self.best_eval = best_eval
 
     def _count_env_steps(self, buffer_env_steps: int) -> None:
         """The run's env steps from the buffer's count, which restarts lower when the buffer does:

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from titan_rl.algorithm import Learner
 from titan_rl.checkpoint import last_path, load_checkpoint, run_name_of
 from titan_rl.config import Config
 from titan_rl.errors import TitanError
@@ -50,3 +51,23 @@ def best_of_run(cfg: Config) -> float | None:
     if run_name_of(payload) != cfg.logging.run_name or not returns:
         return None
     return float(np.mean(returns))
+
+
+def resume_learner(cfg: Config, learner: Learner) -> dict[str, Any]:
+    """Load this run's last checkpoint into `learner` and return its counters; {} for a new run."""
+    resumed = resume_point(cfg)
+    if resumed is None:
+        return {}
+    try:
+        learner.load_state_dict(resumed["learner"])
+    except (KeyError, RuntimeError, ValueError, TypeError) as e:
+        raise TitanError(f"cannot resume run {cfg.logging.run_name!r} from {last_path(cfg.logging.checkpoint_path)}: {e}") from e
+    counters = resumed["counters"]
+    log.info(
+        "resuming run %s: %d updates, %d env steps, policy v%d",
+        cfg.logging.run_name,
+        learner.updates,
+        counters["env_steps"],
+        counters["policy_version"],
+    )
+    return counters
