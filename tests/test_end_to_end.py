@@ -17,7 +17,7 @@ from titan_rl.auth import TOKEN_ENV
 from titan_rl.clients.buffer import BufferClient
 from titan_rl.clients.rollout import RolloutClient
 from titan_rl.clients.trainer import TrainerClient
-from titan_rl.launch import free_port
+from titan_rl.launch import free_port, free_ports
 from titan_rl.v1 import buffer_pb2, rollout_pb2
 
 pytestmark = pytest.mark.e2e
@@ -58,7 +58,8 @@ def launch(
     tmp_path: Path, *overrides: str, config: str = "config/cartpole.yaml", token: str | None = TOKEN
 ) -> tuple[subprocess.Popen, dict[str, str]]:
     """The launcher as `bash run.sh` runs it; with `token` None, none in its environment (it makes its own)."""
-    ports = {name: free_port("127.0.0.1") for name in ("buffer_server", "rollout_server", "trainer_server")}
+    sections = ("buffer_server", "rollout_server", "trainer_server")
+    ports = dict(zip(sections, free_ports(["127.0.0.1"] * len(sections)), strict=True))
     args = [f"{name}.port={port}" for name, port in ports.items()]
     args += [f"logging.run_dir={tmp_path}/runs", "logging.run_name=test", f"logging.checkpoint_path={tmp_path}/checkpoint.pth"]
     args += ["logging.console=true", *overrides]

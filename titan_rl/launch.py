@@ -9,6 +9,7 @@ also die with this process (see `titan_rl.service.die_with_parent`), so none is 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import secrets
@@ -32,17 +33,29 @@ TRAINER_GRACE_S = 60.0
 OTHERS_GRACE_S = 10.0
 
 
+def free_ports(hosts: list[str]) -> list[int]:
+    """A free port on each host, all different: every probe socket stays bound until all are
+    picked, since the kernel may hand a just-closed port out again."""
+    with contextlib.ExitStack() as probes:
+        ports = []
+        for host in hosts:
+            probe = probes.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            probe.bind((host, 0))
+            ports.append(probe.getsockname()[1])
+        return ports
+
+
 def free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    return free_ports([host])[0]
 
 
 class Launcher:
     def __init__(self, config_path: str, overrides: list[str], resume: bool = False):
         self.config_path = config_path
         cfg = load_config(config_path, overrides)
-        extra = [f"{section}.port={free_port(getattr(cfg, section).host)}" for _, section in SERVICES if getattr(cfg, section).port == 0]
+        unset = [section for _, section in SERVICES if getattr(cfg, section).port == 0]
+        ports = free_ports([getattr(cfg, section).host for section in unset])
+        extra = [f"{section}.port={port}" for section, port in zip(unset, ports, strict=True)]
         if resume:  # the same run name: the trainer resumes its last checkpoint, the buffer restores its snapshot
             from titan_rl.checkpoint import run_to_resume
 

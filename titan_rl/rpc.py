@@ -29,7 +29,9 @@ CHANNEL_OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
 ]
-SERVER_OPTIONS = CHANNEL_OPTIONS + [("grpc.http2.min_ping_interval_without_data_ms", 10_000)]
+# gRPC turns SO_REUSEPORT on by default: two services given the same port would then both bind it
+# and the kernel would split connections between them. Off, the second bind fails.
+SERVER_OPTIONS = CHANNEL_OPTIONS + [("grpc.http2.min_ping_interval_without_data_ms", 10_000), ("grpc.so_reuseport", 0)]
 
 T = TypeVar("T")
 
@@ -131,12 +133,13 @@ def make_server(host: str, port: int) -> tuple[grpc.Server, int, health.HealthSe
         maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS,
     )
     tls = current_tls()
-    if tls is None:
-        bound = server.add_insecure_port(f"{host}:{port}")
-    else:
-        bound = server.add_secure_port(f"{host}:{port}", server_credentials(tls))
-    if bound == 0:
-        raise OSError(f"cannot bind {host}:{port}: address in use or not available")
+    try:
+        if tls is None:
+            bound = server.add_insecure_port(f"{host}:{port}")
+        else:
+            bound = server.add_secure_port(f"{host}:{port}", server_credentials(tls))
+    except RuntimeError as error:  # grpc reports a failed bind this way
+        raise OSError(f"cannot bind {host}:{port}: address in use or not available") from error
     health_servicer = health.HealthServicer()
     health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
