@@ -1,9 +1,12 @@
-"""Stable-Baselines3 DQN on CartPole-v1 with the rl-baselines3-zoo hyperparameters, evaluated like TITAN-RL.
+"""Stable-Baselines3 DQN with the rl-baselines3-zoo hyperparameters, evaluated like TITAN-RL.
 
 Run by solve_time.py as a subprocess: every `--eval-every` env steps it plays `--eval-episodes`
 greedy episodes on separate envs (the same `titan_rl.evaluation.evaluate` TITAN-RL's trainer uses,
 inside the training process, so evaluation time counts the same on both sides) and appends a JSON line
-{"time", "env_steps", "mean_return"} to `--out`. At the end the final model is evaluated on fresh seeds.
+{"time", "env_steps", "mean_return"} to `--out`. At the end the final model is evaluated on fresh seeds
+and a last line {"final_mean_return", "final_returns", "wall_s"} is appended.
+
+    python -m benchmarks.sb3_dqn --env Acrobot-v1 --budget 100000 --eval-every 5000 --out sb3.jsonl
 """
 
 from __future__ import annotations
@@ -20,19 +23,49 @@ from torch import nn
 
 from titan_rl.evaluation import ActFn, evaluate
 
-ZOO_CARTPOLE = dict(  # rl-baselines3-zoo hyperparams/dqn.yml, CartPole-v1
-    learning_rate=2.3e-3,
-    batch_size=64,
-    buffer_size=100_000,
-    learning_starts=1000,
-    gamma=0.99,
-    target_update_interval=10,
-    train_freq=256,
-    gradient_steps=128,
-    exploration_fraction=0.16,
-    exploration_final_eps=0.04,
-    policy_kwargs=dict(net_arch=[256, 256]),
-)
+# rl-baselines3-zoo hyperparams/dqn.yml (LunarLander's entry is for v2; v3 differs in bug fixes only)
+ZOO = {
+    "CartPole-v1": dict(
+        learning_rate=2.3e-3,
+        batch_size=64,
+        buffer_size=100_000,
+        learning_starts=1000,
+        gamma=0.99,
+        target_update_interval=10,
+        train_freq=256,
+        gradient_steps=128,
+        exploration_fraction=0.16,
+        exploration_final_eps=0.04,
+        policy_kwargs=dict(net_arch=[256, 256]),
+    ),
+    "Acrobot-v1": dict(
+        learning_rate=6.3e-4,
+        batch_size=128,
+        buffer_size=50_000,
+        learning_starts=0,
+        gamma=0.99,
+        target_update_interval=250,
+        train_freq=4,
+        gradient_steps=-1,
+        exploration_fraction=0.12,
+        exploration_final_eps=0.1,
+        policy_kwargs=dict(net_arch=[256, 256]),
+    ),
+    "MountainCar-v0": dict(
+        learning_rate=4e-3,
+        batch_size=128,
+        buffer_size=10_000,
+        learning_starts=1000,
+        gamma=0.98,
+        target_update_interval=600,
+        train_freq=16,
+        gradient_steps=8,
+        exploration_fraction=0.2,
+        exploration_final_eps=0.07,
+        policy_kwargs=dict(net_arch=[256, 256]),
+    ),
+}
+ZOO["LunarLander-v3"] = ZOO["Acrobot-v1"]  # the zoo gives LunarLander-v2 exactly Acrobot's settings
 
 
 def greedy(q_net: nn.Module) -> ActFn:
@@ -46,15 +79,18 @@ def greedy(q_net: nn.Module) -> ActFn:
 
 
 class GreedyEval(BaseCallback):
-    def __init__(self, every: int, episodes: int, seed: int, out: str):
+    def __init__(self, env_id: str, every: int, episodes: int, seed: int, out: str):
         super().__init__()
-        self.every, self.episodes, self.seed, self.out = every, episodes, seed, out
+        self.env_id, self.every, self.episodes, self.seed, self.out = env_id, every, episodes, seed, out
         self.evals = 0
 
     def _on_step(self) -> bool:
         if self.num_timesteps % self.every == 0:
             returns = evaluate(
-                greedy(self.model.q_net), "CartPole-v1", self.episodes, 1_000_003 * (self.seed + 1) + self.evals * self.episodes
+                greedy(self.model.q_net),
+                self.env_id,
+                self.episodes,
+                1_000_003 * (self.seed + 1) + self.evals * self.episodes,
             )
             self.evals += 1
             with open(self.out, "a") as f:
@@ -64,6 +100,7 @@ class GreedyEval(BaseCallback):
 
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--env", default="CartPole-v1", choices=sorted(ZOO))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--budget", type=int, default=50_000)
     parser.add_argument("--eval-every", type=int, default=2500)
@@ -71,11 +108,13 @@ def main() -> None:
     parser.add_argument("--final-seed", type=int, default=777)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    model = DQN("MlpPolicy", "CartPole-v1", seed=args.seed, device="cpu", verbose=0, **ZOO_CARTPOLE)
-    model.learn(total_timesteps=args.budget, callback=GreedyEval(args.eval_every, args.eval_episodes, args.seed, args.out))
-    final = evaluate(greedy(model.q_net), "CartPole-v1", args.eval_episodes, args.final_seed)
+    started = time.monotonic()
+    model = DQN("MlpPolicy", args.env, seed=args.seed, device="cpu", verbose=0, **ZOO[args.env])
+    model.learn(total_timesteps=args.budget, callback=GreedyEval(args.env, args.eval_every, args.eval_episodes, args.seed, args.out))
+    wall_s = time.monotonic() - started
+    final = evaluate(greedy(model.q_net), args.env, args.eval_episodes, args.final_seed)
     with open(args.out, "a") as f:
-        f.write(json.dumps({"final_mean_return": float(np.mean(final))}) + "\n")
+        f.write(json.dumps({"final_mean_return": float(np.mean(final)), "final_returns": final, "wall_s": wall_s}) + "\n")
 
 
 if __name__ == "__main__":

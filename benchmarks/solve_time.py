@@ -1,17 +1,20 @@
-"""Time to solve CartPole-v1: TITAN-RL (three services, as run.sh starts them) vs Stable-Baselines3 DQN.
+"""Time to solve CartPole-v1: TITAN-RL (three services, as run.sh starts them) vs the same algorithm in
+one process (benchmarks/inproc_twin.py) vs Stable-Baselines3 DQN.
 
-Both sides: greedy evaluation of 20 episodes on separate envs every 2,500 env steps, inside the
+Every side: greedy evaluation of 20 episodes on separate envs every 2,500 env steps, inside the
 training process; budget 50,000 env steps. Per seed: process wall-clock from launch to the first
 eval mean >= 475, env steps at that point, and the final policy's eval (20 fresh episodes).
 TITAN-RL runs with its default config and W&B offline, as `bash run.sh` does, but trains the
 whole budget (target_eval_return=null) so the final figures are comparable.
-The two sides alternate which goes first, seed by seed.
+The twin runs config/cartpole.yaml's algorithm and hyperparameters, evaluated by the same
+`Evaluator` in a process of its own. The sides take turns going first, seed by seed.
 
-Baseline: SB3 with the rl-baselines3-zoo hyperparameters (benchmarks/sb3_dqn.py).
-Target: median TITAN-RL time to solve <= 0.5x SB3's; TITAN-RL's checkpoint >= 475 in every seed.
+Baselines: the twin, and SB3 with the rl-baselines3-zoo hyperparameters (benchmarks/sb3_dqn.py).
+Targets: median TITAN-RL time to solve <= 1.0x the twin's and <= 0.5x SB3's; TITAN-RL's checkpoint
+>= 475 in every seed.
 
     .venv/bin/pip install -r benchmarks/requirements.txt
-    .venv/bin/python -m benchmarks.solve_time --seeds 0 1 2 3 4
+    .venv/bin/python -m benchmarks.solve_time --seeds 0 1 2 3 4 5 6 7 8 9
 """
 
 from __future__ import annotations
@@ -86,27 +89,24 @@ def run_titan(seed: int, budget: int, work: Path, final_seed: int) -> dict:
     }
 
 
-def run_sb3(seed: int, budget: int, work: Path, final_seed: int) -> dict:
-    out = work / f"sb3-seed{seed}.jsonl"
-    cmd = [
-        sys.executable,
-        "-m",
-        "benchmarks.sb3_dqn",
-        "--seed",
-        str(seed),
-        "--budget",
-        str(budget),
-        "--out",
-        str(out),
-        "--final-seed",
-        str(final_seed),
-    ]
+def run_module(module: str, name: str, seed: int, budget: int, work: Path, final_seed: int) -> dict:
+    """A one-process side (benchmarks.sb3_dqn or benchmarks.inproc_twin) writing eval rows to a JSON-lines file."""
+    out = work / f"{name}-seed{seed}.jsonl"
+    cmd = [sys.executable, "-m", module, "--seed", str(seed), "--budget", str(budget), "--out", str(out), "--final-seed", str(final_seed)]
     launched = time.time()
     subprocess.run(cmd, cwd=REPO, check=True)
     wall = time.time() - launched
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     solved_s, solved_steps = first_solved([r for r in rows if "mean_return" in r], launched)
     return {"solved_s": solved_s, "solved_steps": solved_steps, "wall_s": wall, "final": rows[-1]["final_mean_return"]}
+
+
+def run_sb3(seed: int, budget: int, work: Path, final_seed: int) -> dict:
+    return run_module("benchmarks.sb3_dqn", "sb3", seed, budget, work, final_seed)
+
+
+def run_twin(seed: int, budget: int, work: Path, final_seed: int) -> dict:
+    return run_module("benchmarks.inproc_twin", "twin", seed, budget, work, final_seed)
 
 
 def fmt(x: float | None, spec: str = ".1f") -> str:
@@ -122,16 +122,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--budget", type=int, default=50_000)
-    parser.add_argument("--only", choices=["titan", "sb3"], help="run one side only")
+    parser.add_argument("--only", choices=["titan", "twin", "sb3"], nargs="+", help="run these sides only")
     args = parser.parse_args()
-    results: dict[str, list[dict]] = {"titan": [], "sb3": []}
-    runners = {"titan": run_titan, "sb3": run_sb3}
+    results: dict[str, list[dict]] = {"titan": [], "twin": [], "sb3": []}
+    runners = {"titan": run_titan, "twin": run_twin, "sb3": run_sb3}
     with tempfile.TemporaryDirectory(prefix="solve_time-") as tmp:
         work = Path(tmp)
         for i, seed in enumerate(args.seeds):
-            order = ["titan", "sb3"] if i % 2 == 0 else ["sb3", "titan"]
-            for side in order:
-                if args.only in (None, side):
+            sides = list(runners)
+            for side in sides[i % 3 :] + sides[: i % 3]:
+                if args.only is None or side in args.only:
                     r = runners[side](seed, args.budget, work, final_seed=10_000 + seed)
                     results[side].append({"seed": seed, **r})
                     print(
@@ -146,12 +146,12 @@ def main() -> None:
         if rs:
             steps = statistics.median([r["solved_steps"] if r["solved_steps"] is not None else float("inf") for r in rs])
             print(f"{side:5s}  {median_solved(rs):14.1f}   {steps:18.0f}   {sum(r['final'] >= SOLVED for r in rs)}/{len(rs)}")
-    if results["titan"] and results["sb3"]:
-        ratio = median_solved(results["titan"]) / median_solved(results["sb3"])
-        ok = ratio <= 0.5 and all(r["final"] >= SOLVED for r in results["titan"])
-        print(
-            f"\nratio titan/sb3 median time to solve: {ratio:.2f} (target <= 0.50, final >= 475 every seed): {'MET' if ok else 'NOT MET'}"
-        )
+    every_seed = all(r["final"] >= SOLVED for r in results["titan"])
+    for baseline, target in (("twin", 1.0), ("sb3", 0.5)):
+        if results["titan"] and results[baseline]:
+            ratio = median_solved(results["titan"]) / median_solved(results[baseline])
+            met = "MET" if ratio <= target and every_seed else "NOT MET"
+            print(f"ratio titan/{baseline} median time to solve: {ratio:.2f} (target <= {target:.2f}, final >= 475 every seed): {met}")
     print(json.dumps({"benchmark": "solve_time", **results}))
 
 
