@@ -3,6 +3,7 @@ import pytest
 from tests.helpers import DEFAULT_CONFIG, REPO, make_config
 from titan_rl.config import config_from_dict, config_to_dict, load_config
 from titan_rl.errors import ConfigError
+from titan_rl.registry import build_algorithm, build_policy
 
 
 def test_default_config_has_the_seed_keys():
@@ -98,6 +99,11 @@ def test_the_kubernetes_config_map_holds_a_valid_config():
     (config_map,) = yaml.safe_load_all((REPO / "deploy" / "k8s" / "config.yaml").read_text())
     cfg = config_from_dict(yaml.safe_load(config_map["data"]["cluster.yaml"]), "deploy/k8s/config.yaml")
     assert cfg.buffer_server.dial_address == "titan-buffer:50052" and cfg.trainer_server.host == "0.0.0.0"
+    # what the pods build from it at start: the env's spaces, the policy, the algorithm (it once lacked policy.kwargs)
+    algorithm = build_algorithm(cfg)
+    algorithm.check_network(build_policy(cfg))
+    local = load_config(REPO / "config" / "cartpole.yaml")
+    assert (cfg.policy, cfg.algorithm, cfg.train) == (local.policy, local.algorithm, local.train), "the cluster trains as run.sh does"
 
 
 def test_sample_messages_hold_whole_batches_of_about_rows_per_request():
