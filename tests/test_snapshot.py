@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -44,8 +46,27 @@ def test_a_snapshot_round_trips_every_table_kind_through_a_file(tmp_path, kind):
     assert list(tmp_path.iterdir()) == [path], "no temporary file stays behind"
 
 
+def _snapshot_as_written(table: Table, during_write: Callable[[], None] = lambda: None) -> dict:
+    """`table.snapshot()` with the rows as a file would hold them (a copy taken as they are handed over)."""
+    written = []
+
+    def write(rows: np.ndarray) -> None:
+        written.append(rows.copy())
+        during_write()
+
+    state = table.snapshot(write)
+    state["storage"]["records"] = written[0]
+    return state
+
+
+def _loaded(state: dict, capacity: int) -> Table:
+    table = _table(capacity=capacity)
+    table.load_state_dict(state)
+    return table
+
+
 def test_a_snapshot_taken_during_inserts_is_the_table_at_one_moment(tmp_path):
-    """Slices are copied, without the lock, while a writer keeps inserting; the rows it wrote meanwhile are copied again."""
+    """Rows are written, without the lock, while a writer keeps inserting; the rows it wrote meanwhile follow as a patch."""
     table = _table(capacity=4000)
     table.insert_fields(transitions(4000))
     stop = threading.Event()
@@ -59,18 +80,18 @@ def test_a_snapshot_taken_during_inserts_is_the_table_at_one_moment(tmp_path):
     writer = threading.Thread(target=write)
     writer.start()
     try:
-        states = [table.snapshot(rows_per_slice=64) for _ in range(5)]
+        states = [_snapshot_as_written(table, lambda: time.sleep(0.01)) for _ in range(5)]
     finally:
         stop.set()
         writer.join()
     for state in states:
-        storage = state["storage"]
-        obs0 = table.layout.views(storage["records"])["obs"][:, 0].astype(int)
+        loaded = _loaded(state, 4000)
+        obs0 = table.layout.views(_contents(loaded))["obs"][:, 0].astype(int)
         # item k sits at slot k % capacity: the rows hold exactly the newest 4,000 items as of the insert count saved
-        newest = storage["inserts_total"] - 1
+        newest = state["storage"]["inserts_total"] - 1
         expected = newest - (newest - np.arange(4000)) % 4000
         np.testing.assert_array_equal(obs0, expected)
-    assert states[-1]["storage"]["inserts_total"] > 4000, "the writer ran during the snapshots"
+    assert all(len(state["storage"]["patch_slots"]) for state in states), "the writer ran during every snapshot"
 
 
 def test_loading_a_snapshot_of_other_tables_names_the_file_and_changes_nothing(tmp_path):
@@ -99,19 +120,23 @@ def test_no_snapshot_file_means_an_empty_start(tmp_path):
     assert restore({"t": _table()}, tmp_path / "missing.npz") is None
 
 
-def test_rows_overwritten_while_the_copy_runs_are_copied_again():
-    """Deterministic: an insert lands right after the first slice was copied, over rows already copied."""
+def test_rows_overwritten_while_they_are_written_are_patched():
+    """Deterministic: inserts land while the rows are written, over rows already written and past the filled ones."""
     table = _table(capacity=100)
-    table.insert_fields(transitions(100))
-    copy_rows = table.storage.copy_rows
+    table.insert_fields(transitions(90))
+    state = _snapshot_as_written(table, lambda: table.insert_fields(transitions(20, start=90)))  # items 90-109: slots 90-99, 0-9
+    assert state["storage"]["inserts_total"] == 110 and len(state["storage"]["records"]) == 90
+    loaded = _loaded(state, 100)
+    assert table.layout.views(_contents(loaded))["obs"][:, 0].astype(int).tolist() == list(range(100, 110)) + list(range(10, 100))
 
-    def copy_then_insert(out: np.ndarray, rows: slice | np.ndarray) -> None:
-        copy_rows(out, rows)
-        if isinstance(rows, slice) and rows.start == 0 and table.info().inserts_total == 100:
-            table.insert_fields(transitions(10, start=100))  # items 100-109 overwrite slots 0-9
 
-    table.storage.copy_rows = copy_then_insert
-    state = table.snapshot(rows_per_slice=20)
-    obs0 = table.layout.views(state["storage"]["records"])["obs"][:, 0].astype(int)
-    assert state["storage"]["inserts_total"] == 110
-    assert obs0.tolist() == list(range(100, 110)) + list(range(10, 100))
+def test_a_state_whose_patch_misses_rows_is_refused_and_changes_nothing():
+    table = _table(capacity=100)
+    table.insert_fields(transitions(90))
+    state = _snapshot_as_written(table, lambda: table.insert_fields(transitions(5, start=90)))
+    storage = state["storage"]
+    storage["patch_slots"], storage["patch_records"] = storage["patch_slots"][:-1], storage["patch_records"][:-1]
+    fresh = _table(capacity=100)
+    with pytest.raises(ValueError, match="neither saved nor patched"):
+        fresh.load_state_dict(state)
+    assert fresh.info().inserts_total == 0

@@ -10,6 +10,7 @@ one JSON entry, so loading a snapshot never runs code.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -19,7 +20,7 @@ import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 
@@ -28,22 +29,24 @@ from titan_rl.errors import TitanError
 
 log = logging.getLogger(__name__)
 
-FORMAT = "titan-rl-buffer-snapshot/1"
+FORMAT = "titan-rl-buffer-snapshot/2"
 _META = "meta.json"
-WRITE_PIECE_BYTES = 1 << 20
+WRITE_PIECE_BYTES = 1 << 18
 SNAPSHOT_NICE = 19
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
-    """Move every array of `tree` into `arrays` (named by its path) and return the rest, with placeholders."""
+def _flatten(tree: Mapping[str, Any], prefix: str, arrays: dict[str, np.ndarray], written: frozenset[str]) -> dict[str, Any]:
+    """Move every array of `tree` into `arrays` (named by its path) and return the rest, with
+    placeholders; arrays at a path in `written` are already in the file and stay out of `arrays`."""
     rest: dict[str, Any] = {}
     for key, value in tree.items():
         path = f"{prefix}/{key}"
         if isinstance(value, np.ndarray):
-            arrays[path] = value
+            if path not in written:
+                arrays[path] = value
             rest[key] = {"__array__": path}
         elif isinstance(value, Mapping):
-            rest[key] = _flatten(value, path, arrays)
+            rest[key] = _flatten(value, path, arrays, written)
         else:
             rest[key] = value
     return rest
@@ -57,34 +60,41 @@ def _unflatten(tree: Any, arrays: Mapping[str, np.ndarray]) -> Any:
     return tree
 
 
-def _write_npz(file: BinaryIO, arrays: Mapping[str, np.ndarray]) -> None:
-    """What `np.savez` writes (an uncompressed zip of .npy files), without its copy of every array,
-    and at half speed: each array's bytes go to the file as they lie in memory (np.savez copied
-    16 MB at a time holding the GIL), WRITE_PIECE_BYTES at a time, each piece followed by a pause
-    as long as it took. On two cores a writer running flat out left the buffer's gRPC threads
-    waiting for a core: sample p99 went from 1.4 to 3.7 ms while it wrote (benchmarks/snapshot.py)."""
-    with zipfile.ZipFile(file, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
-        for name, array in arrays.items():
-            array = np.ascontiguousarray(array)
-            with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
-                np.lib.format.write_array_header_2_0(member, np.lib.format.header_data_from_array_1_0(array))
-                data = memoryview(array.reshape(-1)).cast("B")
-                for start in range(0, len(data), WRITE_PIECE_BYTES):
-                    began = time.perf_counter()
-                    member.write(data[start : start + WRITE_PIECE_BYTES])
-                    time.sleep(time.perf_counter() - began)
+def _write_array(archive: zipfile.ZipFile, name: str, array: np.ndarray) -> None:
+    """Add `array` as `name`.npy, as `np.savez` would, but without its copy of the array and at
+    half speed: WRITE_PIECE_BYTES at a time, each piece followed by a pause as long as it took, so
+    that on two cores the buffer's gRPC threads keep a core (benchmarks/snapshot.py). Each piece
+    is copied before it is checksummed and written: `array` may be a table's live rows, and the
+    file must hold the bytes its CRC was computed over."""
+    array = np.ascontiguousarray(array)
+    with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
+        np.lib.format.write_array_header_2_0(member, np.lib.format.header_data_from_array_1_0(array))
+        data = memoryview(array.reshape(-1)).cast("B")
+        for start in range(0, len(data), WRITE_PIECE_BYTES):
+            began = time.perf_counter()
+            member.write(bytes(data[start : start + WRITE_PIECE_BYTES]))
+            time.sleep(time.perf_counter() - began)
 
 
-def write_snapshot(path: Path, tables: Mapping[str, dict[str, Any]], extra: Mapping[str, Any]) -> int:
-    """Write the tables' states and `extra` (plain values) to `path` atomically; returns the bytes written."""
+def _finish(archive: zipfile.ZipFile, tables: Mapping[str, Mapping[str, Any]], extra: Mapping[str, Any], written: frozenset[str]) -> None:
+    """Write the tables' arrays not yet in `archive`, then the rest of their states and `extra` as JSON."""
     arrays: dict[str, np.ndarray] = {}
-    meta = {"format": FORMAT, "tables": {name: _flatten(state, name, arrays) for name, state in tables.items()}, "extra": dict(extra)}
+    states = {name: _flatten(state, name, arrays, written) for name, state in tables.items()}
+    meta = {"format": FORMAT, "tables": states, "extra": dict(extra)}
     arrays[_META] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+    for name, array in arrays.items():
+        _write_array(archive, name, array)
+
+
+def _write_atomically(path: Path, fill: Callable[[zipfile.ZipFile], None]) -> int:
+    """Create `path` as an uncompressed zip that `fill` writes: under a temporary name, synced, then
+    renamed over the old file (removed on any failure); returns the bytes written."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            _write_npz(f, arrays)
+            with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+                fill(archive)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -99,6 +109,11 @@ def write_snapshot(path: Path, tables: Mapping[str, dict[str, Any]], extra: Mapp
         finally:
             os.close(fd)
     return path.stat().st_size
+
+
+def write_snapshot(path: Path, tables: Mapping[str, dict[str, Any]], extra: Mapping[str, Any]) -> int:
+    """Write the tables' states and `extra` (plain values) to `path` atomically; returns the bytes written."""
+    return _write_atomically(path, lambda archive: _finish(archive, tables, extra, frozenset()))
 
 
 def read_snapshot(path: Path) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
@@ -147,13 +162,17 @@ def yield_the_cores() -> None:
 class SaveStats:
     path: Path
     bytes: int
-    copy_s: float  # taking the tables' state (samples and inserts go on meanwhile)
-    write_s: float  # writing and syncing the file
+    rows_s: float  # writing the tables' rows (samples and inserts go on meanwhile)
+    rest_s: float  # the rows changed meanwhile, the samplers' state and the rest; syncing the file
 
 
 class Snapshotter:
     """Saves every table to `path` every `interval_s` seconds (0: never on its own) from a thread of
-    its own, and once more on `close()`. `extra()` adds plain values (e.g. senders' sequence numbers)."""
+    its own, and once more on `close()`. `extra()` adds plain values (e.g. senders' sequence numbers).
+
+    A save streams each table's rows into the file straight from the table (`Table.snapshot`), with
+    no copy of the replay in memory and without its lock; the rows inserted meanwhile follow as a
+    patch. The file is the tables as they were when the last of them finished."""
 
     def __init__(self, tables: Mapping[str, Table], path: Path, interval_s: float, extra: Callable[[], Mapping[str, Any]] = dict):
         self.tables, self.path, self.interval_s, self.extra = tables, path, interval_s, extra
@@ -169,19 +188,28 @@ class Snapshotter:
     def save(self) -> SaveStats:
         with self._lock:
             started = time.perf_counter()
-            states = {name: table.snapshot() for name, table in self.tables.items()}
-            extra = self.extra()
-            copied = time.perf_counter()
-            size = write_snapshot(self.path, states, extra)
+            rows_written = started
+
+            def fill(archive: zipfile.ZipFile) -> None:
+                nonlocal rows_written
+                states, written = {}, set()
+                for name, table in self.tables.items():
+                    member = f"{name}/storage/records"  # the path `_flatten` gives the state's records
+                    states[name] = table.snapshot(functools.partial(_write_array, archive, member))
+                    written.add(member)
+                rows_written = time.perf_counter()
+                _finish(archive, states, self.extra(), frozenset(written))
+
+            size = _write_atomically(self.path, fill)
             self.saves += 1
-            return SaveStats(self.path, size, copied - started, time.perf_counter() - copied)
+            return SaveStats(self.path, size, rows_written - started, time.perf_counter() - rows_written)
 
     def _run(self) -> None:
         yield_the_cores()
         while not self._stop.wait(self.interval_s):
             try:
                 stats = self.save()
-                log.info("snapshot: %.1f MB in %.2fs to %s", stats.bytes / 1e6, stats.copy_s + stats.write_s, stats.path)
+                log.info("snapshot: %.1f MB in %.2fs to %s", stats.bytes / 1e6, stats.rows_s + stats.rest_s, stats.path)
             except (OSError, TitanError) as e:
                 log.error("snapshot to %s failed: %s; the previous one stays", self.path, e)
 

@@ -157,16 +157,33 @@ class RingStorage:
         """Each field's [name, dtype, shape, offset]: what a saved state must match to be read back."""
         return [[name, s.dtype.name, list(s.shape), s.offset] for name, s in self.layout.slots.items()]
 
-    def state_dict(self, records: np.ndarray | None = None) -> dict[str, Any]:
-        """The filled rows, their signature and the insert count (plain numpy, lists and ints).
+    def state_dict(self) -> dict[str, Any]:
+        """The filled rows, their signature and the insert count (plain numpy, lists and ints)."""
+        return self._state(self._records[: self.size].copy(), np.zeros(0, np.int64))
 
-        `records`: the rows as already copied with `copy_rows` (a snapshot taken a slice at a time)."""
-        records = self._records[: self.size].copy() if records is None else records[: self.size]
-        return {"records": records, "inserts_total": self.inserts_total, "capacity": self.capacity, "signature": self.signature()}
+    def live_records(self) -> np.ndarray:
+        """The filled rows themselves, not a copy: inserts keep writing them. See `patched_state`."""
+        return self._records[: self.size]
 
-    def copy_rows(self, out: np.ndarray, rows: slice | np.ndarray) -> None:
-        """Copy the records at `rows` (slots) into the same rows of `out`, a [capacity, record_size] uint8 array."""
-        out[rows] = self._records[rows]
+    def patched_state(self, records: np.ndarray, first_new_key: int) -> dict[str, Any]:
+        """The state now, given `records`: the rows as read (possibly mid-insert) while items from
+        `first_new_key` on were inserted. Only inserts write rows, so every row that may have changed
+        since belongs to such an item; those rows are copied again now (call with the table's lock
+        held) as a patch that loading applies over `records`."""
+        new_items = self.inserts_total - first_new_key
+        slots = np.arange(self.size) if new_items >= self.capacity else (first_new_key + np.arange(new_items)) % self.capacity
+        return self._state(records, slots.astype(np.int64))
+
+    def _state(self, records: np.ndarray, patch_slots: np.ndarray) -> dict[str, Any]:
+        return {
+            "records": records,
+            "size": self.size,
+            "patch_slots": patch_slots,
+            "patch_records": self._records[patch_slots],
+            "inserts_total": self.inserts_total,
+            "capacity": self.capacity,
+            "signature": self.signature(),
+        }
 
     def check_state(self, state: Mapping[str, Any]) -> None:
         """Raise ValueError, changing nothing, unless `state` is one of this storage's signature and capacity."""
@@ -177,11 +194,21 @@ class RingStorage:
         records = np.asarray(state["records"])
         if records.dtype != np.uint8 or records.ndim != 2 or records.shape[1] != self.layout.record_size:
             raise ValueError(f"records: {records.dtype} of shape {records.shape} are not {self.layout.record_size}-byte records")
-        if len(records) > self.capacity or int(state["inserts_total"]) < len(records):
-            raise ValueError(f"records: {len(records)} rows do not fit capacity {self.capacity} with {state['inserts_total']} inserts")
+        size, inserts_total = int(state["size"]), int(state["inserts_total"])
+        if not len(records) <= size <= min(self.capacity, inserts_total):
+            raise ValueError(f"size: {size} items with {len(records)} rows saved, capacity {self.capacity} and {inserts_total} inserts")
+        slots, patch = np.asarray(state["patch_slots"]), np.asarray(state["patch_records"])
+        if slots.dtype != np.int64 or slots.ndim != 1 or (len(slots) and not 0 <= slots.min() <= slots.max() < size):
+            raise ValueError(f"patch_slots: {slots.dtype} of shape {slots.shape} are not slots below {size}")
+        if patch.dtype != np.uint8 or patch.shape != (len(slots), self.layout.record_size):
+            expected = (len(slots), self.layout.record_size)
+            raise ValueError(f"patch_records: {patch.dtype} of shape {patch.shape}, expected uint8 of shape {expected}")
+        if np.setdiff1d(np.arange(len(records), size), slots).size:
+            raise ValueError(f"patch_slots: rows {len(records)}-{size - 1} were neither saved nor patched")
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.check_state(state)
         records = np.asarray(state["records"], np.uint8)
         self._records[: len(records)] = records
-        self.size, self.inserts_total = len(records), int(state["inserts_total"])
+        self._records[np.asarray(state["patch_slots"])] = state["patch_records"]
+        self.size, self.inserts_total = int(state["size"]), int(state["inserts_total"])

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import threading
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +24,6 @@ from titan_rl.records import RecordLayout
 
 MAX_COUNT = 2**63 - 1  # counters travel as int64
 MAX_SENDERS_REMEMBERED = 65_536  # chunk senders whose last sequence number a table keeps (one per worker start)
-SNAPSHOT_ROWS_PER_SLICE = 1 << 11  # ~100 KB of CartPole transitions: some 25 microseconds of copying
 
 
 @dataclass
@@ -346,31 +344,24 @@ class Table:
             "senders": [[sender, sequence] for sender, sequence in self._last_sequence.items()],
         }
 
-    def snapshot(self, rows_per_slice: int = SNAPSHOT_ROWS_PER_SLICE) -> dict[str, Any]:
-        """`state_dict()` without stopping the table (Reverb blocks inserts and samples for a whole
-        checkpoint). The rows are copied without the lock, `rows_per_slice` at a time with a pause
-        as long after each: in a replay table only inserts write rows, so any row that changed
-        meanwhile belongs to an item inserted since the copy began, and those are copied again,
-        under the lock, at the end. The result is the table exactly as it was then. A queue is
-        copied whole under the lock: it is small, and moves its rows when it drops stale ones."""
+    def snapshot(self, write_records: Callable[[np.ndarray], None]) -> dict[str, Any]:
+        """`state_dict()` without stopping the table and without copying its rows (Reverb blocks
+        inserts and samples for a whole checkpoint). `write_records` is handed the stored rows
+        themselves and writes them out (to a file) while inserts and samples go on; the rows that
+        inserts changed meanwhile are then copied, under the lock, as the state's patch. Returned:
+        the table's state at that moment, whose `records` are the array handed to `write_records`
+        (for a replay table: the live rows, read only through the patch). A queue is copied whole
+        under the lock: it is small, and moves its rows when it drops stale ones."""
         if self._fifo:
-            return self.state_dict()
-        out = np.empty((self.storage.capacity, self.layout.record_size), np.uint8)
+            state = self.state_dict()
+            write_records(state["storage"]["records"])
+            return state
         with self._cond:
             first_new_key = self.storage.inserts_total
-        copied = 0
-        while (stop := min(self.storage.size, copied + rows_per_slice)) > copied:
-            began = time.perf_counter()
-            self.storage.copy_rows(out, slice(copied, stop))
-            copied = stop
-            time.sleep(time.perf_counter() - began)  # at half speed: the buffer's other threads get a core meanwhile
+            records = self.storage.live_records()
+        write_records(records)
         with self._cond:
-            new_items = self.storage.inserts_total - first_new_key
-            if new_items >= self.storage.capacity:
-                self.storage.copy_rows(out, slice(0, self.storage.size))
-            elif new_items:
-                self.storage.copy_rows(out, (first_new_key + np.arange(new_items)) % self.storage.capacity)
-            return self._state(self.storage.state_dict(out))
+            return self._state(self.storage.patched_state(records, first_new_key))
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a `state_dict`; a state that does not fit raises ValueError and changes nothing."""
