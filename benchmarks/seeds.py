@@ -8,7 +8,7 @@ the other, its files under `--out` (default `runs/results/<config stem>/seed<N>/
 episodes, reset with seeds no training evaluation used. Each run's figures go to
 `<out>/seed<N>/score.json`; the summary (mean ± std over seeds) is printed and written to
 `<out>/summary.json`. A seed whose `score.json` exists is not run again, so an interrupted set
-continues where it stopped (`--rerun` runs them all anew). Curves: `benchmarks/plot_curves.py`.
+continues where it stopped (`--rerun` runs them all anew). Curves: `python -m titan_rl.plot <out>`.
 """
 
 from __future__ import annotations

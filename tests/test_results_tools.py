@@ -1,34 +1,101 @@
 """The tools behind docs/results.md: the multi-seed runner trains and scores real runs, and the
-curve plotter averages seeds that were evaluated at different steps."""
+curve plotter (titan_rl/plot.py) draws one run or averages many evaluated at different steps."""
 
 from __future__ import annotations
 
 import json
 
+import imageio.v3 as iio
 import numpy as np
 import pytest
 
-from benchmarks import plot_curves, seeds
+from benchmarks import seeds
+from titan_rl import plot
 
 
-def write_metrics(path, points):
+def write_metrics(path, points, key="eval/mean_return"):
     path.parent.mkdir(parents=True)
-    rows = [{"env_steps": s, "eval/mean_return": r, "charts/wall_s": s / 100} for s, r in points]
-    rows.insert(1, {"env_steps": 1500, "losses/td_loss": 0.5})  # rows without an evaluation are skipped
+    rows = [{"env_steps": s, key: r, "charts/wall_s": s / 100} for s, r in points]
+    rows.insert(1, {"env_steps": 1500, "losses/td_loss": 0.5})  # rows without a return are skipped
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
 
 
-def test_curves_hold_each_seed_between_its_evaluations_and_average_where_all_have_one(tmp_path):
+def assert_png(path, capsys):
+    assert capsys.readouterr().out.strip() == str(path)  # the path written is printed
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert iio.imread(path).shape[:2] == (400, 1100)  # 11 x 4 inches at 100 dpi
+
+
+def test_one_run_folder_is_drawn_next_to_its_metrics_titled_by_its_config(tmp_path, capsys):
+    run = tmp_path / "Acrobot-v1-seed0-20260101-000000"
+    write_metrics(run / "metrics.jsonl", [(1000, -500.0), (2000, -200.0), (3000, -90.0)])
+    (run / "config.yaml").write_text("rollout_server:\n  env_name: Acrobot-v1\n")
+    assert plot.main([str(run)]) == 0
+    assert_png(run / "curves.png", capsys)
+    assert plot.default_title([run], plot.metrics_files([run])) == "Acrobot-v1"
+    assert plot.default_title([tmp_path], []) == tmp_path.name  # no config.yaml: the folder's name
+
+
+def test_a_folder_of_runs_is_averaged_where_all_have_an_evaluation(tmp_path, capsys):
     write_metrics(tmp_path / "seed0" / "metrics.jsonl", [(1000, 0.0), (2000, 10.0), (3000, 20.0)])
     write_metrics(tmp_path / "seed1" / "metrics.jsonl", [(1000, 10.0), (2500, 30.0), (4000, 40.0)])
-    curves = [plot_curves.eval_curve(f, "env_steps") for f in plot_curves.metrics_files(tmp_path)]
-    grid, mean, std = plot_curves.band(curves)
-    assert grid[0] == 1000 and grid[-1] == 3000  # where both seeds have evaluations
-    at = {x: (m, s) for x, m, s in zip(grid, mean, std, strict=True)}
-    assert at[1000] == (5.0, 5.0) and at[3000] == (25.0, 5.0)
-    assert mean[np.searchsorted(grid, 2200)] == pytest.approx(10.0)  # seed0 holds 10, seed1 still 10
-    plot_curves.plot(tmp_path, tmp_path / "curves.png", "test")
-    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    write_metrics(tmp_path / "seed2" / "metrics.jsonl", [(500, 20.0), (3000, 50.0)])
+    files = plot.metrics_files([tmp_path])
+    assert [f.parent.name for f in files] == ["seed0", "seed1", "seed2"]
+    grid, mean, std = plot.band([plot.eval_curve(f, "env_steps") for f in files])
+    assert grid[0] == 1000 and grid[-1] == 3000  # where every run has evaluations
+    assert mean[0] == pytest.approx(10.0) and std[0] == pytest.approx(np.std([0, 10, 20]))
+    assert mean[-1] == pytest.approx(np.mean([20, 30, 50])) and std[-1] == pytest.approx(np.std([20, 30, 50]))
+    at_2200 = np.searchsorted(grid, 2200)  # seed0 holds 10, seed1 still 10, seed2 still 20
+    assert mean[at_2200] == pytest.approx(40 / 3) and std[at_2200] == pytest.approx(np.std([10, 10, 20]))
+    wall_grid, wall_mean, _ = plot.band([plot.eval_curve(f, "wall_s") for f in files])
+    assert wall_grid[0] == 10 and wall_grid[-1] == 30 and wall_mean[0] == pytest.approx(10.0)
+    out = tmp_path / "img" / "set.png"
+    assert plot.main([str(tmp_path), "--out", str(out), "--title", "three seeds"]) == 0
+    assert_png(out, capsys)
+
+
+def test_several_run_dirs_are_drawn_together(tmp_path, capsys):
+    write_metrics(tmp_path / "a" / "metrics.jsonl", [(1000, 1.0), (2000, 3.0)])
+    write_metrics(tmp_path / "set" / "seed0" / "metrics.jsonl", [(1000, 5.0), (2000, 7.0)])
+    write_metrics(tmp_path / "set" / "seed1" / "metrics.jsonl", [(1000, 9.0), (2000, 11.0)])
+    dirs = [tmp_path / "a", tmp_path / "set", tmp_path / "a"]  # a folder named twice counts once
+    assert len(plot.metrics_files(dirs)) == 3
+    figure = plot.plot(plot.metrics_files(dirs), tmp_path / "both.png", "t")
+    assert all(len(axis.lines) == 3 + 1 for axis in figure.axes)  # a grey line per run and their mean
+    assert [t.get_text() for t in figure.axes[0].get_legend().get_texts()] == ["greedy eval return: mean of 3 runs", "± 1 std"]
+    assert plot.main([str(d) for d in dirs]) == 0
+    assert_png(tmp_path / "a" / "curves.png", capsys)  # by default next to the first RUN_DIR
+    assert plot.default_title(dirs[:2], []) == "a, set"
+
+
+def test_folders_with_nothing_to_draw_exit_2_naming_them(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    run = tmp_path / "losses_only"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps({"env_steps": 100, "losses/td_loss": 0.5}) + "\n" + '{"env_steps": 2')
+    assert plot.main([str(tmp_path / "empty"), str(run)]) == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path / "empty") in err and str(run) in err
+    assert not (tmp_path / "empty" / "curves.png").exists()
+
+
+def test_a_run_without_evaluations_falls_back_to_the_training_return(tmp_path, capsys):
+    run = tmp_path / "run"
+    write_metrics(run / "metrics.jsonl", [(1000, 12.0), (2000, 30.0)], key="charts/episodic_return")
+    assert plot.run_metric(run / "metrics.jsonl") == plot.TRAIN
+    x, y = plot.eval_curve(run / "metrics.jsonl", "env_steps", plot.TRAIN)
+    assert x.tolist() == [1000, 2000] and y.tolist() == [12.0, 30.0]
+    figure = plot.plot([run / "metrics.jsonl"], tmp_path / "fallback.png", "t")
+    assert figure.axes[0].get_ylabel() == plot.LABELS[plot.TRAIN] != plot.LABELS[plot.EVAL]
+    assert [len(axis.lines) for axis in figure.axes] == [1, 1]  # one run: just its curve
+    assert plot.main([str(run)]) == 0
+    assert_png(run / "curves.png", capsys)
+    write_metrics(tmp_path / "evaluated" / "metrics.jsonl", [(1000, 100.0), (2000, 150.0)])
+    assert plot.run_metric(tmp_path / "evaluated" / "metrics.jsonl") == plot.EVAL
+    figure = plot.plot(plot.metrics_files([tmp_path]), tmp_path / "mixed.png", "t")  # never averaged together
+    assert [t.get_text() for t in figure.axes[0].get_legend().get_texts()] == [plot.LABELS[plot.EVAL], plot.LABELS[plot.TRAIN]]
+    assert figure.axes[0].get_ylabel() == "return (see legend)"
 
 
 def test_the_runner_trains_each_seed_scores_both_checkpoints_and_skips_seeds_already_scored(tmp_path, capsys):
