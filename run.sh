@@ -2,7 +2,8 @@
 # TITAN-RL entry point.
 #   bash run.sh [--config FILE] [--seed N] [section.key=value ...]   train (default: config/cartpole.yaml)
 #   bash run.sh test [pytest args ...]                                lint, then run the test suite
-# Sets itself up on first use: .venv from requirements.txt, protobuf code from proto/.
+# Sets itself up on first use: .venv with the project installed in it (pip install -e .[test], which
+# also gives the `titan-rl` command), protobuf code from proto/.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -14,8 +15,9 @@ if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null
   exit 1
 fi
 
-if [ ! -x "$VENV/bin/python" ] || [ requirements.txt -nt "$VENV/.installed" ]; then
-  echo "setting up $VENV (first run: about a minute)..."
+if [ ! -x "$VENV/bin/python" ] || [ ! -f "$VENV/.installed" ] \
+  || [ -n "$(find requirements.txt pyproject.toml setup.py -newer "$VENV/.installed")" ]; then
+  echo "setting up $VENV (first run: a few minutes)..."
   [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
   "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -r requirements.txt
   touch "$VENV/.installed"

@@ -75,7 +75,7 @@ def prepare_kernels(use_numpy: bool) -> str:
     kernels = samplers._kernels()
     elapsed = time.monotonic() - t0
     if kernels is None:
-        raise RuntimeError("numba is not installed (requirements.txt); pass --numpy to measure the numpy fallback")
+        raise RuntimeError("numba is not installed (pyproject.toml); pass --numpy to measure the numpy fallback")
     import numba
 
     how = "loaded from numba's cache" if not sum(kernels.locate.stats.cache_misses.values()) else "compiled (no cache yet)"

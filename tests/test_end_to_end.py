@@ -10,13 +10,17 @@ import sys
 import time
 from pathlib import Path
 
+import imageio.v2 as imageio
 import pytest
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tests.helpers import REPO
 from titan_rl.auth import TOKEN_ENV
 from titan_rl.clients.buffer import BufferClient
 from titan_rl.clients.rollout import RolloutClient
 from titan_rl.clients.trainer import TrainerClient
+from titan_rl.config import config_from_dict
 from titan_rl.launch import free_port, free_ports
 from titan_rl.v1 import buffer_pb2, rollout_pb2
 
@@ -84,7 +88,7 @@ def visualize_mean_return(checkpoint: Path, episodes: int) -> float:
         timeout=300,
     )
     assert played.returncode == 0, played.stderr
-    return float(played.stdout.strip().splitlines()[-1].removeprefix("mean_return="))
+    return float(played.stdout.strip().splitlines()[-1].split()[0].removeprefix("mean_return="))
 
 
 def wait_for_line(proc: subprocess.Popen, text: str, timeout_s: float = 120) -> list[str]:
@@ -101,7 +105,7 @@ def wait_for_line(proc: subprocess.Popen, text: str, timeout_s: float = 120) -> 
 
 def test_three_services_learn_cartpole_and_the_checkpoint_plays_it(tmp_path, monkeypatch):
     monkeypatch.setenv(TOKEN_ENV, TOKEN)
-    proc, addresses = launch(tmp_path, "--seed", "1", "budget.max_env_steps=100000")
+    proc, addresses = launch(tmp_path, "--seed", "1", "budget.max_env_steps=100000", "logging.tensorboard=true")
     try:
         wait_for_line(proc, "services up")
         rollout, buffer, trainer = (
@@ -132,8 +136,21 @@ def test_three_services_learn_cartpole_and_the_checkpoint_plays_it(tmp_path, mon
     assert (tmp_path / "checkpoint.pth").exists() and (tmp_path / "checkpoint_last.pth").exists()
     evals = [json.loads(line) for line in (tmp_path / "runs" / "test" / "metrics.jsonl").read_text().splitlines()]
     assert any("eval/mean_return" in row for row in evals) and any("losses/td_loss" in row for row in evals)
+    assert_run_folder_holds_config_tensorboard_and_video(tmp_path / "runs" / "test")
 
     assert visualize_mean_return(tmp_path / "checkpoint.pth", episodes=20) >= 475
+
+
+def assert_run_folder_holds_config_tensorboard_and_video(run_dir: Path) -> None:
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config_from_dict(saved).logging.run_name == "test", "the resolved config, overrides included, reads back"
+    events = list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert events, "logging.tensorboard=true writes TensorBoard events"
+    accumulator = EventAccumulator(str(run_dir / "tensorboard"))
+    accumulator.Reload()
+    assert "charts/episodic_return" in accumulator.Tags()["scalars"]
+    with imageio.get_reader(run_dir / "video.mp4", format="FFMPEG") as reader:
+        assert reader.get_data(0).shape == (400, 600, 3) and reader.count_frames() >= 100
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import imageio.v2 as imageio
 import imageio.v3 as iio
+import numpy as np
 import pytest
 
 from tests.helpers import DEFAULT_CONFIG, REPO
@@ -49,9 +50,11 @@ def test_no_render_prints_each_episode_and_the_mean_last(checkpoint: Path):
     assert result.returncode == 0, result.stderr
     returns = episode_returns(result.stdout)
     assert len(returns) == 3
-    key, _, value = result.stdout.splitlines()[-1].partition("=")
-    assert key == "mean_return"
-    assert float(value) == pytest.approx(sum(returns) / 3)
+    last = dict(pair.split("=") for pair in result.stdout.splitlines()[-1].split())
+    assert list(last) == ["mean_return", "std_return", "episodes"]
+    assert float(last["mean_return"]) == pytest.approx(np.mean(returns))
+    assert float(last["std_return"]) == pytest.approx(np.std(returns))
+    assert last["episodes"] == "3"
 
 
 def test_same_seed_same_episodes(checkpoint: Path):

@@ -21,6 +21,8 @@ import yaml
 
 from titan_rl.errors import ConfigError
 
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+"""The source tree the package was installed from (editable) or runs in: where config/ lies."""
 INF = math.inf
 
 
@@ -149,6 +151,11 @@ class LoggingConfig:
     console: bool = True
     """Live progress on the terminal."""
     log_interval_s: float = field(default=1.0, metadata=range_metadata(0.01))
+    tensorboard: bool = False
+    """Also write TensorBoard events to <run_dir>/<run_name>/tensorboard (`tensorboard --logdir runs`)."""
+    video: bool = True
+    """At the end of a run, record one greedy episode of the best checkpoint to <run_dir>/<run_name>/video.mp4
+    (and to W&B)."""
 
 
 @dataclass(frozen=True)
@@ -322,13 +329,23 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError(f"override {text!r}: value is not valid YAML: {e}") from e
 
 
+def resolve_config_path(path: str | Path) -> Path:
+    """`path` itself when it exists or is absolute; otherwise the same relative path in the project's
+    source tree when it is there: `config/cartpole.yaml` then works from any directory."""
+    path = Path(path)
+    if path.exists() or path.is_absolute():
+        return path
+    shipped = PROJECT_ROOT / path
+    return shipped if shipped.exists() else path
+
+
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read a YAML file, apply `key=value` overrides and validate everything.
+    """Read a YAML file (see `resolve_config_path`), apply `key=value` overrides and validate everything.
 
     Example:
         >>> cfg = load_config("config/cartpole.yaml", ["algorithm.config.lr=0.0005", "seed=3"])
     """
-    path = Path(path)
+    path = resolve_config_path(path)
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError as e:
@@ -385,3 +402,11 @@ def _check_cross_fields(cfg: Config, where: str) -> None:
 def config_to_dict(cfg: Config) -> dict[str, Any]:
     """Plain dict of built-in types: YAML-dumpable and safe for torch.load(weights_only=True)."""
     return dataclasses.asdict(cfg)
+
+
+def shareable_config_dict(cfg: Config) -> dict[str, Any]:
+    """`config_to_dict` with the shared token blanked out: what goes to the run folder and W&B."""
+    tree = config_to_dict(cfg)
+    if tree["security"]["token"]:
+        tree["security"]["token"] = "<redacted>"
+    return tree

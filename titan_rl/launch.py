@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from titan_rl.auth import TOKEN_ENV, current_token
-from titan_rl.config import Config, load_config
+from titan_rl.config import Config, load_config, resolve_config_path
 from titan_rl.errors import TitanError
 from titan_rl.rpc import is_serving
 from titan_rl.service import child_env
@@ -49,10 +49,23 @@ def free_port(host: str) -> int:
     return free_ports([host])[0]
 
 
+def preflight(cfg: Config, config_path: str) -> None:
+    """Build what the services will build from `cfg` (the env's spaces, the algorithm, the policy and
+    one forward pass of it) so that a mistake stops the launch before any process or run folder exists,
+    with the file and the key named."""
+    from titan_rl.registry import build_algorithm, build_policy  # imports torch: only once the YAML itself is valid
+
+    try:
+        algorithm = build_algorithm(cfg)
+        algorithm.check_network(build_policy(cfg))
+    except TitanError as e:
+        raise TitanError(f"{config_path}: {e}") from e
+
+
 class Launcher:
     def __init__(self, config_path: str, overrides: list[str], resume: bool = False):
-        self.config_path = config_path
-        cfg = load_config(config_path, overrides)
+        self.config_path = str(resolve_config_path(config_path))  # the services may start in another directory
+        cfg = load_config(self.config_path, overrides)
         unset = [section for _, section in SERVICES if getattr(cfg, section).port == 0]
         ports = free_ports([getattr(cfg, section).host for section in unset])
         extra = [f"{section}.port={port}" for section, port in zip(unset, ports, strict=True)]
@@ -65,6 +78,7 @@ class Launcher:
         self.overrides = overrides + extra
         self.cfg: Config = load_config(config_path, self.overrides)
         self.run_dir = Path(self.cfg.logging.run_dir) / self.cfg.logging.run_name
+        preflight(self.cfg, self.config_path)
         use_tls(load_tls(self.cfg.security, config_path))  # the health checks speak what the services serve
         # the services answer only calls with this run's token (titan_rl.auth): a fresh one unless one is set
         self.token = current_token() or self.cfg.security.token or secrets.token_urlsafe(32)
@@ -161,7 +175,7 @@ class Launcher:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="bash run.sh", description="Train with buffer, trainer and rollout services on this machine.")
+    parser = argparse.ArgumentParser(prog="titan-rl run", description="Train with buffer, trainer and rollout services on this machine.")
     parser.add_argument("--config", default="config/cartpole.yaml", help="YAML config (default: %(default)s)")
     parser.add_argument("--seed", type=int, help="overrides seed")
     parser.add_argument("--resume", action="store_true", help="continue the run of the last checkpoint: learner, counters, replay")

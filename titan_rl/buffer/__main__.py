@@ -59,8 +59,8 @@ def watch_peers(servicer: BufferServicer, peer_timeout_s: float, stop: threading
             stop.set()
 
 
-def main() -> None:
-    cfg = parse_service_args("buffer", "buffer_server")
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_service_args("buffer", "buffer_server", argv=argv)
     try:
         server, port, servicer = serve(cfg)
     except TitanError as e:

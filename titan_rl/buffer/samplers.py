@@ -208,7 +208,7 @@ def _kernels() -> types.SimpleNamespace | None:
         import numba
     except ImportError:
         warnings.warn(
-            "numba is not installed (see requirements.txt): the prioritized sampler's sum tree falls back to numpy, several times slower",
+            "numba is not installed (see pyproject.toml): the prioritized sampler's sum tree falls back to numpy, several times slower",
             RuntimeWarning,
             stacklevel=3,
         )
@@ -334,7 +334,7 @@ class SumTree:
         self._no_weights = np.empty(0, np.float32)
         self._kernels = None if compiled is False else _kernels()
         if compiled and self._kernels is None:
-            raise ImportError("SumTree(compiled=True) needs numba (see requirements.txt)")
+            raise ImportError("SumTree(compiled=True) needs numba (see pyproject.toml)")
 
     @property
     def compiled(self) -> bool:

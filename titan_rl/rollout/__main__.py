@@ -35,8 +35,8 @@ def start(cfg: Config):
     return server, port, pool
 
 
-def main() -> None:
-    cfg = parse_service_args("rollout", "rollout_server")
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_service_args("rollout", "rollout_server", argv=argv)
     try:
         server, port, pool = start(cfg)
     except TitanError as e:

@@ -6,6 +6,8 @@ import dataclasses
 import logging
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -29,6 +31,8 @@ from titan_rl.trainer.service import TrainerServicer
 from titan_rl.v1 import trainer_pb2, trainer_pb2_grpc
 
 log = logging.getLogger("titan_rl.trainer")
+
+VIDEO_TIMEOUT_S = 300.0
 
 END_RUN_GRACE_S = 1.0
 
@@ -60,6 +64,31 @@ def end_run(store: PolicyStore, buffer_address: str, reason: str) -> None:
         log.warning("could not tell the buffer %s that the run ended: %s", buffer_address, e)
     finally:
         client.close()
+
+
+def record_video(cfg: Config, summary: Summary, logger: MetricsLogger) -> None:
+    """One greedy episode of the run's best checkpoint to <run folder>/video.mp4 and W&B, by
+    `titan-rl visualize` in a process of its own: the video encoder forks, and a fork of a process
+    with live gRPC channels runs gRPC's fork handlers (see titan_rl.service.die_with_parent). A
+    finished run stays finished whatever happens here: a warning only."""
+    checkpoint = Path(summary.checkpoint)
+    if not checkpoint.exists():
+        log.info("no video: no checkpoint was written")
+        return
+    path = logger.run_dir / "video.mp4"
+    own_packages = sorted({cfg.policy.path.split(".")[0], cfg.algorithm.path.split(".")[0]})  # this run's own config named them
+    cmd = [sys.executable, "-m", "titan_rl.visualize", "--model_path", str(checkpoint), "--output", str(path), "--episodes", "1"]
+    cmd += ["--seed", str(cfg.seed), *(f"--allow-module={package}" for package in own_packages)]
+    try:
+        played = subprocess.run(cmd, capture_output=True, text=True, timeout=VIDEO_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        log.warning("no video of the agent: recording took over %.0fs", VIDEO_TIMEOUT_S)
+        return
+    if played.returncode != 0:
+        log.warning("no video of the agent: %s", (played.stderr.strip().splitlines() or ["visualize failed"])[-1])
+        return
+    log.info("video of one greedy episode (%s): %s", played.stdout.strip().splitlines()[-1].split()[0], path)
+    logger.log_video(path, summary.env_steps)
 
 
 def run(cfg: Config) -> Summary:
@@ -110,6 +139,8 @@ def run(cfg: Config) -> Summary:
         summary = loop.run()
         if loop.ends_run:
             end_run(store, cfg.buffer_server.dial_address, summary.stop_reason)
+            if cfg.logging.video:
+                record_video(cfg, summary, logger)
         return summary
     finally:
         store.close()
@@ -122,8 +153,8 @@ def run(cfg: Config) -> Summary:
         server.stop(grace=1.0).wait()
 
 
-def main() -> None:
-    cfg = parse_service_args("trainer", "trainer_server", resumable=True)
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_service_args("trainer", "trainer_server", resumable=True, argv=argv)
     try:
         summary = run(cfg)
     except TitanError as e:

@@ -249,11 +249,13 @@ class TrainingLoop:
         self.logger.log(metrics, self.env_steps if env_steps is None else max(env_steps, 0))
         m = self.last_metrics
         ev = "-" if self.last_eval is None else f"{self.last_eval:.1f} (best {self.best_eval:.1f})"
+        lag = "-" if "charts/policy_version_acting" not in m else f"{self.store.version - m['charts/policy_version_acting']:.0f}"
         self.logger.console(
             self.env_steps,
-            f"{m.get('charts/env_steps_per_s', 0):,.0f} steps/s | return {m.get('charts/episodic_return', 0):.1f} | "
-            f"eval {ev} | {self._loss_key.removeprefix('losses/') or 'loss'} {m.get(self._loss_key, float('nan')):.4f} | "
-            f"policy v{self.store.version}",
+            f"{m.get('charts/env_steps_per_s', 0):,.0f} steps/s | {m.get('charts/updates_per_s', 0):,.0f} updates/s | "
+            f"return {m.get('charts/episodic_return', 0):.1f} | eval {ev} | "
+            f"{self._loss_key.removeprefix('losses/') or 'loss'} {m.get(self._loss_key, float('nan')):.4f} | "
+            f"policy v{self.store.version} (lag {lag})",
         )
 
     def save(

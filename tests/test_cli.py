@@ -1,0 +1,75 @@
+"""The `titan-rl` console script as pip installs it: its commands, from any directory, and a
+misconfigured env or policy stopped before any process starts."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import REPO
+from titan_rl.metrics import eta_s, format_duration
+
+TITAN_RL = Path(sys.executable).parent / "titan-rl"
+
+
+def titan_rl(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(TITAN_RL), *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def test_the_console_script_lists_its_commands_and_refuses_others(tmp_path):
+    listed = titan_rl("--help", cwd=tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    for command in ("run", "buffer", "rollout", "trainer", "visualize", "plot"):
+        assert f"  {command} " in listed.stdout
+    unknown = titan_rl("trian", cwd=tmp_path)
+    assert unknown.returncode == 2 and "unknown command 'trian'" in unknown.stderr
+
+
+@pytest.mark.parametrize("command", ["run", "buffer", "rollout", "trainer", "visualize", "plot"])
+def test_every_command_answers_help_from_another_directory(tmp_path, command):
+    result = titan_rl(command, "--help", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage:")
+
+
+def test_the_shipped_configs_are_found_from_another_directory(tmp_path, monkeypatch):
+    """`--config config/acrobot.yaml` names the project's file wherever the command runs."""
+    from titan_rl.config import load_config, resolve_config_path
+
+    monkeypatch.chdir(tmp_path)
+    assert resolve_config_path("config/acrobot.yaml") == REPO / "config" / "acrobot.yaml"
+    assert load_config("config/acrobot.yaml").rollout_server.env_name == "Acrobot-v1"
+    mine = tmp_path / "config" / "acrobot.yaml"  # a file of the user's own, where they stand, wins
+    mine.parent.mkdir()
+    mine.write_text((REPO / "config" / "acrobot.yaml").read_text())
+    assert resolve_config_path("config/acrobot.yaml") == Path("config/acrobot.yaml")
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("rollout_server.env_name=NoSuchEnv-v0", "rollout_server.env_name='NoSuchEnv-v0'"),
+        ("policy.kwargs.state_dim=5", "policy.path='models.simple_policy.SimplePolicy' does not fit"),
+        ("policy.path=models.no_such_module.Policy", "policy.path='models.no_such_module.Policy': cannot import"),
+    ],
+)
+def test_a_bad_env_or_policy_stops_the_launch_before_any_process_or_folder(tmp_path, override, named):
+    started = time.monotonic()
+    result = titan_rl("run", "--config", "config/cartpole.yaml", override, "logging.run_dir=runs", cwd=tmp_path)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "config/cartpole.yaml" in result.stderr and named in result.stderr, result.stderr
+    assert "services up" not in result.stdout and "Traceback" not in result.stderr
+    assert not (tmp_path / "runs").exists(), "no run folder is left behind"
+    assert time.monotonic() - started < 60
+
+
+def test_eta_is_the_time_left_at_the_rate_so_far():
+    assert eta_s(0, 100_000, 10.0) is None
+    assert eta_s(25_000, 100_000, 10.0) == pytest.approx(30.0)
+    assert eta_s(30_000, 100_000, 10.0, start_env_steps=20_000) == pytest.approx(70.0)  # a resumed run: its own rate
+    assert eta_s(120_000, 100_000, 10.0) == 0.0
+    assert [format_duration(s) for s in (None, 59.6, 61, 3725)] == ["-:--", "1:00", "1:01", "1:02:05"]
