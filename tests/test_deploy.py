@@ -42,3 +42,14 @@ def test_the_image_runs_as_the_manifests_user_and_its_build_context_leaves_out_l
     assert "USER 10001" in dockerfile
     ignored = (REPO / ".dockerignore").read_text().split()
     assert {".venv", ".git", "runs", "*.pth"} <= set(ignored)
+
+
+def test_every_service_is_a_job_so_a_finished_run_is_never_started_again():
+    """A Deployment restarts a container that exits 0; a Job restarts only a failed one (which resumes)."""
+    kinds = {name: doc["kind"] for name, doc in workloads()}
+    assert set(kinds.values()) == {"Job"}, kinds
+    for name, doc in workloads():
+        assert doc["spec"]["template"]["spec"]["restartPolicy"] == "OnFailure", name
+    (rollout,) = [doc for name, doc in workloads() if doc["metadata"]["name"] == "titan-rollout"]
+    assert rollout["spec"]["completionMode"] == "Indexed", "each actor pod needs its own replica_id"
+    assert "JOB_COMPLETION_INDEX" in " ".join(rollout["spec"]["template"]["spec"]["containers"][0]["command"])
