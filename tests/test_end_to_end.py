@@ -136,6 +136,7 @@ def test_three_services_learn_cartpole_and_the_checkpoint_plays_it(tmp_path, mon
     assert (tmp_path / "checkpoint.pth").exists() and (tmp_path / "checkpoint_last.pth").exists()
     evals = [json.loads(line) for line in (tmp_path / "runs" / "test" / "metrics.jsonl").read_text().splitlines()]
     assert any("eval/mean_return" in row for row in evals) and any("losses/td_loss" in row for row in evals)
+    assert any(row.get("replicas/0/episodes", 0) > 0 for row in evals), "the actors' episodes reach the trainer through the buffer"
     assert_run_folder_holds_config_tensorboard_and_video(tmp_path / "runs" / "test")
 
     assert visualize_mean_return(tmp_path / "checkpoint.pth", episodes=20) >= 475

@@ -286,7 +286,7 @@ def test_random_bytes_as_any_request_are_refused_by_name_and_store_nothing(metho
 # ---- buffer: Add -------------------------------------------------------------------------------------------------
 
 LAYOUT_CHANGES = ("dtype", "shape", "offset", "record_size", "drop_field", "add_field", "no_layout", "rows", "data", "empty", "no_chunk")
-CHANGES = (*LAYOUT_CHANGES, "env_steps", "table")
+CHANGES = (*LAYOUT_CHANGES, "env_steps", "table", "episodes")
 
 
 def _poke(draw: st.DrawFn, table: Table, data: np.ndarray) -> None:
@@ -345,6 +345,16 @@ def _change(draw: st.DrawFn, request: buffer_pb2.AddRequest, change: str) -> Non
         request.chunk.env_steps = draw(st.one_of(st.integers(-(2**63), 0), st.integers(1, 2**32)))
     elif change == "table":
         request.table = draw(TABLES)
+    elif change == "episodes":  # the episodes finished in the chunk's steps and its replica: any values
+        request.chunk.episode_returns[:] = draw(st.lists(st.floats(width=64), max_size=3))
+        request.chunk.episode_lengths[:] = draw(st.lists(st.one_of(INT64, st.integers(1, 500)), max_size=3))
+        request.chunk.replica_id = draw(INT32)
+
+
+def _episodes_fit(chunk: common_pb2.RecordChunk) -> bool:
+    """What the buffer must check before it counts a chunk's episodes (common.proto)."""
+    returns, lengths = list(chunk.episode_returns), list(chunk.episode_lengths)
+    return len(returns) == len(lengths) and all(np.isfinite(returns)) and all(n >= 1 for n in lengths) and chunk.replica_id >= 0
 
 
 @st.composite
@@ -382,6 +392,7 @@ def test_a_hostile_chunk_is_refused_by_name_and_nothing_of_it_is_stored(name, da
     hostile, must_refuse = data.draw(hostile_adds(buffer.table))
     prefix = wire.encode_chunk(_valid_records(buffer.table, prefix_rows, np.random.default_rng(prefix_rows)))
     inserts, env_steps = _counts(buffer)
+    episodes = buffer.stub.Sources(buffer_pb2.SourcesRequest(), timeout=TIMEOUT_S).episodes
     stream = [buffer_pb2.AddRequest(chunk=prefix, ack=True), hostile]
     code, details, _ = _outcome(lambda: list(buffer.stub.Add(iter(stream), timeout=TIMEOUT_S)))
     unknown_table = hostile.table not in ("", "default")
@@ -390,9 +401,12 @@ def test_a_hostile_chunk_is_refused_by_name_and_nothing_of_it_is_stored(name, da
         assert code != OK, "a poked value or an unknown table was accepted"
     if code == OK:  # the chunk's env steps: "> 0" says common.proto, and a chunk without records may have taken none
         assert hostile.chunk.env_steps > 0 or hostile.chunk.env_steps == 0 == hostile.chunk.records.rows, "bad env_steps were stored"
+        assert _episodes_fit(hostile.chunk), "bad episode statistics were taken"
     stored = hostile.chunk.records.rows if code == OK else 0
     stored_steps = hostile.chunk.env_steps if code == OK else 0
     assert _counts(buffer) == (inserts + prefix_rows + stored, env_steps + prefix_rows + stored_steps)
+    counted = len(hostile.chunk.episode_returns) if stored else 0  # a chunk stores its episodes with its records
+    assert buffer.stub.Sources(buffer_pb2.SourcesRequest(), timeout=TIMEOUT_S).episodes == episodes + counted
     _assert_stored_values_fit(buffer.table)
     if name == "fifo":
         _drain(buffer.table)

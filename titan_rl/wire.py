@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -145,11 +145,15 @@ def fill_chunk(
     worker_id: int = 0,
     policy_version: int = -1,
     env_steps: int | None = None,
+    episode_returns: Sequence[float] = (),
+    episode_lengths: Sequence[int] = (),
+    replica_id: int = 0,
 ) -> common_pb2.RecordChunk:
     """Pack record fields (equal-length arrays, any names) into an existing RecordChunk, one record per row.
 
     The layout is `RecordLayout.for_fields`, the one a table stores for the same spec, so it copies
-    the rows whole. `env_steps` defaults to the row count (one env step per record).
+    the rows whole. `env_steps` defaults to the row count (one env step per record). The episodes
+    that finished in those env steps and the sender's replica id feed the buffer's statistics.
     """
     if not fields:
         raise WireError("records: a chunk needs at least one field")
@@ -164,6 +168,9 @@ def fill_chunk(
     chunk.worker_id = worker_id
     chunk.policy_version = policy_version
     chunk.env_steps = rows if env_steps is None else env_steps
+    chunk.episode_returns.extend(episode_returns)
+    chunk.episode_lengths.extend(episode_lengths)
+    chunk.replica_id = replica_id
     return chunk
 
 
@@ -181,6 +188,21 @@ def decode_chunk(chunk: common_pb2.RecordChunk) -> tuple[np.ndarray, RecordLayou
         return decode_records(chunk.records)
     except WireError as e:
         raise WireError(f"records.{e}") from None
+
+
+def decode_chunk_episodes(chunk: common_pb2.RecordChunk) -> tuple[list[float], list[int]]:
+    """A chunk's finished episodes (returns, lengths); WireError naming the field unless the returns
+    are finite, the lengths >= 1 and as many, and the replica id >= 0."""
+    returns, lengths = list(chunk.episode_returns), list(chunk.episode_lengths)
+    if len(lengths) != len(returns):
+        raise WireError(f"episode_lengths: {len(lengths)} for {len(returns)} episode_returns")
+    if not all(math.isfinite(r) for r in returns):
+        raise WireError("episode_returns: must be finite")
+    if any(length < 1 for length in lengths):
+        raise WireError("episode_lengths: must be >= 1")
+    if chunk.replica_id < 0:
+        raise WireError(f"replica_id: must be >= 0, got {chunk.replica_id}")
+    return returns, lengths
 
 
 def encode_weights(arrays: Mapping[str, np.ndarray], version: int, env_steps: int = 0, epoch: int = 0) -> common_pb2.PolicyWeights:

@@ -14,6 +14,7 @@ import numpy as np
 
 from titan_rl import wire
 from titan_rl.algorithm import Algorithm
+from titan_rl.buffer.sources import SourceStats
 from titan_rl.buffer.table import Closed, SampledRows, Table
 from titan_rl.errors import NotEnoughDataError, SampleTooLargeError, ShapeMismatchError, WireError
 from titan_rl.rpc import MAX_MESSAGE_BYTES
@@ -54,6 +55,7 @@ class BufferServicer(buffer_pb2_grpc.BufferServiceServicer):
             raise ValueError("a buffer needs at least one table")
         self.tables = tables
         self.run_ended = threading.Event()
+        self.sources = SourceStats()
         self._learners = 0  # SampleStream calls open now
         self._learner_seen = time.monotonic()  # when one was last open (or the buffer started)
         self._learner_lock = threading.Lock()
@@ -88,10 +90,16 @@ class BufferServicer(buffer_pb2_grpc.BufferServiceServicer):
                         raise WireError(f"env_steps: must be > 0 for {len(records)} records, got {chunk.env_steps} (an older actor?)")
                     if chunk.env_steps < 0:  # a chunk without records still must not take steps off the count
                         raise WireError(f"env_steps: must be >= 0, got {chunk.env_steps}")
+                    returns, lengths = wire.decode_chunk_episodes(chunk)
                     origin = (chunk.sender_id, chunk.sequence) if chunk.sender_id else None
-                    added += table.insert_records(
+                    stored = table.insert_records(
                         records, layout, chunk.env_steps, chunk.policy_version, should_wait=context.is_active, origin=origin
                     )
+                    if stored:  # not a chunk stored before (a sender resending after a broken stream)
+                        self.sources.record(
+                            chunk.replica_id, chunk.worker_id, chunk.env_steps, stored, chunk.policy_version, returns, lengths
+                        )
+                    added += stored
                 elif not request.ack:
                     raise WireError("missing (only a request with ack may come without one)")
             except (WireError, ShapeMismatchError, SampleTooLargeError, OverflowError) as e:
@@ -224,6 +232,9 @@ class BufferServicer(buffer_pb2_grpc.BufferServiceServicer):
             dropped_stale_total=i.dropped_stale_total,
             signature=self._layout_messages[name],
         )
+
+    def Sources(self, request: buffer_pb2.SourcesRequest, context: grpc.ServicerContext) -> buffer_pb2.SourcesResponse:
+        return self.sources.response()
 
     def EndRun(self, request: buffer_pb2.EndRunRequest, context: grpc.ServicerContext) -> buffer_pb2.EndRunResponse:
         log.info("run ended (%s), told by %s", request.reason or "no reason given", context.peer())

@@ -8,7 +8,7 @@ import secrets
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -107,6 +107,13 @@ class BufferClient:
         wire.fill(request.priorities, np.asarray(priorities, np.float32))
         return self.stub.UpdatePriorities(request, timeout=self.timeout_s).updated
 
+    def sources(self) -> buffer_pb2.SourcesResponse | None:
+        """What each rollout replica has sent (episodes, env steps, versions), or None if the buffer does not answer in time."""
+        try:
+            return self.stub.Sources(buffer_pb2.SourcesRequest(), timeout=self.timeout_s)
+        except grpc.RpcError:
+            return None
+
     def end_run(self, reason: str) -> None:
         """Tell the buffer that training has ended: it saves its snapshot and exits."""
         request = buffer_pb2.EndRunRequest(reason=reason)
@@ -171,12 +178,16 @@ class ChunkSender:
         policy_version: int,
         env_steps: int | None = None,
         keep_waiting: Callable[[], bool] = lambda: True,
+        episode_returns: Sequence[float] = (),
+        episode_lengths: Sequence[int] = (),
+        replica_id: int = 0,
     ) -> bool:
         """Queue a chunk of records once a slot is free; False if `keep_waiting()` turned False first.
 
-        `env_steps`: env steps taken since the previous chunk (default: one per record)."""
+        `env_steps`: env steps taken since the previous chunk (default: one per record); the episodes
+        that finished in them and this sender's replica go with it, for the buffer's statistics."""
         request = buffer_pb2.AddRequest(table=self.table)
-        wire.fill_chunk(request.chunk, fields, worker_id, policy_version, env_steps)
+        wire.fill_chunk(request.chunk, fields, worker_id, policy_version, env_steps, episode_returns, episode_lengths, replica_id)
         request.chunk.sender_id, request.chunk.sequence = self.sender_id, self._sequence + 1
         with self._lock:
             request.ack = self._unasked + 1 >= self._ack_every

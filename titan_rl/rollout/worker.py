@@ -103,6 +103,8 @@ def _collect(
         steps = 0
         pending: list[dict[str, np.ndarray]] = []
         pending_rows = pending_steps = vector_steps = 0  # records, env steps and vector steps since the last chunk
+        pending_returns: list[float] = []  # episodes finished since the last chunk, sent with the next one
+        pending_lengths: list[int] = []
         report = WorkerReport(worker_id, 0, acting.metrics(), version)
         next_report = time.monotonic() + REPORT_EVERY_S
 
@@ -126,11 +128,15 @@ def _collect(
             vector_steps += 1
             report.episode_returns += result.episode_returns
             report.episode_lengths += result.episode_lengths
+            pending_returns += result.episode_returns
+            pending_lengths += result.episode_lengths
             if pending_rows and (vector_steps >= r.vector_steps_per_chunk or now >= send_by):
                 chunk = {k: np.concatenate([p[k] for p in pending]) for k in pending[0]}
-                if not sender.send(chunk, global_id, version, pending_steps, keep_waiting=lambda: not ended()):
+                episodes = {"episode_returns": pending_returns, "episode_lengths": pending_lengths, "replica_id": r.replica_id}
+                if not sender.send(chunk, global_id, version, pending_steps, keep_waiting=lambda: not ended(), **episodes):
                     break
                 pending, pending_rows, pending_steps, vector_steps = [], 0, 0, 0
+                pending_returns, pending_lengths = [], []
             if now >= next_report:
                 report.env_steps, report.actor_metrics, report.policy_version = steps, acting.metrics(), version
                 reports.put(report)

@@ -16,7 +16,6 @@ import torch
 
 from titan_rl.algorithm import Learner
 from titan_rl.clients.buffer import BatchPrefetcher, BufferClient, PriorityUpdater
-from titan_rl.clients.rollout import RolloutClient
 from titan_rl.config import Config
 from titan_rl.errors import ConfigError, TitanError
 from titan_rl.evaluation import Evaluator
@@ -120,9 +119,9 @@ def run(cfg: Config) -> Summary:
             address, t.batch_size, t.batches_per_request(), t.prefetch_requests, table.name, peer_timeout_s=peer_timeout_s
         )
     priorities = PriorityUpdater(address, table.name) if table.kind == "prioritized" else None
-    rollout = RolloutClient(cfg.rollout_server.dial_address)
+    sources = BufferClient(address, timeout_s=1.0)  # episode statistics of every rollout replica, from their chunks
     evaluator = Evaluator(cfg, cfg.eval.episodes, cfg.budget.target_eval_return)
-    loop = TrainingLoop(cfg, learner, batches, store, logger, evaluator, rollout, priorities)
+    loop = TrainingLoop(cfg, learner, batches, store, logger, evaluator, sources=sources.sources, priorities=priorities)
     loop.best_eval = best_of_run(cfg)  # even for a trainer that lost its last checkpoint: the best stays the best
     if counters:
         loop.resume(counters)
@@ -148,7 +147,7 @@ def run(cfg: Config) -> Summary:
         if priorities is not None:
             priorities.close()
         batches.close()
-        rollout.close()
+        sources.close()
         logger.close()
         server.stop(grace=1.0).wait()
 

@@ -11,6 +11,7 @@ import logging
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -20,16 +21,17 @@ import numpy as np
 from titan_rl.algorithm import Learner, to_batch
 from titan_rl.checkpoint import last_path, save_checkpoint
 from titan_rl.clients.buffer import PriorityUpdater, Sample
-from titan_rl.clients.rollout import RolloutClient
 from titan_rl.config import Config
 from titan_rl.evaluation import EvalJob, EvalResult, Evaluator, snapshot
 from titan_rl.metrics import MetricsLogger
 from titan_rl.trainer.policy_store import PolicyStore
+from titan_rl.v1 import buffer_pb2
 
 log = logging.getLogger(__name__)
 
 WAIT_POLL_S = 0.5
 EVAL_WAIT_S = 120.0
+LIVE_SOURCE_S = 30.0  # a replica that sent no chunk for this long no longer counts towards the acting version
 
 
 class BatchSource(Protocol):
@@ -51,6 +53,28 @@ class Summary:
     last_checkpoint: str
 
 
+def source_metrics(stats: buffer_pb2.SourcesResponse) -> dict[str, float]:
+    """What the buffer says the rollout replicas sent: over all of them, and per replica under
+    `replicas/<id>/`. The acting version is the oldest among replicas heard from lately (one that
+    stopped would hold it back for good)."""
+    if not stats.sources:
+        return {}
+    live = [s for s in stats.sources if s.seconds_since_last_chunk <= LIVE_SOURCE_S] or list(stats.sources)
+    metrics = {
+        "charts/env_steps_per_s": stats.env_steps_per_s,
+        "charts/policy_version_acting": float(min(s.policy_version for s in live)),
+        "charts/rollout_replicas": float(len(live)),
+    }
+    if stats.window:
+        metrics.update({"charts/episodic_return": stats.mean_return, "charts/episodic_length": stats.mean_length})
+    for s in stats.sources:
+        metrics[f"replicas/{s.replica_id}/env_steps"] = float(s.env_steps)
+        metrics[f"replicas/{s.replica_id}/episodes"] = float(s.episodes)
+        if s.window:
+            metrics[f"replicas/{s.replica_id}/episodic_return"] = s.mean_return
+    return metrics
+
+
 class TrainingLoop:
     """Runs `learner.update` on batches from `batches` until a budget is met or `stop()` is called.
 
@@ -66,11 +90,11 @@ class TrainingLoop:
         store: PolicyStore,
         logger: MetricsLogger,
         evaluator: Evaluator,
-        rollout: RolloutClient | None = None,
+        sources: Callable[[], buffer_pb2.SourcesResponse | None] | None = None,
         priorities: PriorityUpdater | None = None,
     ):
         self.cfg, self.learner, self.batches, self.store, self.logger = cfg, learner, batches, store, logger
-        self.evaluator, self.rollout, self.priorities = evaluator, rollout, priorities
+        self.evaluator, self.sources, self.priorities = evaluator, sources, priorities
         self.state = "waiting_for_data"
         self.env_steps = 0
         self.best_eval: float | None = None
@@ -232,11 +256,8 @@ class TrainingLoop:
         log.debug("eval at %d env steps: %.1f%s", result.job.env_steps, self.last_eval, " (best)" if improved else "")
 
     def _log(self, metrics: dict[str, float], env_steps: int | None = None) -> None:
-        stats = self.rollout.stats() if self.rollout is not None else None
-        if stats is not None:
-            metrics.update({"charts/policy_version_acting": float(stats.policy_version), "charts/env_steps_per_s": stats.steps_per_second})
-            if stats.window:
-                metrics.update({"charts/episodic_return": stats.mean_return, "charts/episodic_length": stats.mean_length})
+        if self.sources is not None and (stats := self.sources()) is not None:
+            metrics.update(source_metrics(stats))
         metrics.update(
             {
                 "charts/updates": float(self.learner.updates),

@@ -1,0 +1,110 @@
+"""What each rollout replica has sent the buffer: env steps, records, finished episodes and the
+policy versions it acts with, counted from the chunks stored (a chunk sent twice counts once).
+
+The trainer reads these through the buffer (BufferService.Sources), the one service every replica
+writes to, so it sees every replica's episodes however many there are and whatever sits in front
+of them (a Kubernetes Service would hand a Stats call to one replica only).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from titan_rl.v1 import buffer_pb2
+
+EPISODE_WINDOW = 100  # the means cover this many of the latest finished episodes
+RATE_WINDOW_S = 5.0  # env steps/s over about this long
+
+
+@dataclass
+class _Replica:
+    env_steps: int = 0
+    records: int = 0
+    chunks: int = 0
+    episodes: int = 0
+    returns: deque[float] = field(default_factory=lambda: deque(maxlen=EPISODE_WINDOW))
+    lengths: deque[int] = field(default_factory=lambda: deque(maxlen=EPISODE_WINDOW))
+    worker_versions: dict[int, int] = field(default_factory=dict)  # each worker's version in its latest chunk
+    last_seen: float = 0.0
+
+
+def _mean(values: deque) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
+class SourceStats:
+    """Thread-safe counters per replica, fed by `record` for every chunk stored."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._replicas: dict[int, _Replica] = {}
+        self._returns: deque[float] = deque(maxlen=EPISODE_WINDOW)  # over every replica, in arrival order
+        self._lengths: deque[int] = deque(maxlen=EPISODE_WINDOW)
+        self._episodes = 0
+        self._env_steps = 0
+        self._history: deque[tuple[float, int]] = deque()  # (time, env steps stored so far)
+
+    def record(
+        self,
+        replica_id: int,
+        worker_id: int,
+        env_steps: int,
+        records: int,
+        policy_version: int,
+        episode_returns: list[float],
+        episode_lengths: list[int],
+        now: float | None = None,
+    ) -> None:
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            replica = self._replicas.setdefault(replica_id, _Replica())
+            replica.env_steps += env_steps
+            replica.records += records
+            replica.chunks += 1
+            replica.episodes += len(episode_returns)
+            replica.returns.extend(episode_returns)
+            replica.lengths.extend(episode_lengths)
+            replica.worker_versions[worker_id] = policy_version
+            replica.last_seen = now
+            self._episodes += len(episode_returns)
+            self._returns.extend(episode_returns)
+            self._lengths.extend(episode_lengths)
+            self._env_steps += env_steps
+            self._history.append((now, self._env_steps))
+            while len(self._history) > 2 and now - self._history[0][0] > RATE_WINDOW_S:
+                self._history.popleft()
+
+    def response(self, now: float | None = None) -> buffer_pb2.SourcesResponse:
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            rate = 0.0
+            if len(self._history) >= 2 and now - self._history[-1][0] <= RATE_WINDOW_S:
+                (t0, s0), (t1, s1) = self._history[0], self._history[-1]
+                rate = (s1 - s0) / (t1 - t0) if t1 > t0 else 0.0
+            sources = [
+                buffer_pb2.SourceStats(
+                    replica_id=replica_id,
+                    env_steps=r.env_steps,
+                    records=r.records,
+                    chunks=r.chunks,
+                    episodes=r.episodes,
+                    mean_return=_mean(r.returns),
+                    mean_length=_mean(r.lengths),
+                    window=len(r.returns),
+                    policy_version=min(r.worker_versions.values()),
+                    workers=len(r.worker_versions),
+                    seconds_since_last_chunk=now - r.last_seen,
+                )
+                for replica_id, r in sorted(self._replicas.items())
+            ]
+            return buffer_pb2.SourcesResponse(
+                sources=sources,
+                episodes=self._episodes,
+                mean_return=_mean(self._returns),
+                mean_length=_mean(self._lengths),
+                window=len(self._returns),
+                env_steps_per_s=rate,
+            )
