@@ -116,6 +116,10 @@ class TrainConfig:
     prefetch_requests: int = field(default=2, metadata=range_metadata(1, 64))
     """Sample requests kept in flight so the learner never waits on the network."""
     torch_threads: int = field(default=1, metadata=range_metadata(1, 256))
+    learners: int = field(default=1, metadata=range_metadata(1, 64))
+    """Data-parallel learner processes on the trainer's host (torch.distributed, gloo): each samples its
+    own batches and they average gradients, so an optimizer step sees learners x batch_size rows while
+    updates_per_env_step keeps counting optimizer steps. Replay tables only."""
 
     def batches_per_request(self, batch_size: int | None = None) -> int:
         """Whole batches of `batch_size` (default: this config's) in one sample message."""

@@ -105,7 +105,7 @@ class OffPolicyAlgorithm(Algorithm):
         return TableSpec(
             kind=c.replay,
             capacity_items=b.capacity_items,
-            samples_per_insert=t.updates_per_env_step * t.batch_size,
+            samples_per_insert=t.updates_per_env_step * t.batch_size * t.learners,  # every learner samples its own batch
             min_size_to_sample=t.min_buffer_size,
             slack_items=b.rate_limit_slack_items,
             priority_exponent=c.priority_exponent,

@@ -59,6 +59,11 @@ class OnPolicyAlgorithm(Algorithm):
     @classmethod
     def check_config(cls, cfg: Config, where: str) -> None:
         c = cfg.algorithm.config
+        if cfg.train.learners > 1:  # each learner would read its own queue items under its own policy-lag bound
+            raise ConfigError(
+                f"{where}: train.learners={cfg.train.learners}: data-parallel learners need a replay table, "
+                f"{cls.__name__} learns from a queue"
+            )
         if cfg.train.batch_size > c.queue_capacity_segments:
             raise ConfigError(
                 f"{where}: train.batch_size={cfg.train.batch_size} segments exceeds "

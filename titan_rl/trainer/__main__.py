@@ -19,10 +19,12 @@ from titan_rl.clients.buffer import BatchPrefetcher, BufferClient, PriorityUpdat
 from titan_rl.config import Config
 from titan_rl.errors import ConfigError, TitanError
 from titan_rl.evaluation import Evaluator
+from titan_rl.launch import free_port
 from titan_rl.metrics import MetricsLogger
 from titan_rl.registry import build_algorithm, build_policy
 from titan_rl.rpc import make_server, set_serving
 from titan_rl.service import parse_service_args
+from titan_rl.trainer.distributed import LearnerGroup, LearnerRanks, average_gradients
 from titan_rl.trainer.loop import Summary, TrainingLoop
 from titan_rl.trainer.policy_store import PolicyStore
 from titan_rl.trainer.resume import best_of_run, resume_learner
@@ -90,6 +92,19 @@ def record_video(cfg: Config, summary: Summary, logger: MetricsLogger) -> None:
     logger.log_video(path, summary.env_steps)
 
 
+def start_learner_group(cfg: Config, learner: Learner) -> tuple[LearnerRanks, LearnerGroup]:
+    """Ranks 1..train.learners-1 as processes of their own, this process rank 0: they start from its
+    (perhaps resumed) learner and average gradients from then on."""
+    init_method = f"tcp://127.0.0.1:{free_port('127.0.0.1')}"
+    ranks = LearnerRanks(cfg, init_method)
+    group = LearnerGroup(0, cfg.train.learners, init_method)
+    group.share_from_rank_0(learner)
+    average_gradients(learner.network, group.world_size)
+    log.info("learner group of %d processes (torch.distributed, gloo): %d rows per optimizer step", group.world_size,
+             group.world_size * cfg.train.batch_size)  # fmt: skip
+    return ranks, group
+
+
 def run(cfg: Config) -> Summary:
     """Build everything from `cfg`, serve, train until the budget is met, and shut the server down."""
     torch.set_num_threads(cfg.train.torch_threads)
@@ -106,6 +121,7 @@ def run(cfg: Config) -> Summary:
         cfg = dataclasses.replace(cfg, logging=dataclasses.replace(cfg.logging, run_name=run_name(cfg)))
     name = cfg.logging.run_name
     counters = resume_learner(cfg, learner)
+    ranks, group = start_learner_group(cfg, learner) if cfg.train.learners > 1 else (None, None)
     logger = MetricsLogger(cfg, Path(cfg.logging.run_dir) / name, name)
     store = PolicyStore(first_version=int(counters.get("policy_version", -1)) + 1)
     t, table = cfg.train, algorithm.table()
@@ -121,7 +137,7 @@ def run(cfg: Config) -> Summary:
     priorities = PriorityUpdater(address, table.name) if table.kind == "prioritized" else None
     sources = BufferClient(address, timeout_s=1.0)  # episode statistics of every rollout replica, from their chunks
     evaluator = Evaluator(cfg, cfg.eval.episodes, cfg.budget.target_eval_return)
-    loop = TrainingLoop(cfg, learner, batches, store, logger, evaluator, sources=sources.sources, priorities=priorities)
+    loop = TrainingLoop(cfg, learner, batches, store, logger, evaluator, sources=sources.sources, priorities=priorities, group=group)
     loop.best_eval = best_of_run(cfg)  # even for a trainer that lost its last checkpoint: the best stays the best
     if counters:
         loop.resume(counters)
@@ -136,12 +152,17 @@ def run(cfg: Config) -> Summary:
     try:
         logger.start()
         summary = loop.run()
+        if ranks is not None:
+            ranks.stop(group)
+            ranks = None
         if loop.ends_run:
             end_run(store, cfg.buffer_server.dial_address, summary.stop_reason)
             if cfg.logging.video:
                 record_video(cfg, summary, logger)
         return summary
     finally:
+        if ranks is not None:
+            ranks.stop(group)
         store.close()
         evaluator.close()
         if priorities is not None:

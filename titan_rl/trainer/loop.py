@@ -24,6 +24,7 @@ from titan_rl.clients.buffer import PriorityUpdater, Sample
 from titan_rl.config import Config
 from titan_rl.evaluation import EvalJob, EvalResult, Evaluator, snapshot
 from titan_rl.metrics import MetricsLogger
+from titan_rl.trainer.distributed import LearnerGroup
 from titan_rl.trainer.policy_store import PolicyStore
 from titan_rl.v1 import buffer_pb2
 
@@ -92,9 +93,12 @@ class TrainingLoop:
         evaluator: Evaluator,
         sources: Callable[[], buffer_pb2.SourcesResponse | None] | None = None,
         priorities: PriorityUpdater | None = None,
+        group: LearnerGroup | None = None,
     ):
         self.cfg, self.learner, self.batches, self.store, self.logger = cfg, learner, batches, store, logger
         self.evaluator, self.sources, self.priorities = evaluator, sources, priorities
+        self.group = group  # data-parallel learners: every update is agreed with the other ranks first
+        self._failure: str | None = None
         self.state = "waiting_for_data"
         self.env_steps = 0
         self.best_eval: float | None = None
@@ -142,6 +146,8 @@ class TrainingLoop:
 
     def _budget_reason(self) -> str | None:
         b = self.cfg.budget
+        if self._failure is not None:
+            return self._failure
         if self._stop.is_set():
             return "stop requested" if self.ends_run else "trainer stopped by a signal; the run can be resumed"
         if self.env_steps >= b.max_env_steps:
@@ -175,6 +181,10 @@ class TrainingLoop:
                 continue
             self.state = "training"
             batch = to_batch(sample.fields, sample.keys, sample.weights)
+            if self.group is not None and not self.group.agree(True):
+                self._failure = "a learner process stopped; the run can be resumed"
+                self.ends_run = False
+                continue
             with self.checkpoint_lock:  # a Checkpoint call never sees half an update
                 metrics = self.learner.update(batch)
             if batch.new_priorities is not None and self.priorities is not None:
