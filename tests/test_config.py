@@ -1,4 +1,5 @@
 import pytest
+import yaml
 
 from tests.helpers import DEFAULT_CONFIG, REPO, make_config
 from titan_rl.config import config_from_dict, config_to_dict, load_config
@@ -116,3 +117,59 @@ def test_sample_messages_hold_whole_batches_of_about_rows_per_request():
 def test_a_key_whose_unit_changed_says_so_instead_of_suggesting_a_rename():
     with pytest.raises(ConfigError, match=r"train\.batches_per_request \(renamed: train\.rows_per_request counts rows"):
         make_config("train.batches_per_request=32")
+
+
+def _readme_table(heading: str) -> list[tuple[list[str], list[str]]]:
+    """(keys, defaults) of each row of the README table that follows `heading`; a row such as
+    `section.a` / `b` | 1 / 2 names keys of one section."""
+    text = (REPO / "README.md").read_text()
+    rows = []
+    for line in text[text.index(heading) :].splitlines()[1:]:
+        if not line.startswith("|"):
+            if rows:
+                break
+            continue
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        if not cells[0].startswith("`"):
+            continue
+        keys = [key.strip().strip("`") for key in cells[0].split(" / ")]
+        section = keys[0].rpartition(".")[0]
+        full = [keys[0], *(f"{section}.{key}" if section and "." not in key else key for key in keys[1:])]
+        rows.append((full, [value.strip().strip("`") for value in cells[1].split(" / ")] if cells[1] else []))
+    return rows
+
+
+def _code_default(objects: list[object], dotted: str) -> object:
+    for obj in objects:
+        try:
+            for part in dotted.split("."):
+                obj = getattr(obj, part)
+            return obj
+        except AttributeError:
+            continue
+    raise AssertionError(f"README.md documents {dotted!r}, which no config dataclass has")
+
+
+@pytest.mark.parametrize(
+    ("heading", "algorithms"),
+    [("| key | default | meaning |", None), ("**Off-policy algorithms**", ["trainers.dqn.DQN", "trainers.qr_dqn.QRDQN"]),
+     ("**On-policy algorithms**", ["trainers.impala.IMPALA"])],
+)  # fmt: skip
+def test_the_readmes_yaml_reference_shows_the_defaults_of_the_code(tmp_path, heading, algorithms):
+    """One source of defaults, the dataclasses: the README's default column must say what a config
+    that leaves a key out gets."""
+    from titan_rl.registry import algorithm_class
+
+    minimal = tmp_path / "minimal.yaml"
+    minimal.write_text("seed: 0\n")
+    objects = [load_config(minimal)] if algorithms is None else [algorithm_class(path).Config() for path in algorithms]
+    checked = 0
+    for keys, defaults in _readme_table(heading):
+        if not defaults or keys == ["algorithm.config"]:  # "as above", "the class's defaults"
+            continue
+        assert len(defaults) == len(keys), f"README.md row {keys}: {len(defaults)} defaults for {len(keys)} keys"
+        for key, shown in zip(keys, defaults, strict=True):
+            code = _code_default(objects, key)
+            assert yaml.safe_load(shown) == code, f"README.md shows {key}: {shown}, the code's default is {code!r}"
+            checked += 1
+    assert checked >= 5
