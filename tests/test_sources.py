@@ -74,3 +74,22 @@ def test_a_chunk_with_bad_episode_fields_is_refused_naming_the_field_and_stores_
         client = BufferClient(address)
         assert list(client.sources().sources) == []
         client.close()
+
+
+def test_a_buffer_without_the_sources_call_is_named_once_and_answers_none(caplog):
+    """An older buffer: the trainer goes on without episode statistics, saying why once."""
+    from concurrent import futures
+
+    server = grpc.server(futures.ThreadPoolExecutor(1))  # serves no service at all: every call is UNIMPLEMENTED
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    client = BufferClient(f"127.0.0.1:{port}")
+    try:
+        with caplog.at_level("WARNING", logger="titan_rl.clients.buffer"):
+            assert client.sources() is None and client.sources() is None
+        assert [r.getMessage() for r in caplog.records].count(
+            f"buffer 127.0.0.1:{port} has no Sources call (an older version): no episode statistics"
+        ) == 1
+    finally:
+        client.close()
+        server.stop(None)

@@ -91,6 +91,7 @@ class BufferClient:
         self.timeout_s = timeout_s
         self._channel = make_channel(address)
         self.stub = buffer_pb2_grpc.BufferServiceStub(self._channel)
+        self._said_no_sources = False
 
     def info(self, table: str = "") -> buffer_pb2.InfoResponse:
         request = buffer_pb2.InfoRequest(table=table)
@@ -111,7 +112,10 @@ class BufferClient:
         """What each rollout replica has sent (episodes, env steps, versions), or None if the buffer does not answer in time."""
         try:
             return self.stub.Sources(buffer_pb2.SourcesRequest(), timeout=self.timeout_s)
-        except grpc.RpcError:
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.UNIMPLEMENTED and not self._said_no_sources:
+                log.warning("buffer %s has no Sources call (an older version): no episode statistics", self.address)
+                self._said_no_sources = True
             return None
 
     def end_run(self, reason: str) -> None:
