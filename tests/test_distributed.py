@@ -64,7 +64,7 @@ def test_two_learners_on_halves_of_a_batch_match_one_learner_on_all_of_it(tmp_pa
 def test_a_run_with_two_learner_processes_solves_cartpole(tmp_path):
     from tests.test_end_to_end import launch
 
-    proc, _ = launch(tmp_path, "--seed", "1", "train.learners=2", "budget.max_env_steps=100000", "logging.video=false")
+    proc, _ = launch(tmp_path, "--seed", "1", "train.learners=2", "budget.max_env_steps=100000")
     output, _ = proc.communicate(timeout=400)
     assert proc.returncode == 0, output
     assert "learner group of 2" in output, output

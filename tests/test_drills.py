@@ -53,6 +53,7 @@ class Run:
             "logging.run_name=drill",
             f"logging.checkpoint_path={tmp_path}/checkpoint.pth",
             "logging.console=false",
+            "logging.video=false",  # recorded and checked once, in test_end_to_end
             "durability.snapshot_interval_s=1",
             "durability.checkpoint_interval_s=1",
             *overrides,

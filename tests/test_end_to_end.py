@@ -66,7 +66,7 @@ def launch(
     ports = dict(zip(sections, free_ports(["127.0.0.1"] * len(sections)), strict=True))
     args = [f"{name}.port={port}" for name, port in ports.items()]
     args += [f"logging.run_dir={tmp_path}/runs", "logging.run_name=test", f"logging.checkpoint_path={tmp_path}/checkpoint.pth"]
-    args += ["logging.console=true", *overrides]
+    args += ["logging.console=true", "logging.video=false", *overrides]  # the video: recorded and checked once, below
     proc = subprocess.Popen(
         [sys.executable, "-m", "titan_rl.launch", "--config", config, *args],
         cwd=REPO,
@@ -105,7 +105,7 @@ def wait_for_line(proc: subprocess.Popen, text: str, timeout_s: float = 120) -> 
 
 def test_three_services_learn_cartpole_and_the_checkpoint_plays_it(tmp_path, monkeypatch):
     monkeypatch.setenv(TOKEN_ENV, TOKEN)
-    proc, addresses = launch(tmp_path, "--seed", "1", "budget.max_env_steps=100000", "logging.tensorboard=true")
+    proc, addresses = launch(tmp_path, "--seed", "1", "budget.max_env_steps=100000", "logging.tensorboard=true", "logging.video=true")
     try:
         wait_for_line(proc, "services up")
         rollout, buffer, trainer = (
