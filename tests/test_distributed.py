@@ -17,18 +17,18 @@ UPDATES = 3
 ROWS = 64
 
 
-def _learner(*overrides: str):
+def _learner(*overrides: str, seed: int = 0):
     from titan_rl.registry import build_algorithm, build_policy
 
     cfg = make_config(*overrides)
-    torch.manual_seed(0)  # the same initial network in every process
+    torch.manual_seed(seed)
     return build_algorithm(cfg).make_learner(build_policy(cfg))
 
 
 def _rank(rank: int, init_method: str, out_dir: str) -> None:
     from titan_rl.trainer.distributed import LearnerGroup, average_gradients
 
-    learner = _learner("train.learners=2")
+    learner = _learner("train.learners=2", seed=rank)  # rank 1 starts elsewhere: sharing rank 0's state must fix that
     group = LearnerGroup(rank, 2, init_method, timeout_s=60)
     group.share_from_rank_0(learner)
     average_gradients(learner.network, group.world_size)

@@ -17,7 +17,7 @@ import multiprocessing as mp
 import multiprocessing.synchronize
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -57,17 +57,38 @@ class LearnerGroup:
         return self.open
 
     def share_from_rank_0(self, learner: Learner) -> None:
-        """Every rank starts from rank 0's learner: parameters, buffers and optimizer state."""
-        state = [learner.state_dict() if self.rank == 0 else None]
-        dist.broadcast_object_list(state, src=0)
+        """Every rank continues from rank 0's learner, bit for bit: parameters, target network and
+        optimizer state. Tensors only, broadcast in place (no pickle crosses the group); every rank
+        must hold a state of the same structure, i.e. have resumed the same checkpoint or none."""
+        state = learner.state_dict()
+        tensors = list(_tensors(state))
+        layout = torch.tensor([len(tensors), sum(t.numel() for t in tensors)], dtype=torch.int64)
+        expected = layout.clone()
+        dist.broadcast(expected, src=0)
+        if not torch.equal(layout, expected):
+            raise TitanError(f"learner rank {self.rank}: its state has {layout.tolist()} (tensors, values), rank 0's {expected.tolist()}")
+        for tensor in tensors:
+            dist.broadcast(tensor, src=0)
         if self.rank != 0:
-            learner.load_state_dict(state[0])
+            learner.load_state_dict(state)
 
     def close(self) -> None:
         """Tell the others this rank stops (unless the group already ended), then leave it."""
         if self.open:
             self.agree(False)
         dist.destroy_process_group()
+
+
+def _tensors(tree: object) -> Iterator[torch.Tensor]:
+    """Every tensor of a state dict, in the order its structure gives (the same on every rank)."""
+    if isinstance(tree, torch.Tensor):
+        yield tree
+    elif isinstance(tree, dict):
+        for value in tree.values():
+            yield from _tensors(value)
+    elif isinstance(tree, list | tuple):
+        for value in tree:
+            yield from _tensors(value)
 
 
 def average_gradients(network: nn.Module, world_size: int) -> None:
@@ -133,6 +154,7 @@ def run_learner_rank(cfg: Config, rank: int, init_method: str, parent_pid: int, 
     from titan_rl.registry import build_algorithm, build_policy
     from titan_rl.service import setup_logging
     from titan_rl.tls import load_tls, use_tls
+    from titan_rl.trainer.resume import resume_learner
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # rank 0 ends the group; Ctrl-C reaches it
     setup_logging()
@@ -141,6 +163,7 @@ def run_learner_rank(cfg: Config, rank: int, init_method: str, parent_pid: int, 
     torch.manual_seed(cfg.seed + rank)
     algorithm = build_algorithm(cfg)
     learner = algorithm.make_learner(build_policy(cfg))
+    resume_learner(cfg, learner)  # the checkpoint rank 0 resumed, if any: the same state structure
     group = LearnerGroup(rank, cfg.train.learners, init_method)
     group.share_from_rank_0(learner)
     average_gradients(learner.network, group.world_size)
