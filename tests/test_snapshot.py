@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable
@@ -140,3 +141,11 @@ def test_a_state_whose_patch_misses_rows_is_refused_and_changes_nothing():
     with pytest.raises(ValueError, match="neither saved nor patched"):
         fresh.load_state_dict(state)
     assert fresh.info().inserts_total == 0
+
+
+def test_a_snapshot_of_an_older_format_is_named_as_such_with_what_to_do(tmp_path):
+    path = tmp_path / "snap.npz"
+    meta = json.dumps({"format": "titan-rl-buffer-snapshot/1", "tables": {}, "extra": {}}).encode()
+    np.savez(path, **{"meta.json": np.frombuffer(meta, np.uint8)})
+    with pytest.raises(TitanError, match=r"snap.npz: a buffer snapshot of format 'titan-rl-buffer-snapshot/1'.*move it away"):
+        read_snapshot(path)

@@ -124,8 +124,11 @@ def read_snapshot(path: Path) -> tuple[dict[str, dict[str, Any]], dict[str, Any]
         meta = json.loads(arrays.pop(_META).tobytes())
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
         raise TitanError(f"{path}: not a TITAN-RL buffer snapshot: {e}") from e
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise TitanError(f"{path}: not a TITAN-RL buffer snapshot (format {meta.get('format') if isinstance(meta, dict) else None!r})")
+    found = meta.get("format") if isinstance(meta, dict) else None
+    if isinstance(found, str) and found.startswith(FORMAT.rpartition("/")[0] + "/") and found != FORMAT:
+        raise TitanError(f"{path}: a buffer snapshot of format {found!r}, this version reads {FORMAT!r}: move it away to start empty")
+    if found != FORMAT:
+        raise TitanError(f"{path}: not a TITAN-RL buffer snapshot (format {found!r})")
     try:
         return {name: _unflatten(state, arrays) for name, state in meta["tables"].items()}, dict(meta["extra"])
     except (KeyError, TypeError, AttributeError) as e:
