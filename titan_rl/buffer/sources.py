@@ -13,6 +13,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from titan_rl.recent_rate import RecentRate
 from titan_rl.v1 import buffer_pb2
 
 EPISODE_WINDOW = 100  # the means cover this many of the latest finished episodes
@@ -45,7 +46,7 @@ class SourceStats:
         self._lengths: deque[int] = deque(maxlen=EPISODE_WINDOW)
         self._episodes = 0
         self._env_steps = 0
-        self._history: deque[tuple[float, int]] = deque()  # (time, env steps stored so far)
+        self._rate = RecentRate(RATE_WINDOW_S)  # of env steps stored
 
     def record(
         self,
@@ -73,17 +74,11 @@ class SourceStats:
             self._returns.extend(episode_returns)
             self._lengths.extend(episode_lengths)
             self._env_steps += env_steps
-            self._history.append((now, self._env_steps))
-            while len(self._history) > 2 and now - self._history[0][0] > RATE_WINDOW_S:
-                self._history.popleft()
+            self._rate.add(now, self._env_steps)
 
     def response(self, now: float | None = None) -> buffer_pb2.SourcesResponse:
         now = time.monotonic() if now is None else now
         with self._lock:
-            rate = 0.0
-            if len(self._history) >= 2 and now - self._history[-1][0] <= RATE_WINDOW_S:
-                (t0, s0), (t1, s1) = self._history[0], self._history[-1]
-                rate = (s1 - s0) / (t1 - t0) if t1 > t0 else 0.0
             sources = [
                 buffer_pb2.SourceStats(
                     replica_id=replica_id,
@@ -106,5 +101,5 @@ class SourceStats:
                 mean_return=_mean(self._returns),
                 mean_length=_mean(self._lengths),
                 window=len(self._returns),
-                env_steps_per_s=rate,
+                env_steps_per_s=self._rate.per_second(now),
             )

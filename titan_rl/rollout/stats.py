@@ -7,6 +7,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from titan_rl.recent_rate import RecentRate
 from titan_rl.v1 import rollout_pb2
 
 
@@ -33,7 +34,7 @@ class TrajectoryStats:
         self._returns: deque[float] = deque(maxlen=EPISODE_WINDOW)
         self._lengths: deque[int] = deque(maxlen=EPISODE_WINDOW)
         self._episodes = 0
-        self._history: deque[tuple[float, int]] = deque()  # (time, total env steps)
+        self._rate = RecentRate(RATE_WINDOW_S)  # of total env steps
 
     def record(self, report: WorkerReport, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
@@ -46,19 +47,13 @@ class TrajectoryStats:
             self._episodes += len(report.episode_returns)
             self._returns.extend(report.episode_returns)
             self._lengths.extend(report.episode_lengths)
-            self._history.append((now, self._total_steps()))
-            while len(self._history) > 2 and now - self._history[0][0] > RATE_WINDOW_S:
-                self._history.popleft()
+            self._rate.add(now, self._total_steps())
 
     def _total_steps(self) -> int:
         return sum(w.env_steps for w in self._workers.values())
 
     def snapshot(self) -> rollout_pb2.StatsResponse:
         with self._lock:
-            rate = 0.0
-            if len(self._history) >= 2:
-                (t0, s0), (t1, s1) = self._history[0], self._history[-1]
-                rate = (s1 - s0) / (t1 - t0) if t1 > t0 else 0.0
             n = len(self._returns)
             return rollout_pb2.StatsResponse(
                 env_steps=self._total_steps(),
@@ -67,7 +62,7 @@ class TrajectoryStats:
                 mean_length=sum(self._lengths) / n if n else 0.0,
                 last_return=self._returns[-1] if n else 0.0,
                 window=n,
-                steps_per_second=rate,
+                steps_per_second=self._rate.per_second(),
                 policy_version=min(w.policy_version for w in self._workers.values()),
                 workers=list(self._workers.values()),
             )
