@@ -214,3 +214,20 @@ def test_a_service_whose_peer_stays_gone_exits_non_zero_naming_it(run_factory, s
     code = run.wait_exit(service, 60)
     assert code != 0 and peer in run.log(service), run.log(service)[-2000:]
     assert proc.returncode == code
+
+
+def test_a_peer_that_does_not_answer_is_logged_while_it_is_retried(caplog, monkeypatch):
+    """A learner dialling a wrong buffer address waited in silence until durability.peer_timeout_s."""
+    from titan_rl import rpc
+    from titan_rl.clients.buffer import BatchPrefetcher
+
+    monkeypatch.setattr(rpc, "READY_WARN_S", 0.2)
+    address = f"127.0.0.1:{free_ports(['127.0.0.1'])[0]}"  # nothing listens there
+    batches = BatchPrefetcher(address, 32, 1, 1, "default", peer_timeout_s=60)
+    try:
+        deadline = time.monotonic() + 20
+        while "still trying" not in caplog.text and time.monotonic() < deadline:
+            assert batches.next(timeout_s=0.1) is None
+    finally:
+        batches.close()
+    assert re.search(rf"buffer {address} unreachable for \d+s, still trying; giving up at 60s", caplog.text), caplog.text

@@ -165,6 +165,7 @@ def is_serving(address: str, timeout_s: float = 1.0) -> bool:
 
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 READY_POLL_S = 0.5
+READY_WARN_S = 5.0  # a peer that has not answered this long is logged, again at twice the time, and so on
 
 
 class Backoff:
@@ -208,6 +209,7 @@ def wait_until_ready(channel: grpc.Channel, contact: float, peer_timeout_s: floa
     A health call with a short deadline rather than `grpc.channel_ready_future`: that one polls
     from a thread of gRPC's own, which raises when the channel is closed under it."""
     stub = health_pb2_grpc.HealthStub(channel)
+    warn_after_s = READY_WARN_S
     while not stop.is_set():
         try:
             stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=READY_POLL_S, wait_for_ready=True)
@@ -220,4 +222,8 @@ def wait_until_ready(channel: grpc.Channel, contact: float, peer_timeout_s: floa
         gone_s = time.monotonic() - contact
         if peer_timeout_s is not None and gone_s >= peer_timeout_s:
             raise PeerUnavailableError(f"{peer} unreachable for {gone_s:.0f}s (durability.peer_timeout_s={peer_timeout_s:g})")
+        if gone_s >= warn_after_s:
+            limit = "" if peer_timeout_s is None else f"; giving up at {peer_timeout_s:g}s (durability.peer_timeout_s)"
+            log.warning("%s unreachable for %.0fs, still trying%s", peer, gone_s, limit)
+            warn_after_s *= 2
     return False
