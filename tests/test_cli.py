@@ -23,13 +23,13 @@ def titan_rl(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 def test_the_console_script_lists_its_commands_and_refuses_others(tmp_path):
     listed = titan_rl("--help", cwd=tmp_path)
     assert listed.returncode == 0, listed.stderr
-    for command in ("run", "buffer", "rollout", "trainer", "visualize", "plot"):
+    for command in ("run", "buffer", "rollout", "trainer", "learner", "visualize", "plot"):
         assert f"  {command} " in listed.stdout
     unknown = titan_rl("trian", cwd=tmp_path)
     assert unknown.returncode == 2 and "unknown command 'trian'" in unknown.stderr
 
 
-@pytest.mark.parametrize("command", ["run", "buffer", "rollout", "trainer", "visualize", "plot"])
+@pytest.mark.parametrize("command", ["run", "buffer", "rollout", "trainer", "learner", "visualize", "plot"])
 def test_every_command_answers_help_from_another_directory(tmp_path, command):
     result = titan_rl(command, "--help", cwd=tmp_path)
     assert result.returncode == 0, result.stderr

@@ -38,6 +38,9 @@ def test_default_config_has_the_seed_keys():
         ("policy.path=SimplePolicy", "policy.path='SimplePolicy' must be a dotted path"),
         ("train.min_buffer_size=10", "train.batch_size=64 exceeds train.min_buffer_size=10"),
         ("train=3", "cartpole.yaml: train must be a mapping of keys, got 3"),
+        ("train.device=gpu", "train.device='gpu' must be one of cpu, cuda, auto"),
+        ("train.learner_group_address=trainer", "train.learner_group_address='trainer' must be host:port"),
+        ("train.learner_group_address=trainer:99999", "train.learner_group_address='trainer:99999' must be host:port"),
     ],
 )
 def test_bad_values_name_the_file_the_key_and_the_reason(override, message):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import os
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ import torch
 
 from tests.helpers import make_config
 from tests.test_algorithms import fixed_batch
+from titan_rl.launch import free_port
 
 UPDATES = 3
 ROWS = 64
@@ -25,13 +27,15 @@ def _learner(*overrides: str, seed: int = 0):
     return build_algorithm(cfg).make_learner(build_policy(cfg))
 
 
-def _rank(rank: int, init_method: str, out_dir: str) -> None:
-    from titan_rl.trainer.distributed import LearnerGroup, average_gradients
+def _rank(rank: int, address: str, out_dir: str) -> None:
+    from titan_rl.trainer.distributed import LearnerGroup, average_gradients, group_store
 
     learner = _learner("train.learners=2", seed=rank)  # rank 1 starts elsewhere: sharing rank 0's state must fix that
-    group = LearnerGroup(rank, 2, init_method, timeout_s=60)
+    if rank == 1:
+        learner.update(fixed_batch(ROWS, seed=3))  # and has taken a step of its own: optimizer state and update count differ
+    group = LearnerGroup(rank, 2, group_store(address, rank, 2, timeout_s=60), timeout_s=60)
     group.share_from_rank_0(learner)
-    average_gradients(learner.network, group.world_size)
+    average_gradients(learner.network, group)
     half = {name: values[rank * ROWS // 2 : (rank + 1) * ROWS // 2] for name, values in fixed_batch(ROWS, seed=1).items()}
     for _ in range(UPDATES):
         assert group.agree(True)
@@ -42,8 +46,8 @@ def _rank(rank: int, init_method: str, out_dir: str) -> None:
 
 def test_two_learners_on_halves_of_a_batch_match_one_learner_on_all_of_it(tmp_path):
     ctx = mp.get_context("spawn")
-    init_method = f"file://{tmp_path / 'group'}"
-    ranks = [ctx.Process(target=_rank, args=(rank, init_method, str(tmp_path))) for rank in (0, 1)]
+    address = f"127.0.0.1:{free_port('127.0.0.1')}"
+    ranks = [ctx.Process(target=_rank, args=(rank, address, str(tmp_path))) for rank in (1, 0)]  # rank 1 waits for rank 0
     for proc in ranks:
         proc.start()
     for proc in ranks:
@@ -58,6 +62,39 @@ def test_two_learners_on_halves_of_a_batch_match_one_learner_on_all_of_it(tmp_pa
         torch.testing.assert_close(states[0][name], expected, rtol=1e-5, atol=1e-6, msg=f"{name}: not the combined batch's update")
     start = _learner().network.state_dict()
     assert any(not torch.allclose(start[name], one.network.state_dict()[name]) for name in start), "the updates changed nothing"
+
+
+def _rank_of_a_group_that_loses_one(rank: int, address: str, dying_rank: int, out_dir: str) -> None:
+    from types import SimpleNamespace
+
+    from titan_rl.trainer.distributed import LearnerGroup, average_gradients, group_store
+    from titan_rl.trainer.learner import train_rank
+
+    learner = _learner("train.learners=2")
+    group = LearnerGroup(rank, 2, group_store(address, rank, 2, timeout_s=60), timeout_s=60)
+    group.share_from_rank_0(learner)
+    average_gradients(learner.network, group)
+    if rank == dying_rank:
+        assert group.agree(True)
+        os._exit(0)  # gone without a word, as a killed process, between the agree and the gradients' all-reduce
+    sample = SimpleNamespace(fields=fixed_batch(ROWS, seed=1), keys=None, weights=None)
+    train_rank(learner, group, lambda: sample)  # the backward pass of its first update fails
+    Path(out_dir, "survivor.txt").write_text(f"{group.lost}\n{learner.updates}")
+    group.close()
+
+
+@pytest.mark.parametrize("dying_rank", [0, 1])
+def test_a_learner_whose_peer_dies_mid_run_stops_with_the_reason_instead_of_crashing(tmp_path, dying_rank):
+    ctx = mp.get_context("spawn")
+    address = f"127.0.0.1:{free_port('127.0.0.1')}"
+    procs = {r: ctx.Process(target=_rank_of_a_group_that_loses_one, args=(r, address, dying_rank, str(tmp_path))) for r in (0, 1)}
+    for proc in procs.values():
+        proc.start()
+    for proc in procs.values():
+        proc.join(120)
+    assert procs[1 - dying_rank].exitcode == 0, "the surviving rank crashed"
+    lost, updates = (tmp_path / "survivor.txt").read_text().splitlines()
+    assert lost.startswith("a rank is gone") and int(updates) == 0, lost
 
 
 @pytest.mark.e2e
@@ -78,3 +115,72 @@ def test_an_on_policy_algorithm_refuses_several_learners_naming_file_and_key():
 
     with pytest.raises(ConfigError, match=r"cartpole_impala.yaml: train.learners=2"):
         load_config("config/cartpole_impala.yaml", ["train.learners=2"])
+
+
+def test_train_device_resolves_to_the_cpu_here_and_cuda_without_a_gpu_fails_naming_the_key():
+    from titan_rl.errors import ConfigError
+    from titan_rl.trainer.device import distributed_backend, resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    if torch.cuda.is_available():
+        assert resolve_device("auto", local_rank=1).type == "cuda"
+        assert distributed_backend(resolve_device("cuda")) == "nccl"
+        return
+    assert resolve_device("auto") == torch.device("cpu")
+    assert distributed_backend(resolve_device("auto")) == "gloo"
+    with pytest.raises(ConfigError, match=r"train.device=cuda, but torch .* sees no GPU"):
+        resolve_device("cuda")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this host has a GPU: train.device=cuda is valid here")
+def test_launch_with_train_device_cuda_and_no_gpu_stops_before_anything_starts(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.test_end_to_end import REPO
+
+    result = subprocess.run(
+        [sys.executable, "-m", "titan_rl.launch", "train.device=cuda", f"logging.run_dir={tmp_path}/runs"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "config/cartpole.yaml: train.device=cuda" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_checkpoints_and_evaluation_snapshots_hold_cpu_copies_that_load_back():
+    from titan_rl.algorithm import cpu_state
+    from titan_rl.evaluation import snapshot
+
+    learner = _learner()
+    learner.update(fixed_batch(ROWS, seed=1))
+    state = learner.state_dict()
+    copied = snapshot(state)
+    assert copied["policy"]._metadata == state["policy"]._metadata  # what load_state_dict reads versions from
+    shared = cpu_state(state)  # for a checkpoint written under the lock: no copy on the CPU
+    name, tensor = next(iter(state["policy"].items()))
+    assert shared["policy"][name].data_ptr() == tensor.data_ptr() and copied["policy"][name].data_ptr() != tensor.data_ptr()
+    learner.update(fixed_batch(ROWS, seed=2))
+    assert not torch.equal(copied["policy"][name], learner.network.state_dict()[name]), "the snapshot moved with the learner"
+    restored = _learner(seed=5)
+    restored.load_state_dict(copied)
+    assert torch.equal(restored.network.state_dict()[name], copied["policy"][name]) and restored.updates == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--rank", "1"], "train.learner_group_address is empty"),
+        (["--rank", "2", "train.learners=2", "train.learner_group_address=127.0.0.1:29999"], "--rank 2: must be in 1..1"),
+    ],
+)
+def test_a_learner_rank_started_wrongly_says_why_and_joins_nothing(args, message):
+    import subprocess
+    import sys
+
+    from tests.test_end_to_end import REPO
+
+    result = subprocess.run(
+        [sys.executable, "-m", "titan_rl.trainer.learner", *args], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr, result.stderr

@@ -1,7 +1,8 @@
-"""Four hosts on one machine: buffer, trainer and two rollout replicas each in a Linux network
-namespace of its own, with its own address on a shared bridge, started from one shared YAML the
-way the README's multi-host recipe starts them. CartPole must be solved, and both replicas' data
-and episode statistics must reach the trainer (through the buffer)."""
+"""Five hosts on one machine: buffer, trainer, a second learner rank and two rollout replicas, each
+in a Linux network namespace of its own with its own address on a shared bridge, started from one
+shared YAML the way the README's multi-host recipe starts them. CartPole must be solved, both
+replicas' data and episode statistics must reach the trainer (through the buffer), and the two
+learners must average their gradients across hosts (torch.distributed over the bridge)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ from tests.helpers import REPO
 pytestmark = pytest.mark.e2e
 
 SUBNET = "10.231.{}.{}"  # a private range no test machine is likely to route
-HOSTS = ("buffer", "trainer", "rollout0", "rollout1")
+HOSTS = ("buffer", "trainer", "learner1", "rollout0", "rollout1")
+LEARNER_GROUP_PORT = 29533
 RUN_TIMEOUT_S = 420
 TOKEN = "multihost-test-token"
 
@@ -50,9 +52,9 @@ def _why_not() -> str | None:
 
 
 @contextlib.contextmanager
-def namespaces(names: tuple[str, ...]) -> Iterator[dict[str, str]]:
+def namespaces(names: tuple[str, ...]) -> Iterator[dict[str, tuple[str, str, str]]]:
     """One namespace per name plus a switch namespace holding a bridge they all plug into; yields
-    {name: (namespace, address)}. Everything is removed on the way out (deleting a namespace
+    {name: (namespace, address, interface)}. Everything is removed on the way out (deleting a namespace
     deletes its ends of the veth pairs)."""
     tag = f"{os.getpid() % 10000}"
     switch, subnet_id = f"titan-sw-{tag}", os.getpid() % 250
@@ -75,15 +77,16 @@ def namespaces(names: tuple[str, ...]) -> Iterator[dict[str, str]]:
             _ip("addr", "add", f"{address}/24", "dev", here, netns=ns)
             _ip("link", "set", here, "up", netns=ns)
             _ip("link", "set", "lo", "up", netns=ns)
-            hosts[name] = (ns, address)
+            hosts[name] = (ns, address, here)
         yield hosts
     finally:
         for ns in reversed(made):
             subprocess.run(["ip", "netns", "delete", ns], capture_output=True)
 
 
-def shared_config(tmp_path: Path, hosts: dict[str, tuple[str, str]]) -> Path:
-    """config/cartpole.yaml with each service on 0.0.0.0 and dialled at its host's address."""
+def shared_config(tmp_path: Path, hosts: dict[str, tuple[str, str, str]]) -> Path:
+    """config/cartpole.yaml with each service on 0.0.0.0 and dialled at its host's address, and two
+    learners meeting at the trainer's host."""
     cfg = yaml.safe_load((REPO / "config" / "cartpole.yaml").read_text())
     ports = {"buffer_server": 50052, "trainer_server": 50053, "rollout_server": 50051}
     for section, host in (("buffer_server", "buffer"), ("trainer_server", "trainer"), ("rollout_server", "rollout0")):
@@ -96,12 +99,13 @@ def shared_config(tmp_path: Path, hosts: dict[str, tuple[str, str]]) -> Path:
         "video": False,
     }
     cfg["budget"] = {"max_env_steps": 150_000, "target_eval_return": 475}
+    cfg["train"] |= {"learners": 2, "learner_group_address": f"{hosts['trainer'][1]}:{LEARNER_GROUP_PORT}"}
     path = tmp_path / "shared.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
 
 
-def test_four_hosts_train_cartpole_and_both_replicas_reach_the_trainer(tmp_path):
+def test_five_hosts_train_cartpole_with_two_learners_and_both_replicas_reach_the_trainer(tmp_path):
     if (reason := _why_not()) is not None:
         pytest.skip(reason)
     with namespaces(HOSTS) as hosts:
@@ -110,19 +114,21 @@ def test_four_hosts_train_cartpole_and_both_replicas_reach_the_trainer(tmp_path)
         commands = {
             "buffer": ["titan_rl.buffer"],
             "trainer": ["titan_rl.trainer"],
+            "learner1": ["titan_rl.trainer.learner", "--rank", "1"],
             "rollout0": ["titan_rl.rollout", "rollout_server.replica_id=0"],
             "rollout1": ["titan_rl.rollout", "rollout_server.replica_id=1"],
         }
         procs: dict[str, subprocess.Popen] = {}
         logs = {name: open(tmp_path / f"{name}.log", "w") for name in HOSTS}
         try:
-            for name in ("rollout1", "trainer", "rollout0", "buffer"):  # any order: peers are retried until they answer
-                ns = hosts[name][0]
+            for name in ("rollout1", "learner1", "trainer", "rollout0", "buffer"):  # any order: peers are retried until they answer
+                ns, _, interface = hosts[name]
                 module, *overrides = commands[name]
                 cmd = ["ip", "netns", "exec", ns, sys.executable, "-m", module, "--config", str(config), *overrides]
-                procs[name] = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=logs[name], stderr=subprocess.STDOUT)
+                host_env = {**env, "GLOO_SOCKET_IFNAME": interface}  # the interface gloo's connections use on this host
+                procs[name] = subprocess.Popen(cmd, cwd=tmp_path, env=host_env, stdout=logs[name], stderr=subprocess.STDOUT)
             trainer_code = procs["trainer"].wait(RUN_TIMEOUT_S)
-            others = {name: procs[name].wait(60) for name in ("buffer", "rollout0", "rollout1")}
+            others = {name: procs[name].wait(60) for name in ("buffer", "learner1", "rollout0", "rollout1")}
         finally:
             for proc in procs.values():
                 if proc.poll() is None:
@@ -132,7 +138,11 @@ def test_four_hosts_train_cartpole_and_both_replicas_reach_the_trainer(tmp_path)
                 log.close()
         output = {name: (tmp_path / f"{name}.log").read_text()[-3000:] for name in HOSTS}
         assert trainer_code == 0, output["trainer"]
-        assert others == {"buffer": 0, "rollout0": 0, "rollout1": 0}, "the end of the run reaches every host: " + json.dumps(output)
+        assert others == {"buffer": 0, "learner1": 0, "rollout0": 0, "rollout1": 0}, "the end of the run reaches every host: " + json.dumps(
+            output
+        )
+        full = {name: (tmp_path / f"{name}.log").read_text() for name in ("trainer", "learner1")}
+        assert "learner group of 2 processes" in full["trainer"] and "learner rank 1 of 2 on cpu: learning" in full["learner1"], output
 
     run_dir = tmp_path / "runs" / "multihost"
     summary = json.loads((run_dir / "summary.json").read_text())

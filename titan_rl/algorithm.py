@@ -165,10 +165,16 @@ class Learner(ABC):
         self.updates = 0
         self.optimizer: torch.optim.Optimizer | None = None
 
+    @property
+    def device(self) -> torch.device:
+        """Where the network is, and so where batches go (`train.device`): a learner creates its
+        tensors there too (`torch.arange(n, device=...)`)."""
+        return next(self.network.parameters()).device
+
     def update(self, batch: Batch | Mapping[str, np.ndarray]) -> dict[str, float]:
         """One learning step; returns scalar metrics (`losses/...`)."""
         if not isinstance(batch, Batch):
-            batch = to_batch(batch)
+            batch = to_batch(batch, device=self.device)
         metrics = self._update(batch)
         self.updates += 1
         return metrics
@@ -189,10 +195,47 @@ class Learner(ABC):
             self.optimizer.load_state_dict(state["optimizer"])
 
 
-def to_batch(rows: Mapping[str, np.ndarray], keys: np.ndarray | None = None, weights: np.ndarray | None = None) -> Batch:
-    """Arrays as a Batch of tensors; copies, since arrays decoded from the wire are read-only views."""
-    fields = {name: torch.from_numpy(np.array(a)) for name, a in rows.items()}
-    return Batch(fields, keys, None if weights is None else torch.from_numpy(np.array(weights, np.float32)))
+def cpu_state(tree: Any, copy: bool = False) -> Any:
+    """A learner state (tensors in dicts, lists and tuples) with every tensor on the CPU, where
+    checkpoints, the evaluator and published weights want them whatever `train.device` is; `copy`:
+    CPU tensors are copied too, so later updates do not change the result."""
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().to("cpu", copy=copy)
+    if isinstance(tree, dict):
+        out = type(tree)((key, cpu_state(value, copy)) for key, value in tree.items())
+        if hasattr(tree, "_metadata"):  # a module's state_dict: versions load_state_dict reads
+            out._metadata = dict(tree._metadata)
+        return out
+    if isinstance(tree, list | tuple):
+        return type(tree)(cpu_state(value, copy) for value in tree)
+    return tree
+
+
+def to_batch(
+    rows: Mapping[str, np.ndarray], keys: np.ndarray | None = None, weights: np.ndarray | None = None, device: torch.device | None = None
+) -> Batch:
+    """Arrays as a Batch of tensors on `device` (default: the CPU), copied once, since arrays decoded
+    from the wire are read-only views. To a GPU the one host copy goes into pinned memory, from which
+    the transfer runs asynchronously, overlapping the work the learner has already queued."""
+    if device is None or device.type == "cpu":
+        to_tensor = _cpu_tensor
+    else:
+
+        def to_tensor(a: np.ndarray) -> torch.Tensor:
+            return _pinned_tensor(a).to(device, non_blocking=True)
+
+    fields = {name: to_tensor(a) for name, a in rows.items()}
+    return Batch(fields, keys, None if weights is None else to_tensor(np.asarray(weights, np.float32)))
+
+
+def _cpu_tensor(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.array(a))
+
+
+def _pinned_tensor(a: np.ndarray) -> torch.Tensor:
+    staged = torch.empty(a.shape, dtype=torch.from_numpy(np.empty(0, a.dtype)).dtype, pin_memory=True)
+    staged.numpy()[...] = a
+    return staged
 
 
 class Algorithm(ABC):

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from titan_rl.algorithm import Algorithm
+from titan_rl.algorithm import Algorithm, cpu_state
 from titan_rl.config import Config, config_from_dict, config_to_dict
 from titan_rl.errors import TitanError
 from titan_rl.registry import CHECKPOINT_MODULES, build_algorithm, build_policy
@@ -29,6 +29,7 @@ def save_checkpoint(
 ) -> Path:
     """Write atomically (temp file + rename), so a reader never sees half a checkpoint."""
     path = Path(path)
+    learner_state = cpu_state(learner_state)  # loads on any host, GPU or not
     payload = {
         "format": FORMAT,
         "config": config_to_dict(cfg),

@@ -15,6 +15,7 @@ COMMANDS = {
     "buffer": ("titan_rl.buffer.__main__", "serve the experience buffer"),
     "rollout": ("titan_rl.rollout.__main__", "serve the actors: worker processes stepping envs"),
     "trainer": ("titan_rl.trainer.__main__", "serve the learner until its budget is met"),
+    "learner": ("titan_rl.trainer.learner", "a learner rank on a host of its own, joining the trainer's group"),
     "visualize": ("titan_rl.visualize", "watch, record or score a checkpoint's greedy agent"),
     "plot": ("titan_rl.plot", "draw learning curves of run folders to a PNG"),
 }

@@ -116,10 +116,17 @@ class TrainConfig:
     prefetch_requests: int = field(default=2, metadata=range_metadata(1, 64))
     """Sample requests kept in flight so the learner never waits on the network."""
     torch_threads: int = field(default=1, metadata=range_metadata(1, 256))
+    device: str = field(default="cpu", metadata={"choices": ("cpu", "cuda", "auto")})
+    """Where the learner computes: cpu, cuda (fails at start where torch sees no GPU) or auto (a GPU if
+    there is one). Batches reach a GPU through pinned memory; actors and evaluation stay on the CPU."""
     learners: int = field(default=1, metadata=range_metadata(1, 64))
-    """Data-parallel learner processes on the trainer's host (torch.distributed, gloo): each samples its
+    """Data-parallel learner processes (torch.distributed: gloo on CPU, NCCL on GPU): each samples its
     own batches and they average gradients, so an optimizer step sees learners x batch_size rows while
     updates_per_env_step keeps counting optimizer steps. Replay tables only."""
+    learner_group_address: str = ""
+    """host:port where rank 0 (the trainer) meets the other learners. Empty: the trainer starts ranks
+    1..learners-1 on its own host. Set: each rank runs on a host of its own
+    (`python -m titan_rl.trainer.learner --rank R`) and dials it; the trainer listens on its port."""
 
     def batches_per_request(self, batch_size: int | None = None) -> int:
         """Whole batches of `batch_size` (default: this config's) in one sample message."""
@@ -399,8 +406,15 @@ def _check_cross_fields(cfg: Config, where: str) -> None:
     if cfg.train.min_buffer_size > cfg.buffer_server.capacity_items:
         capacity = cfg.buffer_server.capacity_items
         raise ConfigError(f"{where}: train.min_buffer_size={cfg.train.min_buffer_size} exceeds buffer_server.capacity_items={capacity}")
+    if (group := cfg.train.learner_group_address) and not _is_host_port(group):
+        raise ConfigError(f"{where}: train.learner_group_address={group!r} must be host:port with a port in 1..65535")
     if cfg.train.batch_size > cfg.train.min_buffer_size:
         raise ConfigError(f"{where}: train.batch_size={cfg.train.batch_size} exceeds train.min_buffer_size={cfg.train.min_buffer_size}")
+
+
+def _is_host_port(address: str) -> bool:
+    host, _, port = address.rpartition(":")
+    return bool(host) and port.isdigit() and 1 <= int(port) <= 65535
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:

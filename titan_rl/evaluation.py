@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
 import logging
 import multiprocessing as mp
@@ -17,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from titan_rl.algorithm import cpu_state
 from titan_rl.config import Config, config_from_dict, config_to_dict
 from titan_rl.envs import make_vector_env
 from titan_rl.errors import TitanError
@@ -159,5 +159,5 @@ def _evaluator_main(raw_config: dict[str, Any], episodes: int, target: float | N
 
 
 def snapshot(state: Mapping[str, Any]) -> dict[str, Any]:
-    """A deep copy of a state dict, so later updates do not change it."""
-    return copy.deepcopy(dict(state))
+    """A copy of a learner state on the CPU, so later updates do not change it."""
+    return cpu_state(dict(state), copy=True)

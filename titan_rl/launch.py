@@ -51,13 +51,15 @@ def free_port(host: str) -> int:
 
 def preflight(cfg: Config, config_path: str) -> None:
     """Build what the services will build from `cfg` (the env's spaces, the algorithm, the policy and
-    one forward pass of it) so that a mistake stops the launch before any process or run folder exists,
+    one forward pass of it, the learner's device) so that a mistake stops the launch before any process or run folder exists,
     with the file and the key named."""
     from titan_rl.registry import build_algorithm, build_policy  # imports torch: only once the YAML itself is valid
+    from titan_rl.trainer.device import resolve_device
 
     try:
         algorithm = build_algorithm(cfg)
         algorithm.check_network(build_policy(cfg))
+        resolve_device(cfg.train.device)  # the trainer runs on this host too
     except TitanError as e:
         raise TitanError(f"{config_path}: {e}") from e
 

@@ -85,16 +85,23 @@ def parse_service_args(service: str, section: str, argv: list[str] | None = None
         overrides.append(f"{section}.port={args.port}")
     if args.seed is not None:
         overrides.append(f"seed={args.seed}")
+    return load_service_config(args.config, overrides, resume=getattr(args, "resume", False))
+
+
+def load_service_config(config_path: str, overrides: list[str], resume: bool = False) -> Config:
+    """The config of a process of a run, validated, with its token and TLS settings made this
+    process's; a user mistake exits with the message, not a traceback. `resume`: continue the run of
+    the last checkpoint (its `logging.run_name`)."""
     setup_logging()
     die_with_parent()
     keep_freed_memory()
     try:
-        cfg = load_config(args.config, overrides)
-        if getattr(args, "resume", False):
+        cfg = load_config(config_path, overrides)
+        if resume:
             from titan_rl.checkpoint import run_to_resume  # imports torch: only the trainer gets here
 
-            cfg = load_config(args.config, [*overrides, f"logging.run_name={run_to_resume(cfg.logging.checkpoint_path)}"])
-        tls = load_tls(cfg.security, args.config)
+            cfg = load_config(config_path, [*overrides, f"logging.run_name={run_to_resume(cfg.logging.checkpoint_path)}"])
+        tls = load_tls(cfg.security, config_path)
     except TitanError as e:
         sys.exit(f"error: {e}")
     use_token(cfg.security.token)

@@ -104,7 +104,7 @@ class DQNLearner(Learner):
         )
         self.optimizer.step()
         if batch.weights is not None:
-            batch.new_priorities = (out.priorities + PRIORITY_EPSILON).numpy()
+            batch.new_priorities = (out.priorities + PRIORITY_EPSILON).cpu().numpy()
         if (self.updates + 1) % c.target_update_every_updates == 0:  # self.updates counts earlier updates
             self._sync_target()
         return {"losses/td_loss": loss.item(), **out.metrics, "losses/grad_norm": float(grad_norm)}

@@ -40,16 +40,16 @@ class QRDQNLearner(DQNLearner):
             next_target = self.target(next_obs)  # [B, A, N]
             chooser = self.network(next_obs) if self.config.double_q else next_target
             next_action = chooser.mean(dim=2).argmax(dim=1)
-            next_quantiles = next_target[torch.arange(len(next_action)), next_action]  # [B, N]
+            next_quantiles = next_target[torch.arange(len(next_action), device=self.device), next_action]  # [B, N]
             target = batch["reward"].float()[:, None] + self.bootstrap_discount(batch)[:, None] * next_quantiles
-        chosen = quantiles[torch.arange(len(action)), action]  # [B, N]
+        chosen = quantiles[torch.arange(len(action), device=self.device), action]  # [B, N]
         u = target[:, None, :] - chosen[:, :, None]  # [B, N (predicted), N (target)]
         kappa = self.config.kappa
         if kappa > 0:  # Huber of each pairwise error, scaled so it meets |u| at kappa
             elementwise = torch.where(u.abs() <= kappa, 0.5 * u**2, kappa * (u.abs() - 0.5 * kappa)) / kappa
         else:
             elementwise = u.abs()
-        taus = (torch.arange(n, dtype=u.dtype) + 0.5) / n  # quantile midpoints
+        taus = (torch.arange(n, dtype=u.dtype, device=self.device) + 0.5) / n  # quantile midpoints
         weight = (taus[None, :, None] - (u.detach() < 0).float()).abs()  # under- and over-estimates weigh tau and 1 - tau
         per_item = (weight * elementwise).mean(dim=2).sum(dim=1)
         td = (target.mean(dim=1) - chosen.mean(dim=1)).detach().abs()

@@ -19,12 +19,13 @@ from titan_rl.clients.buffer import BatchPrefetcher, BufferClient, PriorityUpdat
 from titan_rl.config import Config
 from titan_rl.errors import ConfigError, TitanError
 from titan_rl.evaluation import Evaluator
-from titan_rl.launch import free_port
 from titan_rl.metrics import MetricsLogger
 from titan_rl.registry import build_algorithm, build_policy
 from titan_rl.rpc import make_server, set_serving
 from titan_rl.service import parse_service_args
-from titan_rl.trainer.distributed import LearnerGroup, LearnerRanks, average_gradients
+from titan_rl.trainer.device import distributed_backend, resolve_device
+from titan_rl.trainer.distributed import LearnerGroup, average_gradients, group_store
+from titan_rl.trainer.learner import LearnerRanks
 from titan_rl.trainer.loop import Summary, TrainingLoop
 from titan_rl.trainer.policy_store import PolicyStore
 from titan_rl.trainer.resume import best_of_run, resume_learner
@@ -92,17 +93,31 @@ def record_video(cfg: Config, summary: Summary, logger: MetricsLogger) -> None:
     logger.log_video(path, summary.env_steps)
 
 
-def start_learner_group(cfg: Config, learner: Learner) -> tuple[LearnerRanks, LearnerGroup]:
-    """Ranks 1..train.learners-1 as processes of their own, this process rank 0: they start from its
-    (perhaps resumed) learner and average gradients from then on."""
-    init_method = f"tcp://127.0.0.1:{free_port('127.0.0.1')}"
-    ranks = LearnerRanks(cfg, init_method)
-    group = LearnerGroup(0, cfg.train.learners, init_method)
+def start_learner_group(cfg: Config, learner: Learner) -> tuple[LearnerRanks | None, LearnerGroup]:
+    """This process as rank 0 of `train.learners` data-parallel learners: ranks 1.. run on this host
+    (started here) or, with `train.learner_group_address`, on hosts of their own. They start from
+    this process's (perhaps resumed) learner and average gradients from then on."""
+    t = cfg.train
+    store = group_store(t.learner_group_address or "127.0.0.1:0", 0, t.learners)
+    if t.learner_group_address:
+        ranks = None
+        log.info(
+            "learner group: waiting at %s for ranks 1..%d (python -m titan_rl.trainer.learner)", t.learner_group_address, t.learners - 1
+        )
+    else:
+        ranks = LearnerRanks(cfg, f"127.0.0.1:{store.port}")
+    group = LearnerGroup(0, t.learners, store, learner.device)
     group.share_from_rank_0(learner)
-    average_gradients(learner.network, group.world_size)
-    log.info("learner group of %d processes (torch.distributed, gloo): %d rows per optimizer step", group.world_size,
-             group.world_size * cfg.train.batch_size)  # fmt: skip
+    average_gradients(learner.network, group)
+    log.info("learner group of %d processes (torch.distributed, %s): %d rows per optimizer step", group.world_size,
+             distributed_backend(learner.device), group.world_size * t.batch_size)  # fmt: skip
     return ranks, group
+
+
+def stop_learner_group(ranks: LearnerRanks | None, group: LearnerGroup) -> None:
+    group.close()
+    if ranks is not None:
+        ranks.join()
 
 
 def run(cfg: Config) -> Summary:
@@ -112,7 +127,8 @@ def run(cfg: Config) -> Summary:
     algorithm = build_algorithm(cfg)
     policy = build_policy(cfg)
     algorithm.check_network(policy)
-    learner = algorithm.make_learner(policy)
+    device = resolve_device(cfg.train.device)
+    learner = algorithm.make_learner(policy.to(device))
     if not isinstance(learner, Learner):
         raise TitanError(f"algorithm.path={cfg.algorithm.path!r}: make_learner returned {type(learner).__name__}, not a Learner")
     check_writable(cfg.logging.checkpoint_path)
@@ -146,23 +162,23 @@ def run(cfg: Config) -> Summary:
     loop.publish()
     server.start()
     set_serving(health, [trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"].full_name])
-    log.info("trainer serving on %s:%d, run %s", cfg.trainer_server.host, port, name)
+    log.info("trainer serving on %s:%d, run %s, learning on %s", cfg.trainer_server.host, port, name, learner.device)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: loop.stop(end_run=False))
     try:
         logger.start()
         summary = loop.run()
-        if ranks is not None:
-            ranks.stop(group)
-            ranks = None
+        if group is not None:  # the other learners stop before the actors and the buffer are told
+            stop_learner_group(ranks, group)
+            group = None
         if loop.ends_run:
             end_run(store, cfg.buffer_server.dial_address, summary.stop_reason)
             if cfg.logging.video:
                 record_video(cfg, summary, logger)
         return summary
     finally:
-        if ranks is not None:
-            ranks.stop(group)
+        if group is not None:
+            stop_learner_group(ranks, group)
         store.close()
         evaluator.close()
         if priorities is not None:

@@ -180,13 +180,18 @@ class TrainingLoop:
                 self.logger.console(self.env_steps, f"{self.state}: the buffer holds back batches (too few records, or its rate limiter)")
                 continue
             self.state = "training"
-            batch = to_batch(sample.fields, sample.keys, sample.weights)
+            batch = to_batch(sample.fields, sample.keys, sample.weights, self.learner.device)
             if self.group is not None and not self.group.agree(True):
-                self._failure = "a learner process stopped; the run can be resumed"
-                self.ends_run = False
+                self._learner_lost()
                 continue
             with self.checkpoint_lock:  # a Checkpoint call never sees half an update
-                metrics = self.learner.update(batch)
+                try:
+                    metrics = self.learner.update(batch)
+                except RuntimeError as e:  # a rank gone mid-update fails its backward pass, before the step
+                    if self.group is None or not self.group.failed(e):
+                        raise
+                    self._learner_lost()
+                    continue
             if batch.new_priorities is not None and self.priorities is not None:
                 self.priorities.put(batch.keys, batch.new_priorities)
             self._loss_key = self._loss_key or next((k for k in metrics if k.startswith("losses/")), "")
@@ -228,6 +233,10 @@ class TrainingLoop:
         (self.logger.run_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=2))
         self.state = "done"
         return summary
+
+    def _learner_lost(self) -> None:
+        self._failure = "a learner process stopped; the run can be resumed"
+        self.ends_run = False
 
     def _submit_eval(self) -> bool:
         """Hand a snapshot of the learner to the evaluator; False while it is busy with the last one."""
