@@ -40,6 +40,7 @@ def test_default_config_has_the_seed_keys():
         ("train=3", "cartpole.yaml: train must be a mapping of keys, got 3"),
         ("train.device=gpu", "train.device='gpu' must be one of cpu, cuda, auto"),
         ("train.learner_group_address=trainer", "train.learner_group_address='trainer' must be host:port"),
+        ("train.learner_group_address=trainer:29500", "is set but train.learners=1: there is no group to meet"),
         ("train.learner_group_address=trainer:99999", "train.learner_group_address='trainer:99999' must be host:port"),
     ],
 )

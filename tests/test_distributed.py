@@ -97,6 +97,34 @@ def test_a_learner_whose_peer_dies_mid_run_stops_with_the_reason_instead_of_cras
     assert lost.startswith("a rank is gone") and int(updates) == 0, lost
 
 
+def _rank_told_how_the_run_ends(rank: int, address: str, run_ended: bool, out_dir: str) -> None:
+    from titan_rl.trainer.distributed import LearnerGroup, group_store
+    from titan_rl.trainer.learner import train_rank
+
+    learner = _learner("train.learners=2")
+    group = LearnerGroup(rank, 2, group_store(address, rank, 2, timeout_s=60), timeout_s=60)
+    group.share_from_rank_0(learner)
+    if rank == 0:
+        group.close(run_ended=run_ended)
+        return
+    train_rank(learner, group, lambda: None)  # waiting for batches that do not come: the store tells it to stop
+    Path(out_dir, "rank1.txt").write_text(str(group.run_ended()))
+    group.close()
+
+
+@pytest.mark.parametrize("run_ended", [True, False])
+def test_a_waiting_rank_learns_whether_the_run_ended_or_only_the_trainer_stopped(tmp_path, run_ended):
+    ctx = mp.get_context("spawn")
+    address = f"127.0.0.1:{free_port('127.0.0.1')}"
+    procs = [ctx.Process(target=_rank_told_how_the_run_ends, args=(r, address, run_ended, str(tmp_path))) for r in (0, 1)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(120)
+        assert proc.exitcode == 0
+    assert (tmp_path / "rank1.txt").read_text() == str(run_ended)
+
+
 @pytest.mark.e2e
 def test_a_run_with_two_learner_processes_solves_cartpole(tmp_path):
     from tests.test_end_to_end import launch

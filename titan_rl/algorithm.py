@@ -216,7 +216,8 @@ def to_batch(
 ) -> Batch:
     """Arrays as a Batch of tensors on `device` (default: the CPU), copied once, since arrays decoded
     from the wire are read-only views. To a GPU the one host copy goes into pinned memory, from which
-    the transfer runs asynchronously, overlapping the work the learner has already queued."""
+    the transfer is a DMA that does not block this thread (pageable memory would take a second,
+    blocking copy)."""
     if device is None or device.type == "cpu":
         to_tensor = _cpu_tensor
     else:

@@ -406,8 +406,11 @@ def _check_cross_fields(cfg: Config, where: str) -> None:
     if cfg.train.min_buffer_size > cfg.buffer_server.capacity_items:
         capacity = cfg.buffer_server.capacity_items
         raise ConfigError(f"{where}: train.min_buffer_size={cfg.train.min_buffer_size} exceeds buffer_server.capacity_items={capacity}")
-    if (group := cfg.train.learner_group_address) and not _is_host_port(group):
-        raise ConfigError(f"{where}: train.learner_group_address={group!r} must be host:port with a port in 1..65535")
+    if group := cfg.train.learner_group_address:
+        if not _is_host_port(group):
+            raise ConfigError(f"{where}: train.learner_group_address={group!r} must be host:port with a port in 1..65535")
+        if cfg.train.learners < 2:
+            raise ConfigError(f"{where}: train.learner_group_address={group!r} is set but train.learners=1: there is no group to meet")
     if cfg.train.batch_size > cfg.train.min_buffer_size:
         raise ConfigError(f"{where}: train.batch_size={cfg.train.batch_size} exceeds train.min_buffer_size={cfg.train.min_buffer_size}")
 

@@ -225,5 +225,6 @@ def wait_until_ready(channel: grpc.Channel, contact: float, peer_timeout_s: floa
         if gone_s >= warn_after_s:
             limit = "" if peer_timeout_s is None else f"; giving up at {peer_timeout_s:g}s (durability.peer_timeout_s)"
             log.warning("%s unreachable for %.0fs, still trying%s", peer, gone_s, limit)
-            warn_after_s *= 2
+            while warn_after_s <= gone_s:
+                warn_after_s *= 2
     return False

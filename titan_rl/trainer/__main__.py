@@ -13,6 +13,7 @@ from pathlib import Path
 
 import grpc
 import torch
+import torch.distributed as dist
 
 from titan_rl.algorithm import Learner
 from titan_rl.clients.buffer import BatchPrefetcher, BufferClient, PriorityUpdater
@@ -23,10 +24,10 @@ from titan_rl.metrics import MetricsLogger
 from titan_rl.registry import build_algorithm, build_policy
 from titan_rl.rpc import make_server, set_serving
 from titan_rl.service import parse_service_args
-from titan_rl.trainer.device import distributed_backend, resolve_device
+from titan_rl.trainer.device import distributed_backend, resolve_device, use_device
 from titan_rl.trainer.distributed import LearnerGroup, average_gradients, group_store
 from titan_rl.trainer.learner import LearnerRanks
-from titan_rl.trainer.loop import Summary, TrainingLoop
+from titan_rl.trainer.loop import LEARNER_LOST, Summary, TrainingLoop
 from titan_rl.trainer.policy_store import PolicyStore
 from titan_rl.trainer.resume import best_of_run, resume_learner
 from titan_rl.trainer.service import TrainerServicer
@@ -98,26 +99,26 @@ def start_learner_group(cfg: Config, learner: Learner) -> tuple[LearnerRanks | N
     (started here) or, with `train.learner_group_address`, on hosts of their own. They start from
     this process's (perhaps resumed) learner and average gradients from then on."""
     t = cfg.train
-    store = group_store(t.learner_group_address or "127.0.0.1:0", 0, t.learners)
-    if t.learner_group_address:
-        ranks = None
-        log.info(
-            "learner group: waiting at %s for ranks 1..%d (python -m titan_rl.trainer.learner)", t.learner_group_address, t.learners - 1
-        )
-    else:
-        ranks = LearnerRanks(cfg, f"127.0.0.1:{store.port}")
-    group = LearnerGroup(0, t.learners, store, learner.device)
-    group.share_from_rank_0(learner)
+    remote = bool(t.learner_group_address)
+    if not remote:
+        resolve_device(t.device, local_rank=t.learners - 1)  # every local rank has a GPU of its own
+    try:
+        store = group_store(t.learner_group_address or "127.0.0.1:0", 0, t.learners)
+        if remote:
+            ranks = None
+            log.info("learner group: waiting at %s for ranks 1..%d (python -m titan_rl.trainer.learner)", t.learner_group_address,
+                     t.learners - 1)  # fmt: skip
+        else:
+            ranks = LearnerRanks(cfg, f"127.0.0.1:{store.port}")
+        group = LearnerGroup(0, t.learners, store, learner.device)
+        group.share_from_rank_0(learner)
+    except dist.DistError as e:
+        where = f"train.learner_group_address={t.learner_group_address}" if remote else "the local learner ranks"
+        raise TitanError(f"learner group ({where}): ranks 1..{t.learners - 1} did not join: {e}") from e
     average_gradients(learner.network, group)
     log.info("learner group of %d processes (torch.distributed, %s): %d rows per optimizer step", group.world_size,
              distributed_backend(learner.device), group.world_size * t.batch_size)  # fmt: skip
     return ranks, group
-
-
-def stop_learner_group(ranks: LearnerRanks | None, group: LearnerGroup) -> None:
-    group.close()
-    if ranks is not None:
-        ranks.join()
 
 
 def run(cfg: Config) -> Summary:
@@ -128,6 +129,7 @@ def run(cfg: Config) -> Summary:
     policy = build_policy(cfg)
     algorithm.check_network(policy)
     device = resolve_device(cfg.train.device)
+    use_device(device)
     learner = algorithm.make_learner(policy.to(device))
     if not isinstance(learner, Learner):
         raise TitanError(f"algorithm.path={cfg.algorithm.path!r}: make_learner returned {type(learner).__name__}, not a Learner")
@@ -137,7 +139,6 @@ def run(cfg: Config) -> Summary:
         cfg = dataclasses.replace(cfg, logging=dataclasses.replace(cfg.logging, run_name=run_name(cfg)))
     name = cfg.logging.run_name
     counters = resume_learner(cfg, learner)
-    ranks, group = start_learner_group(cfg, learner) if cfg.train.learners > 1 else (None, None)
     logger = MetricsLogger(cfg, Path(cfg.logging.run_dir) / name, name)
     store = PolicyStore(first_version=int(counters.get("policy_version", -1)) + 1)
     t, table = cfg.train, algorithm.table()
@@ -153,7 +154,7 @@ def run(cfg: Config) -> Summary:
     priorities = PriorityUpdater(address, table.name) if table.kind == "prioritized" else None
     sources = BufferClient(address, timeout_s=1.0)  # episode statistics of every rollout replica, from their chunks
     evaluator = Evaluator(cfg, cfg.eval.episodes, cfg.budget.target_eval_return)
-    loop = TrainingLoop(cfg, learner, batches, store, logger, evaluator, sources=sources.sources, priorities=priorities, group=group)
+    loop = TrainingLoop(cfg, learner, batches, store, logger, evaluator, sources=sources.sources, priorities=priorities)
     loop.best_eval = best_of_run(cfg)  # even for a trainer that lost its last checkpoint: the best stays the best
     if counters:
         loop.resume(counters)
@@ -165,20 +166,25 @@ def run(cfg: Config) -> Summary:
     log.info("trainer serving on %s:%d, run %s, learning on %s", cfg.trainer_server.host, port, name, learner.device)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: loop.stop(end_run=False))
+    ranks: LearnerRanks | None = None
     try:
+        if cfg.train.learners > 1:  # once serving: health checks answer while the other ranks come
+            ranks, loop.group = start_learner_group(cfg, learner)
         logger.start()
-        summary = loop.run()
-        if group is not None:  # the other learners stop before the actors and the buffer are told
-            stop_learner_group(ranks, group)
-            group = None
+        summary = loop.run()  # which closes the group as training stops
+        if ranks is not None:  # the other learners are gone before the actors and the buffer are told
+            ranks.join()
+            ranks = None
         if loop.ends_run:
             end_run(store, cfg.buffer_server.dial_address, summary.stop_reason)
             if cfg.logging.video:
                 record_video(cfg, summary, logger)
         return summary
     finally:
-        if group is not None:
-            stop_learner_group(ranks, group)
+        if loop.group is not None:
+            loop.group.close(run_ended=False)
+        if ranks is not None:
+            ranks.join()
         store.close()
         evaluator.close()
         if priorities is not None:
@@ -205,6 +211,8 @@ def main(argv: list[str] | None = None) -> None:
         best,
         summary.checkpoint,
     )
+    if summary.stop_reason == LEARNER_LOST:  # non-zero, so that a Job or a supervisor starts it again to resume
+        raise SystemExit(f"error: {LEARNER_LOST}")
 
 
 if __name__ == "__main__":

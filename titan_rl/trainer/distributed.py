@@ -18,50 +18,74 @@ import contextlib
 import datetime
 import io
 import logging
+import socket
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from titan_rl.algorithm import Learner, cpu_state
+from titan_rl.errors import ConfigError
 from titan_rl.trainer.device import distributed_backend
 
 log = logging.getLogger(__name__)
 
 CPU = torch.device("cpu")
 GROUP_TIMEOUT_S = 300.0  # a collective (or a rank's first contact) that waits this long raises instead of hanging
-STOP_KEY = "titan_rl/stop"
+STOP_KEY = "titan_rl/stop"  # rank 0 sets it to END or PAUSE before its closing agree
+BACKEND_KEY = "titan_rl/backend"
+END, PAUSE = "end", "pause"  # the run is over / only this trainer stopped: the run resumes with a new one
 
 
 def group_store(address: str, rank: int, world_size: int, timeout_s: float = GROUP_TIMEOUT_S) -> dist.TCPStore:
-    """Where the ranks meet: rank 0 serves it on every interface at `address`'s port (0: a free one,
-    `.port` says which), the others dial `address`, retrying until rank 0 is up or `timeout_s` ends."""
+    """Where the ranks meet. Rank 0 serves it at `address`'s port: on every interface when the ranks
+    are on other hosts, on loopback only for `127.0.0.1:0` (a free local port, `.port` says which).
+    The others dial `address`, retrying until rank 0 is up or `timeout_s` ends."""
     host, _, port = address.rpartition(":")
     timeout = datetime.timedelta(seconds=timeout_s)
-    if rank == 0:  # the server binds every interface; rank 0's own client dials it on loopback
-        return dist.TCPStore("127.0.0.1", int(port), world_size, is_master=True, timeout=timeout, wait_for_workers=False)
-    return dist.TCPStore(host, int(port), world_size, is_master=False, timeout=timeout)
+    if rank != 0:
+        log.info("learner rank %d: joining the learner group at %s (waiting up to %.0fs for the trainer)", rank, address, timeout_s)
+        return dist.TCPStore(host, int(port), world_size, is_master=False, timeout=timeout)
+    listen_fd = None
+    if host == "127.0.0.1":  # local ranks only: nobody else on the network may join or stop the group
+        listener = socket.create_server(("127.0.0.1", int(port)))
+        port, listen_fd = listener.getsockname()[1], listener.detach()  # the store owns the socket from here
+    return dist.TCPStore(
+        "127.0.0.1", int(port), world_size, is_master=True, timeout=timeout, wait_for_workers=False, master_listen_fd=listen_fd
+    )  # rank 0's own client dials its server on loopback
 
 
 class LearnerGroup:
-    """This process's place in the group of data-parallel learners."""
+    """This process's place in the group of data-parallel learners.
+
+    The gradients travel over the device's backend (NCCL between GPUs); the control messages (the
+    agree before each update, rank 0's state at the start) over gloo on the CPU, where a rank that
+    is gone shows as an error at once instead of a hang until the timeout."""
 
     def __init__(self, rank: int, world_size: int, store: dist.Store, device: torch.device = CPU, timeout_s: float = GROUP_TIMEOUT_S):
-        if device.type == "cuda":
-            torch.cuda.set_device(device)  # NCCL's communicator of this rank lives on it
+        backend = distributed_backend(device)
+        if rank == 0:
+            store.set(BACKEND_KEY, backend)
+        elif (expected := store.get(BACKEND_KEY).decode()) != backend:
+            raise ConfigError(
+                f"train.device: learner rank {rank} would talk {backend} ({device}), rank 0 talks {expected}: "
+                "give every learner host the same device"
+            )
         timeout = datetime.timedelta(seconds=timeout_s)
-        dist.init_process_group(distributed_backend(device), store=store, rank=rank, world_size=world_size, timeout=timeout)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
+        self.control = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else dist.group.WORLD
         self.rank, self.world_size, self.device, self.store = rank, world_size, device, store
         self.open = True
+        self.closed = False
         self.lost: str | None = None  # why the group ended under this rank, if a rank (or rank 0's store) went away
 
     def agree(self, going_on: bool) -> bool:
         """True while every rank goes on; the first False (or a rank gone) ends it for all."""
         if not self.open:
             return False
-        flag = torch.tensor([1 if going_on else 0], dtype=torch.int32, device=self.device)
+        flag = torch.tensor([1 if going_on else 0], dtype=torch.int32)
         try:
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.control)
         except RuntimeError as e:  # a rank died: its socket closed, or the timeout ran out
             self.gone(e)
             return False
@@ -87,6 +111,16 @@ class LearnerGroup:
             self.lost = self.lost or f"rank 0's store is gone: {e}"
             return True
 
+    def run_ended(self) -> bool:
+        """After the group ended under a rank >= 1: whether rank 0 ended the run (else only that
+        trainer stopped, or a rank was lost, and the run goes on with a new group)."""
+        if self.lost is not None:
+            return False
+        try:
+            return self.store.get(STOP_KEY).decode() == END
+        except RuntimeError:  # rank 0 left before this rank asked: it had said so at the agree
+            return False
+
     def share_from_rank_0(self, learner: Learner) -> None:
         """Every rank continues from rank 0's learner, bit for bit: parameters, target network,
         optimizer state and update count, whatever each rank resumed (a rank on another host has
@@ -99,29 +133,29 @@ class LearnerGroup:
             size = torch.tensor([payload.numel()], dtype=torch.int64)
         else:
             size = torch.zeros(1, dtype=torch.int64)
-        self._broadcast(size)
+        dist.broadcast(size, src=0, group=self.control)
         if self.rank != 0:
             payload = torch.empty(int(size.item()), dtype=torch.uint8)
-        self._broadcast(payload)
+        dist.broadcast(payload, src=0, group=self.control)
         if self.rank != 0:
-            state = torch.load(io.BytesIO(payload.numpy().tobytes()), map_location=learner.device, weights_only=True)
-            learner.load_state_dict(state)
+            state = torch.load(io.BytesIO(payload.numpy().tobytes()), map_location="cpu", weights_only=True)
+            try:  # load_state_dict moves each tensor to where its parameter is
+                learner.load_state_dict(state)
+            except (RuntimeError, KeyError, ValueError) as e:
+                raise ConfigError(
+                    f"learner rank {self.rank}: its config builds another learner than rank 0's ({e}): give every rank the same config"
+                ) from e
 
-    def _broadcast(self, tensor: torch.Tensor) -> None:
-        """Rank 0's `tensor` into every rank's, in place (through the device: NCCL sends GPU tensors only)."""
-        if tensor.device == self.device:
-            dist.broadcast(tensor, src=0)
+    def close(self, run_ended: bool = True) -> None:
+        """Leave the group (once); rank 0 first tells every rank whether the run ended, which a rank
+        waiting for batches reads from the store, and every rank tells the others at a last `agree`
+        (unless the group already ended)."""
+        if self.closed:
             return
-        on_device = tensor.to(self.device)
-        dist.broadcast(on_device, src=0)
-        tensor.copy_(on_device)
-
-    def close(self) -> None:
-        """Leave the group; rank 0 first tells the ranks waiting for batches, and every rank tells
-        the others at a last `agree` (unless the group already ended)."""
+        self.closed = True
         if self.rank == 0:
             with contextlib.suppress(RuntimeError):
-                self.store.set(STOP_KEY, "1")
+                self.store.set(STOP_KEY, END if run_ended else PAUSE)
         if self.open:
             self.agree(False)
         dist.destroy_process_group()

@@ -7,7 +7,8 @@ On the trainer's host the trainer starts them itself (`LearnerRanks`). On hosts 
     python -m titan_rl.trainer.learner --config shared.yaml --rank 1
 
 A rank started before the trainer waits for it (up to GROUP_TIMEOUT_S); it exits 0 when the run
-ends, and with an error when the trainer goes away mid-run.
+ends, and non-zero when the group ends while the run goes on (the trainer stopped by a signal, or
+a rank gone), so that whatever supervises it starts it again for the next trainer.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import sys
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 
 from titan_rl.algorithm import Learner, to_batch
 from titan_rl.clients.buffer import BatchPrefetcher, PriorityUpdater
@@ -58,41 +60,40 @@ def _spawned_rank(cfg: Config, rank: int, address: str) -> None:
     setup_logging()
     use_tls(load_tls(cfg.security))
     try:
-        if (lost := run_learner_rank(cfg, rank, address)) is not None:
-            log.error("learner rank %d: %s", rank, lost)
-    except TitanError as e:
+        if (why := run_learner_rank(cfg, rank, rank, address)) is not None:
+            log.error("learner rank %d: %s", rank, why)
+    except (TitanError, dist.DistError) as e:
         log.error("learner rank %d: %s", rank, e)
 
 
-def run_learner_rank(cfg: Config, rank: int, address: str) -> str | None:
-    """Join the group at `address` as `rank`, take rank 0's learner, and update on this rank's own
-    batches until the group ends; returns why it ended under this rank if another rank went away."""
+def run_learner_rank(cfg: Config, rank: int, local_rank: int, address: str) -> str | None:
+    """Join the group at `address` as `rank` (the `local_rank`-th learner of this host), take rank
+    0's learner, and update on this rank's own batches until the group ends. None when the run
+    ended; else why the group ended while the run goes on (a rank lost, or the trainer stopped)."""
     from titan_rl.registry import build_algorithm, build_policy
-    from titan_rl.trainer.device import resolve_device
+    from titan_rl.trainer.device import resolve_device, use_device
 
     torch.set_num_threads(cfg.train.torch_threads)
     torch.manual_seed(cfg.seed + rank)
     algorithm = build_algorithm(cfg)
-    device = resolve_device(cfg.train.device, local_rank=rank)
+    device = resolve_device(cfg.train.device, local_rank)
+    use_device(device)
     learner = algorithm.make_learner(build_policy(cfg).to(device))
     group = LearnerGroup(rank, cfg.train.learners, group_store(address, rank, cfg.train.learners), device)
     t, table = cfg.train, algorithm.table()
-    address_of_buffer = cfg.buffer_server.dial_address
+    buffer = cfg.buffer_server.dial_address
     batches = BatchPrefetcher(
-        address_of_buffer,
-        t.batch_size,
-        t.batches_per_request(),
-        t.prefetch_requests,
-        table.name,
-        peer_timeout_s=cfg.durability.peer_timeout_s,
+        buffer, t.batch_size, t.batches_per_request(), t.prefetch_requests, table.name, peer_timeout_s=cfg.durability.peer_timeout_s
     )
-    priorities = PriorityUpdater(address_of_buffer, table.name) if table.kind == "prioritized" else None
+    priorities = PriorityUpdater(buffer, table.name) if table.kind == "prioritized" else None
     try:
         group.share_from_rank_0(learner)
         average_gradients(learner.network, group)
         log.info("learner rank %d of %d on %s: learning", rank, group.world_size, device)
         train_rank(learner, group, lambda: batches.next(timeout_s=WAIT_POLL_S), priorities)
-        return group.lost
+        if group.run_ended():
+            return None
+        return group.lost or "the trainer stopped and the run goes on: start this rank again for the next trainer"
     finally:
         group.close()
         batches.close()
@@ -129,6 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--config", default="config/cartpole.yaml", help="the run's YAML config (the trainer's)")
     parser.add_argument("--rank", type=int, required=True, help="this learner's rank, 1 .. train.learners-1 (the trainer is 0)")
+    parser.add_argument("--local-rank", type=int, default=0, help="which of this host's learners it is, and so its GPU (default 0)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, as the trainer's")
     args = parser.parse_intermixed_args(argv)
     cfg = load_service_config(args.config, args.overrides)
@@ -140,13 +142,13 @@ def main(argv: list[str] | None = None) -> None:
             )
         if not 1 <= args.rank < t.learners:
             raise ConfigError(f"--rank {args.rank}: must be in 1..{t.learners - 1} (train.learners={t.learners}; the trainer is rank 0)")
-        lost = run_learner_rank(cfg, args.rank, t.learner_group_address)
+        why = run_learner_rank(cfg, args.rank, args.local_rank, t.learner_group_address)
     except TitanError as e:
         sys.exit(f"error: {e}")
-    except RuntimeError as e:  # torch.distributed: the trainer never came, or went away mid-run
-        sys.exit(f"error: learner rank {args.rank}: the group at {t.learner_group_address} failed: {e}")
-    if lost is not None:
-        sys.exit(f"error: learner rank {args.rank}: {lost}")
+    except dist.DistError as e:  # the trainer never came, or went away mid-run
+        sys.exit(f"error: learner rank {args.rank}: the learner group at {t.learner_group_address} failed: {e}")
+    if why is not None:  # non-zero, so that a Job or a supervisor starts it again for the next trainer
+        sys.exit(f"error: learner rank {args.rank}: {why}")
     log.info("learner rank %d: the run ended", args.rank)
 
 

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 WAIT_POLL_S = 0.5
 EVAL_WAIT_S = 120.0
+LEARNER_LOST = "a learner process stopped; the run can be resumed"
 LIVE_SOURCE_S = 30.0  # a replica that sent no chunk for this long no longer counts towards the acting version
 
 
@@ -217,6 +218,8 @@ class TrainingLoop:
                 next_save = now + save_every_s
         self.state = "stopping"
         log.info("stopping: %s", reason)
+        if self.group is not None:  # before the final evaluation: the other ranks are not kept waiting at an agree
+            self.group.close(run_ended=self.ends_run)
         self._final_eval()
         last = self.save(last_path(self.cfg.logging.checkpoint_path))
         summary = Summary(
@@ -235,7 +238,7 @@ class TrainingLoop:
         return summary
 
     def _learner_lost(self) -> None:
-        self._failure = "a learner process stopped; the run can be resumed"
+        self._failure = LEARNER_LOST
         self.ends_run = False
 
     def _submit_eval(self) -> bool:
