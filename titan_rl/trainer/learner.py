@@ -103,6 +103,7 @@ def run_learner_rank(cfg: Config, rank: int, local_rank: int, address: str) -> s
 
 def train_rank(learner: Learner, group: LearnerGroup, next_sample: Callable, priorities: PriorityUpdater | None = None) -> None:
     """Update on this rank's own batches while every rank goes on."""
+    device = learner.device
     while True:
         sample = next_sample()
         if sample is None:
@@ -111,7 +112,7 @@ def train_rank(learner: Learner, group: LearnerGroup, next_sample: Callable, pri
             continue
         if not group.agree(True):
             return
-        batch = to_batch(sample.fields, sample.keys, sample.weights, learner.device)
+        batch = to_batch(sample.fields, sample.keys, sample.weights, device)
         try:
             learner.update(batch)
         except RuntimeError as e:

@@ -173,6 +173,7 @@ class TrainingLoop:
         next_save = self._start + save_every_s
         window: dict[str, list[float]] = defaultdict(list)
         updates_at_log, steps_at_log, time_at_log = 0, 0, self._start
+        device = self.learner.device
         while (reason := self._budget_reason()) is None:
             for result in self.evaluator.results():
                 self._record_eval(result)
@@ -181,7 +182,7 @@ class TrainingLoop:
                 self.logger.console(self.env_steps, f"{self.state}: the buffer holds back batches (too few records, or its rate limiter)")
                 continue
             self.state = "training"
-            batch = to_batch(sample.fields, sample.keys, sample.weights, self.learner.device)
+            batch = to_batch(sample.fields, sample.keys, sample.weights, device)
             if self.group is not None and not self.group.agree(True):
                 self._learner_lost()
                 continue
