@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -92,7 +93,10 @@ def test_a_learner_whose_peer_dies_mid_run_stops_with_the_reason_instead_of_cras
         proc.start()
     for proc in procs.values():
         proc.join(120)
-    assert procs[1 - dying_rank].exitcode == 0, "the surviving rank crashed"
+    # what the survivor wrote after the failure is the check: gloo may still abort it (SIGABRT) at
+    # exit, tearing down pairs whose peer died mid-collective, after everything is written
+    assert (tmp_path / "survivor.txt").exists(), f"the surviving rank crashed before it could stop (exit {procs[1 - dying_rank].exitcode})"
+    assert procs[1 - dying_rank].exitcode in (0, -signal.SIGABRT)
     lost, updates = (tmp_path / "survivor.txt").read_text().splitlines()
     assert lost.startswith("a rank is gone") and int(updates) == 0, lost
 

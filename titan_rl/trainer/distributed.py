@@ -158,7 +158,8 @@ class LearnerGroup:
                 self.store.set(STOP_KEY, END if run_ended else PAUSE)
         if self.open:
             self.agree(False)
-        dist.destroy_process_group()
+        if self.lost is None:  # gloo can abort the process tearing down a group whose peer died mid-collective
+            dist.destroy_process_group()
 
 
 def average_gradients(network: nn.Module, group: LearnerGroup) -> None:
