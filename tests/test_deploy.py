@@ -37,9 +37,10 @@ def test_every_pod_pulls_a_local_image_is_probed_sized_and_not_root(name, doc):
             assert {"cpu", "memory"} <= set(container["resources"][bound]), (name, bound)
 
 
-def test_the_image_runs_as_the_manifests_user_and_its_build_context_leaves_out_local_state():
+def test_the_image_runs_as_the_manifests_user_with_cpu_torch_and_its_build_context_leaves_out_local_state():
     dockerfile = (REPO / "deploy" / "Dockerfile").read_text()
     assert "USER 10001" in dockerfile
+    assert "ARG TORCH_BACKEND=cpu" in dockerfile and "--torch-backend=$TORCH_BACKEND" in dockerfile, "torch: the CPU build unless asked"
     ignored = (REPO / ".dockerignore").read_text().split()
     assert {".venv", ".git", "runs", "*.pth"} <= set(ignored)
 
