@@ -72,6 +72,7 @@ def train(config: str, overrides: list[str], out: str, final_seed: int) -> None:
                 while owed_updates >= 1:
                     rows = table.sample(t.batch_size)
                     batch = to_batch(rows.fields(), rows.keys, rows.weights)
+                    learner.env_steps = env_steps
                     learner.update(batch)
                     if batch.new_priorities is not None:
                         table.update_priorities(batch.keys, batch.new_priorities)

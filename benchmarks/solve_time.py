@@ -51,7 +51,7 @@ def eval_checkpoint(path: Path, episodes: int, seed: int) -> float:
     return float(np.mean(returns))
 
 
-def run_titan(seed: int, budget: int, work: Path, final_seed: int) -> dict:
+def run_titan(seed: int, budget: int, work: Path, final_seed: int, overrides: list[str]) -> dict:
     name = f"titan-seed{seed}"
     ckpt = work / f"{name}.pth"
     cmd = [
@@ -68,6 +68,7 @@ def run_titan(seed: int, budget: int, work: Path, final_seed: int) -> dict:
         f"logging.run_dir={work}",
         f"logging.run_name={name}",
         f"logging.checkpoint_path={ckpt}",
+        *overrides,
     ]
     launched = time.time()
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
@@ -89,10 +90,10 @@ def run_titan(seed: int, budget: int, work: Path, final_seed: int) -> dict:
     }
 
 
-def run_module(module: str, name: str, seed: int, budget: int, work: Path, final_seed: int) -> dict:
+def run_module(module: str, name: str, seed: int, budget: int, work: Path, final_seed: int, overrides: list[str] = ()) -> dict:
     """A one-process side (benchmarks.sb3_dqn or benchmarks.inproc_twin) writing eval rows to a JSON-lines file."""
     out = work / f"{name}-seed{seed}.jsonl"
-    cmd = [sys.executable, "-m", module, "--seed", str(seed), "--budget", str(budget), "--out", str(out), "--final-seed", str(final_seed)]
+    cmd = [sys.executable, "-m", module, "--seed", str(seed), "--budget", str(budget), "--out", str(out), "--final-seed", str(final_seed), *overrides]
     launched = time.time()
     subprocess.run(cmd, cwd=REPO, check=True)
     wall = time.time() - launched
@@ -101,12 +102,12 @@ def run_module(module: str, name: str, seed: int, budget: int, work: Path, final
     return {"solved_s": solved_s, "solved_steps": solved_steps, "wall_s": wall, "final": rows[-1]["final_mean_return"]}
 
 
-def run_sb3(seed: int, budget: int, work: Path, final_seed: int) -> dict:
-    return run_module("benchmarks.sb3_dqn", "sb3", seed, budget, work, final_seed)
+def run_sb3(seed: int, budget: int, work: Path, final_seed: int, overrides: list[str]) -> dict:
+    return run_module("benchmarks.sb3_dqn", "sb3", seed, budget, work, final_seed)  # the zoo's settings: no overrides
 
 
-def run_twin(seed: int, budget: int, work: Path, final_seed: int) -> dict:
-    return run_module("benchmarks.inproc_twin", "twin", seed, budget, work, final_seed)
+def run_twin(seed: int, budget: int, work: Path, final_seed: int, overrides: list[str]) -> dict:
+    return run_module("benchmarks.inproc_twin", "twin", seed, budget, work, final_seed, overrides)
 
 
 def fmt(x: float | None, spec: str = ".1f") -> str:
@@ -123,6 +124,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--budget", type=int, default=50_000)
     parser.add_argument("--only", choices=["titan", "twin", "sb3"], nargs="+", help="run these sides only")
+    parser.add_argument("overrides", nargs="*", help="section.key=value for titan and the twin, as for run.sh")
     args = parser.parse_args()
     results: dict[str, list[dict]] = {"titan": [], "twin": [], "sb3": []}
     runners = {"titan": run_titan, "twin": run_twin, "sb3": run_sb3}
@@ -132,7 +134,7 @@ def main() -> None:
             sides = list(runners)
             for side in sides[i % 3 :] + sides[: i % 3]:
                 if args.only is None or side in args.only:
-                    r = runners[side](seed, args.budget, work, final_seed=10_000 + seed)
+                    r = runners[side](seed, args.budget, work, final_seed=10_000 + seed, overrides=args.overrides)
                     results[side].append({"seed": seed, **r})
                     print(
                         f"{side:5s} seed {seed}: solved at {fmt(r['solved_s'])}s / {fmt(r['solved_steps'], 'd')} env steps, "

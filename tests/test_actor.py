@@ -6,7 +6,7 @@ from models.actor_critic import ActorCriticMLP
 from models.simple_policy import SimplePolicy
 from tests.helpers import make_config, make_config_from
 from titan_rl.evaluation import evaluate
-from titan_rl.off_policy import linear_epsilon
+from titan_rl.off_policy import linear_schedule
 from titan_rl.registry import build_algorithm
 from titan_rl.rollout.actor import VectorActor
 
@@ -94,11 +94,11 @@ def test_a_list_of_final_epsilons_gives_each_worker_its_own():
     assert [algo.make_actor(policy, w, seed=0).metrics()["epsilon"] for w in (0, 1)] == [0.5, 0.01]
 
 
-def test_linear_epsilon_schedule():
-    assert linear_epsilon(1.0, 0.1, 100, 0) == 1.0
-    assert abs(linear_epsilon(1.0, 0.1, 100, 50) - 0.55) < 1e-9
-    assert linear_epsilon(1.0, 0.1, 100, 1000) == 0.1
-    assert linear_epsilon(1.0, 0.1, 0, 0) == 0.1
+def test_linear_schedule_schedule():
+    assert linear_schedule(1.0, 0.1, 100, 0) == 1.0
+    assert abs(linear_schedule(1.0, 0.1, 100, 50) - 0.55) < 1e-9
+    assert linear_schedule(1.0, 0.1, 100, 1000) == 0.1
+    assert linear_schedule(1.0, 0.1, 0, 0) == 0.1
 
 
 def test_greedy_evaluation_runs_one_episode_per_env():

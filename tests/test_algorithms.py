@@ -266,6 +266,33 @@ def test_polyak_target_update_moves_the_target_a_fraction_toward_the_online_net(
         torch.testing.assert_close(new, old + 0.25 * (online - old))
 
 
+@pytest.mark.parametrize("end", ["algorithm.config.lr_decay_end_env_steps=1000", "budget.max_env_steps=1000"])
+def test_learning_rate_holds_then_decays_linearly_on_the_buffer_env_step_count_then_holds(end):
+    learner = dqn_learner(
+        "algorithm.config.lr=0.01", "algorithm.config.lr_final=0.001", "algorithm.config.lr_decay_start_env_steps=200", end,
+        path="trainers.qr_dqn.QRDQN",
+    )
+    lrs = []
+    for env_steps in (0, 200, 600, 1000, 5000):
+        learner.env_steps = env_steps
+        metrics = learner.update(fixed_batch())
+        lrs.append(learner.optimizer.param_groups[0]["lr"])
+        assert metrics["losses/lr"] == lrs[-1]
+    np.testing.assert_allclose(lrs, [0.01, 0.01, 0.0055, 0.001, 0.001])
+
+
+def test_a_decay_that_starts_after_it_ends_is_refused_naming_the_key_and_file():
+    with pytest.raises(ConfigError, match=r"cartpole.yaml.*lr_decay_start_env_steps=200000 must come before the decay's end \(100000"):
+        make_config("algorithm.config.lr_final=0.001", "algorithm.config.lr_decay_start_env_steps=200000")
+
+
+def test_learning_rate_stays_put_without_lr_final():
+    learner = dqn_learner("algorithm.config.lr=0.01")
+    learner.env_steps = 10**9
+    assert "losses/lr" not in learner.update(fixed_batch())
+    assert learner.optimizer.param_groups[0]["lr"] == 0.01
+
+
 def test_qr_dqn_learns_the_quantiles_of_a_random_terminal_reward():
     # kappa = 0: the plain quantile loss, whose minimiser is the exact quantiles (a Huber zone pulls them inward)
     learner = dqn_learner("algorithm.config.lr=0.01", "algorithm.config.kappa=0", path="trainers.qr_dqn.QRDQN")

@@ -160,6 +160,10 @@ class Learner(ABC):
     numbers, strings and containers of them, so checkpoints load with `torch.load(weights_only=True)`.
     """
 
+    env_steps: int = 0
+    """The buffer-wide env-step count when the batch being learned from was sampled: schedules
+    (a learning rate's decay) run on it, the clock the actors' exploration follows."""
+
     def __init__(self, network: nn.Module):
         self.network = network
         self.updates = 0

@@ -42,7 +42,8 @@ class OffPolicyConfig:
     """Prioritized replay: env steps over which beta reaches 1; 0 = budget.max_env_steps."""
 
 
-def linear_epsilon(start: float, end: float, decay_steps: int, step: int) -> float:
+def linear_schedule(start: float, end: float, decay_steps: int, step: int) -> float:
+    """`start` at step 0, linearly to `end` at `decay_steps`, then `end` (at once when `decay_steps` is 0)."""
     if decay_steps <= 0 or step >= decay_steps:
         return end
     return start + (end - start) * step / decay_steps
@@ -63,7 +64,7 @@ class EpsilonGreedyActor(Actor):
     @property
     def epsilon(self) -> float:
         c = self.algorithm.config
-        return linear_epsilon(c.epsilon_start, self.final_epsilon, c.epsilon_decay_env_steps, self.env_steps)
+        return linear_schedule(c.epsilon_start, self.final_epsilon, c.epsilon_decay_env_steps, self.env_steps)
 
     def act(self, obs: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         greedy = self.algorithm.greedy_actions(self.network, obs)

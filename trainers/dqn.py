@@ -22,8 +22,10 @@ from torch import nn
 
 from models.simple_policy import SimplePolicy
 from titan_rl.algorithm import Batch, Learner
+from titan_rl.config import Config as RunConfig
 from titan_rl.config import range_metadata
-from titan_rl.off_policy import OffPolicyAlgorithm, OffPolicyConfig
+from titan_rl.errors import ConfigError
+from titan_rl.off_policy import OffPolicyAlgorithm, OffPolicyConfig, linear_schedule
 
 PRIORITY_EPSILON = 1e-6
 """Added to |TD error| so no item's priority is ever 0."""
@@ -34,7 +36,14 @@ class DQNConfig(OffPolicyConfig):
     """DQN's section of the YAML (`algorithm.config`), on top of every off-policy algorithm's keys."""
 
     lr: float = field(default=1e-3, metadata=range_metadata(0, 10))
-    """Adam learning rate."""
+    """Adam learning rate (at env step 0 when `lr_final` is set)."""
+    lr_final: float | None = field(default=None, metadata=range_metadata(0, 10))
+    """Learning rate reached at `lr_decay_end_env_steps`, linearly from `lr`, then kept; null keeps
+    `lr`. A decay makes the last policy of a run settle rather than oscillate."""
+    lr_decay_start_env_steps: int = field(default=0, metadata=range_metadata(0))
+    """Env step (buffer-wide) where the decay starts: `lr` until then, so early learning keeps its pace."""
+    lr_decay_end_env_steps: int = field(default=0, metadata=range_metadata(0))
+    """Env step where the learning rate reaches `lr_final`; 0 = budget.max_env_steps."""
     target_update_every_updates: int = field(default=250, metadata=range_metadata(1))
     """Target-network sync period in updates (1 with a small tau: Polyak averaging every update)."""
     target_update_tau: float = field(default=1.0, metadata=range_metadata(0.0001, 1))
@@ -54,9 +63,11 @@ class LossOutput(NamedTuple):
 
 
 class DQNLearner(Learner):
-    def __init__(self, network: nn.Module, config: DQNConfig):
+    def __init__(self, network: nn.Module, config: DQNConfig, lr_decay_end_env_steps: int = 0):
+        """`lr_decay_end_env_steps`: the resolved `config.lr_decay_end_env_steps` (the budget where that is 0)."""
         super().__init__(network)
         self.config = config
+        self.lr_decay_end_env_steps = lr_decay_end_env_steps
         self.target = copy.deepcopy(network).requires_grad_(False)
         # state_dict values share storage with the modules, so these pairs stay valid across updates
         pairs = list(zip(self.target.state_dict().values(), network.state_dict().values(), strict=True))
@@ -97,6 +108,9 @@ class DQNLearner(Learner):
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         c = self.config
+        if c.lr_final is not None:
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.learning_rate()
         grad_norm = (
             torch.nn.utils.clip_grad_norm_(self.network.parameters(), c.max_grad_norm, foreach=True)
             if c.max_grad_norm > 0
@@ -107,7 +121,18 @@ class DQNLearner(Learner):
             batch.new_priorities = (out.priorities + PRIORITY_EPSILON).cpu().numpy()
         if (self.updates + 1) % c.target_update_every_updates == 0:  # self.updates counts earlier updates
             self._sync_target()
-        return {"losses/td_loss": loss.item(), **out.metrics, "losses/grad_norm": float(grad_norm)}
+        metrics = {"losses/td_loss": loss.item(), **out.metrics, "losses/grad_norm": float(grad_norm)}
+        if c.lr_final is not None:
+            metrics["losses/lr"] = self.optimizer.param_groups[0]["lr"]
+        return metrics
+
+    def learning_rate(self) -> float:
+        """`lr` until `lr_decay_start_env_steps`, then linearly to `lr_final` at the decay's end."""
+        c = self.config
+        if c.lr_final is None:
+            return c.lr
+        start = c.lr_decay_start_env_steps
+        return linear_schedule(c.lr, c.lr_final, self.lr_decay_end_env_steps - start, max(self.env_steps - start, 0))
 
     @torch.no_grad()
     def _sync_target(self) -> None:
@@ -133,9 +158,22 @@ class DQN(OffPolicyAlgorithm):
     """Epsilon-greedy actors, n-step transitions in a uniform or prioritized replay table, a TD learner."""
 
     Config = DQNConfig
+    learner_class: type[DQNLearner] = DQNLearner
+    """What `make_learner` builds: a variant with its own loss sets its subclass (trainers/qr_dqn.py)."""
+
+    @classmethod
+    def check_config(cls, cfg: RunConfig, where: str) -> None:
+        super().check_config(cfg, where)
+        c = cfg.algorithm.config
+        end = c.lr_decay_end_env_steps or cfg.budget.max_env_steps
+        if c.lr_final is not None and c.lr_decay_start_env_steps >= end:
+            raise ConfigError(
+                f"{where}: algorithm.config.lr_decay_start_env_steps={c.lr_decay_start_env_steps} must come before the decay's end "
+                f"({end}: lr_decay_end_env_steps, or budget.max_env_steps where that is 0)"
+            )
 
     def make_learner(self, network: nn.Module) -> DQNLearner:
-        return DQNLearner(network, self.config)
+        return self.learner_class(network, self.config, self.config.lr_decay_end_env_steps or self.cfg.budget.max_env_steps)
 
     def tiny_network(self) -> nn.Module:
         return SimplePolicy(math.prod(self.env.obs_shape), self.env.n_actions, [32])

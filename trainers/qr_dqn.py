@@ -58,6 +58,7 @@ class QRDQNLearner(DQNLearner):
 
 class QRDQN(DQN):
     Config = QRDQNConfig
+    learner_class = QRDQNLearner
 
     def q_values(self, network: nn.Module, obs: torch.Tensor) -> torch.Tensor:
         return network(obs).mean(dim=2)
@@ -70,9 +71,6 @@ class QRDQN(DQN):
                 f"policy.path={self.cfg.policy.path!r}: QR-DQN needs outputs of shape [B, {self.env.n_actions}, quantiles] "
                 f"(e.g. policy.kwargs.num_atoms: 32), got {tuple(out.shape)}"
             )
-
-    def make_learner(self, network: nn.Module) -> QRDQNLearner:
-        return QRDQNLearner(network, self.config)
 
     def tiny_network(self) -> nn.Module:
         return SimplePolicy(math.prod(self.env.obs_shape), self.env.n_actions, [32], num_atoms=8)

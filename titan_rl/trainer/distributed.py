@@ -76,20 +76,25 @@ class LearnerGroup:
         self.control = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else dist.group.WORLD
         self.rank, self.world_size, self.device, self.store = rank, world_size, device, store
         self.open = True
+        self.agreed_env_steps = 0
         self.closed = False
         self.lost: str | None = None  # why the group ended under this rank, if a rank (or rank 0's store) went away
 
-    def agree(self, going_on: bool) -> bool:
-        """True while every rank goes on; the first False (or a rank gone) ends it for all."""
+    def agree(self, going_on: bool, env_steps: int = 0) -> bool:
+        """True while every rank goes on; the first False (or a rank gone) ends it for all.
+
+        Each rank also brings the env-step count of its batch; `agreed_env_steps` becomes the least
+        of them, the one clock every rank's learner schedules run on, so their updates stay equal."""
         if not self.open:
             return False
-        flag = torch.tensor([1 if going_on else 0], dtype=torch.int32)
+        flags = torch.tensor([1 if going_on else 0, env_steps], dtype=torch.int64)
         try:
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.control)
+            dist.all_reduce(flags, op=dist.ReduceOp.MIN, group=self.control)
         except RuntimeError as e:  # a rank died: its socket closed, or the timeout ran out
             self.gone(e)
             return False
-        self.open = bool(flag.item())
+        self.open = bool(flags[0])
+        self.agreed_env_steps = int(flags[1])
         return self.open
 
     def gone(self, error: RuntimeError) -> None:

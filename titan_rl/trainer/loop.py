@@ -183,9 +183,13 @@ class TrainingLoop:
                 continue
             self.state = "training"
             batch = to_batch(sample.fields, sample.keys, sample.weights, device)
-            if self.group is not None and not self.group.agree(True):
-                self._learner_lost()
-                continue
+            self._count_env_steps(sample.env_steps_total)
+            self.learner.env_steps = self.env_steps
+            if self.group is not None:
+                if not self.group.agree(True, self.env_steps):
+                    self._learner_lost()
+                    continue
+                self.learner.env_steps = self.group.agreed_env_steps
             with self.checkpoint_lock:  # a Checkpoint call never sees half an update
                 try:
                     metrics = self.learner.update(batch)
@@ -199,7 +203,6 @@ class TrainingLoop:
             self._loss_key = self._loss_key or next((k for k in metrics if k.startswith("losses/")), "")
             for key, value in metrics.items():
                 window[key].append(value)
-            self._count_env_steps(sample.env_steps_total)
             if self.learner.updates % t.policy_sync_every_updates == 0:
                 self.publish()
             if self.env_steps >= next_eval and self._submit_eval():
