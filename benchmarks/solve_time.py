@@ -15,6 +15,9 @@ Targets: median TITAN-RL time to solve <= 1.0x the twin's and <= 0.5x SB3's; TIT
 
     .venv/bin/pip install -r benchmarks/requirements.txt
     .venv/bin/python -m benchmarks.solve_time --seeds 0 1 2 3 4 5 6 7 8 9
+    .venv/bin/python -m benchmarks.solve_time --only titan --seeds 0 1 -- algorithm.config.lr_final=0.0002
+
+Overrides (after `--`) apply to TITAN-RL and the twin, never to SB3's zoo settings.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -90,7 +94,7 @@ def run_titan(seed: int, budget: int, work: Path, final_seed: int, overrides: li
     }
 
 
-def run_module(module: str, name: str, seed: int, budget: int, work: Path, final_seed: int, overrides: list[str] = ()) -> dict:
+def run_module(module: str, name: str, seed: int, budget: int, work: Path, final_seed: int, overrides: Sequence[str] = ()) -> dict:
     """A one-process side (benchmarks.sb3_dqn or benchmarks.inproc_twin) writing eval rows to a JSON-lines file."""
     out = work / f"{name}-seed{seed}.jsonl"
     cmd = [sys.executable, "-m", module, "--seed", str(seed), "--budget", str(budget), "--out", str(out), "--final-seed", str(final_seed), *overrides]
@@ -154,7 +158,7 @@ def main() -> None:
             ratio = median_solved(results["titan"]) / median_solved(results[baseline])
             met = "MET" if ratio <= target and every_seed else "NOT MET"
             print(f"ratio titan/{baseline} median time to solve: {ratio:.2f} (target <= {target:.2f}, final >= 475 every seed): {met}")
-    print(json.dumps({"benchmark": "solve_time", **results}))
+    print(json.dumps({"benchmark": "solve_time", "overrides": args.overrides, **results}))
 
 
 if __name__ == "__main__":

@@ -94,7 +94,7 @@ def test_a_list_of_final_epsilons_gives_each_worker_its_own():
     assert [algo.make_actor(policy, w, seed=0).metrics()["epsilon"] for w in (0, 1)] == [0.5, 0.01]
 
 
-def test_linear_schedule_schedule():
+def test_linear_schedule():
     assert linear_schedule(1.0, 0.1, 100, 0) == 1.0
     assert abs(linear_schedule(1.0, 0.1, 100, 50) - 0.55) < 1e-9
     assert linear_schedule(1.0, 0.1, 100, 1000) == 0.1

@@ -277,7 +277,7 @@ def test_learning_rate_holds_then_decays_linearly_on_the_buffer_env_step_count_t
         learner.env_steps = env_steps
         metrics = learner.update(fixed_batch())
         lrs.append(learner.optimizer.param_groups[0]["lr"])
-        assert metrics["losses/lr"] == lrs[-1]
+        assert metrics["charts/learning_rate"] == lrs[-1]
     np.testing.assert_allclose(lrs, [0.01, 0.01, 0.0055, 0.001, 0.001])
 
 
@@ -286,10 +286,14 @@ def test_a_decay_that_starts_after_it_ends_is_refused_naming_the_key_and_file():
         make_config("algorithm.config.lr_final=0.001", "algorithm.config.lr_decay_start_env_steps=200000")
 
 
-def test_learning_rate_stays_put_without_lr_final():
+def test_learning_rate_is_lr_without_lr_final_even_when_the_resumed_optimizer_state_decayed_it():
+    decayed = dqn_learner("algorithm.config.lr=0.01", "algorithm.config.lr_final=0.001")
+    decayed.env_steps = 10**9
+    decayed.update(fixed_batch())
     learner = dqn_learner("algorithm.config.lr=0.01")
-    learner.env_steps = 10**9
-    assert "losses/lr" not in learner.update(fixed_batch())
+    learner.load_state_dict(decayed.state_dict())
+    assert learner.optimizer.param_groups[0]["lr"] == 0.001
+    assert learner.update(fixed_batch())["charts/learning_rate"] == 0.01
     assert learner.optimizer.param_groups[0]["lr"] == 0.01
 
 

@@ -161,8 +161,9 @@ class Learner(ABC):
     """
 
     env_steps: int = 0
-    """The buffer-wide env-step count when the batch being learned from was sampled: schedules
-    (a learning rate's decay) run on it, the clock the actors' exploration follows."""
+    """The run's env-step count (counted by the buffer over every actor) when the batch being
+    learned from was sampled: schedules (a learning rate's decay) run on it, the clock the actors'
+    exploration follows. Data-parallel ranks all take rank 0's."""
 
     def __init__(self, network: nn.Module):
         self.network = network

@@ -14,7 +14,7 @@ import copy
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -63,7 +63,7 @@ class LossOutput(NamedTuple):
 
 
 class DQNLearner(Learner):
-    def __init__(self, network: nn.Module, config: DQNConfig, lr_decay_end_env_steps: int = 0):
+    def __init__(self, network: nn.Module, config: DQNConfig, *, lr_decay_end_env_steps: int):
         """`lr_decay_end_env_steps`: the resolved `config.lr_decay_end_env_steps` (the budget where that is 0)."""
         super().__init__(network)
         self.config = config
@@ -108,9 +108,9 @@ class DQNLearner(Learner):
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         c = self.config
-        if c.lr_final is not None:
-            for group in self.optimizer.param_groups:
-                group["lr"] = self.learning_rate()
+        lr = self.learning_rate()  # set every update: a resumed optimizer state holds the lr it was saved with
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
         grad_norm = (
             torch.nn.utils.clip_grad_norm_(self.network.parameters(), c.max_grad_norm, foreach=True)
             if c.max_grad_norm > 0
@@ -121,10 +121,7 @@ class DQNLearner(Learner):
             batch.new_priorities = (out.priorities + PRIORITY_EPSILON).cpu().numpy()
         if (self.updates + 1) % c.target_update_every_updates == 0:  # self.updates counts earlier updates
             self._sync_target()
-        metrics = {"losses/td_loss": loss.item(), **out.metrics, "losses/grad_norm": float(grad_norm)}
-        if c.lr_final is not None:
-            metrics["losses/lr"] = self.optimizer.param_groups[0]["lr"]
-        return metrics
+        return {"losses/td_loss": loss.item(), **out.metrics, "losses/grad_norm": float(grad_norm), "charts/learning_rate": lr}
 
     def learning_rate(self) -> float:
         """`lr` until `lr_decay_start_env_steps`, then linearly to `lr_final` at the decay's end."""
@@ -158,7 +155,7 @@ class DQN(OffPolicyAlgorithm):
     """Epsilon-greedy actors, n-step transitions in a uniform or prioritized replay table, a TD learner."""
 
     Config = DQNConfig
-    learner_class: type[DQNLearner] = DQNLearner
+    learner_class: ClassVar[type[DQNLearner]] = DQNLearner
     """What `make_learner` builds: a variant with its own loss sets its subclass (trainers/qr_dqn.py)."""
 
     @classmethod
@@ -173,7 +170,9 @@ class DQN(OffPolicyAlgorithm):
             )
 
     def make_learner(self, network: nn.Module) -> DQNLearner:
-        return self.learner_class(network, self.config, self.config.lr_decay_end_env_steps or self.cfg.budget.max_env_steps)
+        return self.learner_class(
+            network, self.config, lr_decay_end_env_steps=self.config.lr_decay_end_env_steps or self.cfg.budget.max_env_steps
+        )
 
     def tiny_network(self) -> nn.Module:
         return SimplePolicy(math.prod(self.env.obs_shape), self.env.n_actions, [32])

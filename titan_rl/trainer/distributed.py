@@ -83,11 +83,13 @@ class LearnerGroup:
     def agree(self, going_on: bool, env_steps: int = 0) -> bool:
         """True while every rank goes on; the first False (or a rank gone) ends it for all.
 
-        Each rank also brings the env-step count of its batch; `agreed_env_steps` becomes the least
-        of them, the one clock every rank's learner schedules run on, so their updates stay equal."""
+        Rank 0 also brings the run's env-step count (the other ranks' `env_steps` is ignored): it
+        becomes every rank's `agreed_env_steps`, the one clock their learners' schedules run on, so
+        their updates stay equal and follow the count the actors' exploration follows."""
         if not self.open:
             return False
-        flags = torch.tensor([1 if going_on else 0, env_steps], dtype=torch.int64)
+        clock = env_steps if self.rank == 0 else torch.iinfo(torch.int64).max  # the MIN picks rank 0's
+        flags = torch.tensor([1 if going_on else 0, clock], dtype=torch.int64)
         try:
             dist.all_reduce(flags, op=dist.ReduceOp.MIN, group=self.control)
         except RuntimeError as e:  # a rank died: its socket closed, or the timeout ran out

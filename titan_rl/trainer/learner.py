@@ -110,7 +110,7 @@ def train_rank(learner: Learner, group: LearnerGroup, next_sample: Callable, pri
             if group.stopping():
                 return
             continue
-        if not group.agree(True, sample.env_steps_total):
+        if not group.agree(True):
             return
         batch = to_batch(sample.fields, sample.keys, sample.weights, device)
         learner.env_steps = group.agreed_env_steps
