@@ -7,6 +7,7 @@ inside the training process, so evaluation time counts the same on both sides) a
 and a last line {"final_mean_return", "final_returns", "wall_s"} is appended.
 
     python -m benchmarks.sb3_dqn --env Acrobot-v1 --budget 100000 --eval-every 5000 --out sb3.jsonl
+    python -m benchmarks.sb3_dqn --env titan_rl.minatar_envs:MinAtar/Breakout-v1 --budget 500000 --eval-every 25000 --out sb3.jsonl
 """
 
 from __future__ import annotations
@@ -15,13 +16,18 @@ import argparse
 import json
 import time
 
+import gymnasium as gym
 import numpy as np
 import torch
 from stable_baselines3 import DQN
 from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from torch import nn
 
+from models.minatar_cnn import MinAtarCNN
 from titan_rl.evaluation import ActFn, evaluate
+
+MINATAR_BREAKOUT = "titan_rl.minatar_envs:MinAtar/Breakout-v1"
 
 # rl-baselines3-zoo hyperparams/dqn.yml (LunarLander's entry is for v2; v3 differs in bug fixes only)
 ZOO = {
@@ -66,6 +72,38 @@ ZOO = {
     ),
 }
 ZOO["LunarLander-v3"] = ZOO["Acrobot-v1"]  # the zoo gives LunarLander-v2 exactly Acrobot's settings
+
+
+class MinAtarFeatures(BaseFeaturesExtractor):
+    """models/minatar_cnn.py's network up to its last hidden layer; SB3's Q-head (net_arch=[]) adds
+    the output layer, so both sides learn the same network."""
+
+    def __init__(self, observation_space: gym.spaces.Box, hidden_size: int = 128):
+        super().__init__(observation_space, hidden_size)
+        grid_size, _, in_channels = observation_space.shape
+        self.cnn = MinAtarCNN(in_channels, action_dim=1, grid_size=grid_size, hidden_size=hidden_size)
+        self.cnn.net = self.cnn.net[:-1]
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.cnn(obs)
+
+
+# The zoo has no MinAtar entry: config/minatar_breakout.yaml's settings in SB3's keys (SB3's DQN has
+# neither double Q nor n-step returns), for the same work per env step: 1 update of 128 every 4.
+# exploration_fraction is the config's 100k env steps of a 500k budget.
+ZOO[MINATAR_BREAKOUT] = dict(
+    learning_rate=2.5e-4,
+    batch_size=128,
+    buffer_size=100_000,
+    learning_starts=5000,
+    gamma=0.99,
+    target_update_interval=1000,
+    train_freq=4,
+    gradient_steps=1,
+    exploration_fraction=0.2,
+    exploration_final_eps=0.05,
+    policy_kwargs=dict(features_extractor_class=MinAtarFeatures, net_arch=[]),
+)
 
 
 def greedy(q_net: nn.Module) -> ActFn:
