@@ -97,7 +97,8 @@ def run_titan(seed: int, budget: int, work: Path, final_seed: int, overrides: li
 def run_module(module: str, name: str, seed: int, budget: int, work: Path, final_seed: int, overrides: Sequence[str] = ()) -> dict:
     """A one-process side (benchmarks.sb3_dqn or benchmarks.inproc_twin) writing eval rows to a JSON-lines file."""
     out = work / f"{name}-seed{seed}.jsonl"
-    cmd = [sys.executable, "-m", module, "--seed", str(seed), "--budget", str(budget), "--out", str(out), "--final-seed", str(final_seed), *overrides]
+    cmd = [sys.executable, "-m", module, "--seed", str(seed), "--budget", str(budget), "--out", str(out), "--final-seed", str(final_seed)]
+    cmd += overrides
     launched = time.time()
     subprocess.run(cmd, cwd=REPO, check=True)
     wall = time.time() - launched
