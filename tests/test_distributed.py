@@ -39,8 +39,8 @@ def _rank(rank: int, address: str, out_dir: str) -> None:
     average_gradients(learner.network, group)
     half = {name: values[rank * ROWS // 2 : (rank + 1) * ROWS // 2] for name, values in fixed_batch(ROWS, seed=1).items()}
     for update in range(UPDATES):
-        assert group.agree(True, env_steps=1000 * update + 7 * rank)  # the ranks' batches were sampled at different counts...
-        assert group.agreed_env_steps == 1000 * update  # ...and their schedules run on rank 0's, the run's
+        assert group.agree(True, env_steps=1000 * update - 7 * rank)  # rank 1 brings a smaller count than rank 0...
+        assert group.agreed_env_steps == 1000 * update  # ...but every schedule runs on rank 0's, the run's
         learner.update(half)
     torch.save(learner.network.state_dict(), Path(out_dir) / f"rank{rank}.pt")
     group.close()
