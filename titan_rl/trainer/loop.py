@@ -184,12 +184,10 @@ class TrainingLoop:
             self.state = "training"
             batch = to_batch(sample.fields, sample.keys, sample.weights, device)
             self._count_env_steps(sample.env_steps_total)
-            self.learner.env_steps = self.env_steps
-            if self.group is not None:
-                if not self.group.agree(True, self.env_steps):
-                    self._learner_lost()
-                    continue
-                self.learner.env_steps = self.group.agreed_env_steps
+            self.learner.env_steps = self.env_steps  # rank 0's count: every learner rank's clock
+            if self.group is not None and not self.group.agree(True, self.env_steps):
+                self._learner_lost()
+                continue
             with self.checkpoint_lock:  # a Checkpoint call never sees half an update
                 try:
                     metrics = self.learner.update(batch)
