@@ -188,10 +188,13 @@ def test_a_killed_rollout_worker_is_restarted(run_factory):
     for service in ("buffer", "trainer", "rollout"):
         run.start(service)
     wait_until(lambda: (s := run.trainer_status()) and s.env_steps > 2000, 120, "collection")
-    pgrep = subprocess.run(["pgrep", "-P", str(run.procs["rollout"].pid)], capture_output=True, text=True)
-    children = [int(pid) for pid in pgrep.stdout.split()]  # the pool's spawned workers, and multiprocessing's resource tracker
-    workers = [pid for pid in children if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
-    assert len(workers) == 2, pgrep
+    def children(pid: int) -> list[int]:
+        return [int(child) for child in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()]
+
+    # the pool's forkserver (beside multiprocessing's resource tracker), and the workers forked from it
+    (forkserver,) = [pid for pid in children(run.procs["rollout"].pid) if b"forkserver" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    workers = children(forkserver)
+    assert len(workers) == 2, workers
     os.kill(workers[0], signal.SIGKILL)
     wait_until(lambda: "restarting" in run.log("rollout"), 20, "the pool to notice")
     steps = run.trainer_status().env_steps

@@ -320,6 +320,45 @@ def test_each_service_runs_alone_with_host_and_port_flags(service, tmp_path):
     assert proc.returncode == 0 and "Traceback" not in output, output
 
 
+def parent_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def maps_torch(pid: int) -> bool:
+    """Whether process `pid` has torch's C++ library loaded."""
+    try:
+        return "libtorch_cpu" in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+
+
+def test_rollout_workers_share_one_import_of_torch(tmp_path):
+    """Workers are forked from one process that imported the worker module (torch, gymnasium)
+    once, instead of each spawned worker importing it again: each import costs about
+    2 CPU-seconds of everyone's start-up on a small machine."""
+    port = free_port("127.0.0.1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "titan_rl.rollout", "--port", str(port), "rollout_server.num_workers=3"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    from titan_rl.rpc import is_serving
+
+    try:
+        deadline = time.monotonic() + 60
+        while not is_serving(f"127.0.0.1:{port}") and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stdout.read()
+            time.sleep(0.2)
+        below = {pid: parent_of(pid) for pid in descendants(proc.pid) if maps_torch(pid)}
+        (forkserver,) = {pid for pid, parent in below.items() if parent == proc.pid}
+        assert sorted(parent for pid, parent in below.items() if pid != forkserver) == [forkserver] * 3
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+
+
 def test_rollout_stops_with_a_clear_error_when_the_policy_does_not_fit_the_env():
     result = subprocess.run(
         [sys.executable, "-m", "titan_rl.rollout", "--port", "0", "policy.kwargs={state_dim: 3, action_dim: 2}"],
