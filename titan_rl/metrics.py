@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import re
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from rich.logging import RichHandler
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from titan_rl.config import Config, shareable_config_dict
+from titan_rl.errors import TitanError
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +108,10 @@ class MetricsLogger:
         self.cfg, self.run_name = cfg, run_name
         self.progress: ConsoleProgress | None = None
         self._wandb = None
+        self._wandb_opening: threading.Thread | None = None
+        self._wandb_lock = threading.Lock()
+        self._wandb_held: list[tuple[dict[str, Any], int]] | None = None  # rows logged while the run opens
+        self._wandb_error: Exception | None = None
         self._tensorboard = None
         if cfg.logging.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -113,17 +119,26 @@ class MetricsLogger:
             self._tensorboard = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
 
     def start(self) -> None:
-        """Open the W&B run (about a second), then the console view.
+        """Open the W&B run on a thread of its own, then the console view.
 
-        Called once the trainer serves, so the actors start collecting meanwhile.
+        Opening it takes over a second (wandb's imports and its wandb-core process): in the
+        trainer's main thread that delayed the first update of every run by as much. Rows
+        logged meanwhile are held and sent, in order, once the run is open.
         """
         mode = wandb_mode(self.cfg)
         if mode != "disabled":
             os.environ["WANDB_MODE"] = mode  # an env var, not just init(mode=...): no network attempt at all offline
+            os.environ["WANDB_SILENT"] = "true"  # no banners, sparklines or sync hints: one line below says where the run is
+            self._wandb_held = []
+            self._wandb_opening = threading.Thread(target=self._open_wandb, args=(mode,), name="wandb-init", daemon=True)
+            self._wandb_opening.start()
+        self.progress = ConsoleProgress(self.cfg.budget.max_env_steps, self.cfg.logging.console)
+
+    def _open_wandb(self, mode: str) -> None:
+        try:
             import wandb
 
-            os.environ["WANDB_SILENT"] = "true"  # no banners, sparklines or sync hints: one line below says where the run is
-            self._wandb = wandb.init(
+            run = wandb.init(
                 project=self.cfg.logging.wandb_project,
                 name=self.run_name,
                 id=wandb_run_id(self.run_name),  # a resumed run logs on to the same W&B run
@@ -132,14 +147,29 @@ class MetricsLogger:
                 config=shareable_config_dict(self.cfg),
                 mode=mode,
             )
-            where = self._wandb.url if mode == "online" else f"{Path(self._wandb.dir).parent} (`wandb sync` uploads it)"
-            log.info("W&B %s run: %s", mode, where)
-        self.progress = ConsoleProgress(self.cfg.budget.max_env_steps, self.cfg.logging.console)
+        except Exception as e:  # raised to the trainer by the next log()
+            with self._wandb_lock:
+                self._wandb_error, self._wandb_held = e, None
+            return
+        with self._wandb_lock:
+            for metrics, env_steps in self._wandb_held or ():
+                run.log(metrics, step=env_steps)
+            self._wandb, self._wandb_held = run, None
+        where = run.url if mode == "online" else f"{Path(run.dir).parent} (`wandb sync` uploads it)"
+        log.info("W&B %s run: %s", mode, where)
+
+    def _to_wandb(self, metrics: dict[str, Any], env_steps: int) -> None:
+        with self._wandb_lock:
+            if self._wandb_error is not None:
+                raise TitanError(f"W&B run could not start: {type(self._wandb_error).__name__}: {self._wandb_error}")
+            if self._wandb_held is not None:
+                self._wandb_held.append((metrics, env_steps))
+            elif self._wandb is not None:
+                self._wandb.log(metrics, step=env_steps)
 
     def log(self, metrics: dict[str, Any], env_steps: int) -> None:
         self._jsonl.write(json.dumps({"env_steps": env_steps, **metrics}) + "\n")
-        if self._wandb is not None:
-            self._wandb.log(metrics, step=env_steps)
+        self._to_wandb(metrics, env_steps)
         if self._tensorboard is not None:
             for key, value in metrics.items():
                 if isinstance(value, int | float):
@@ -147,10 +177,10 @@ class MetricsLogger:
 
     def log_video(self, path: Path, env_steps: int) -> None:
         """A video file of the agent, to W&B (the file itself stays in the run folder)."""
-        if self._wandb is not None:
+        if self._wandb_opening is not None:
             import wandb
 
-            self._wandb.log({"video/greedy_episode": wandb.Video(str(path), format="mp4")}, step=env_steps)
+            self._to_wandb({"video/greedy_episode": wandb.Video(str(path), format="mp4")}, env_steps)
 
     def console(self, env_steps: int, line: str) -> None:
         if self.progress is not None:
@@ -162,5 +192,7 @@ class MetricsLogger:
         self._jsonl.close()
         if self._tensorboard is not None:
             self._tensorboard.close()
+        if self._wandb_opening is not None:
+            self._wandb_opening.join()
         if self._wandb is not None:
             self._wandb.finish()
