@@ -68,6 +68,7 @@ def train(config: str, overrides: list[str], out: str, final_seed: int) -> None:
             if len(step.records[next(iter(step.records))]):
                 table.insert_fields(step.records, env_steps=step.env_steps)
             if table.info().size >= t.min_buffer_size:
+                evaluator.start()  # once learning starts, as the trainer does
                 owed_updates += t.updates_per_env_step * step.env_steps
                 while owed_updates >= 1:
                     rows = table.sample(t.batch_size)

@@ -66,6 +66,10 @@ class Evaluator:
     learner while it ran. The child rebuilds the algorithm and network from the config and
     loads each snapshot's policy weights from `torch.save` bytes (`weights_only=True`).
 
+    The process starts with `start()` (or the first `submit`): the trainer starts it once
+    training has begun, so that its imports (about 2 CPU-seconds) do not compete with the
+    services' own start-up on a small machine.
+
     `submit` hands over a job if the evaluator is idle (a job arriving while one runs is
     dropped: the next interval brings a fresher one); `results()` returns finished ones. One
     lucky set of episodes must not end training: a score that reaches `target` is confirmed on
@@ -83,7 +87,11 @@ class Evaluator:
             name="evaluator",
             daemon=True,
         )
-        self._process.start()
+
+    def start(self) -> None:
+        """Start the evaluator process, if not yet started."""
+        if self._process.pid is None:
+            self._process.start()
 
     @property
     def idle(self) -> bool:
@@ -93,6 +101,7 @@ class Evaluator:
         """Queue `job` if no evaluation is running; False if one is."""
         if self._running is not None:
             return False
+        self.start()
         if not self._process.is_alive():
             raise TitanError(f"the evaluator process exited with code {self._process.exitcode}")
         buffer = io.BytesIO()
@@ -117,6 +126,8 @@ class Evaluator:
         return [EvalResult(job, reply)]
 
     def close(self) -> None:
+        if self._process.pid is None:
+            return
         with contextlib.suppress(ValueError, OSError):
             self._jobs.put(None, timeout=1.0)
         self._process.join(5.0)
