@@ -359,6 +359,27 @@ def test_rollout_workers_share_one_import_of_torch(tmp_path):
         proc.communicate(timeout=30)
 
 
+def test_a_killed_rollout_service_takes_its_workers_with_it():
+    """Not after durability.peer_timeout_s without a trainer: at once, though the forkserver they
+    were forked from outlives the service."""
+    port = free_port("127.0.0.1")
+    command = [sys.executable, "-m", "titan_rl.rollout", "--port", str(port)]
+    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    from titan_rl.rpc import is_serving
+
+    deadline = time.monotonic() + 60
+    while not is_serving(f"127.0.0.1:{port}") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    workers = {pid for pid in descendants(proc.pid) if maps_torch(pid)}
+    assert len(workers) == 3  # two workers and their forkserver
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 20
+    while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(alive(pid) for pid in workers)
+
+
 def test_rollout_stops_with_a_clear_error_when_the_policy_does_not_fit_the_env():
     result = subprocess.run(
         [sys.executable, "-m", "titan_rl.rollout", "--port", "0", "policy.kwargs={state_dim: 3, action_dim: 2}"],

@@ -177,3 +177,40 @@ def test_a_checkpoint_name_that_is_a_symlink_loop_is_refused_by_name(tmp_path):
     (tmp_path / "b.pth").symlink_to(tmp_path / "a.pth")
     with pytest.raises(TitanError, match="'a.pth' cannot name a file"):
         requested_path("a.pth", tmp_path / "checkpoint.pth")
+
+
+EVALUATOR_OWNER = """
+import os, signal, struct
+from tests.helpers import make_config
+from titan_rl.evaluation import Evaluator
+
+evaluator = Evaluator(make_config(), 2)
+evaluator.start()
+print(evaluator._process.pid, flush=True)
+# the first bytes of a job too large for the pipe, as when the trainer is killed in the middle of sending one
+os.write(evaluator._jobs._writer.fileno(), struct.pack("!i", 1_000_000) + bytes(1000))
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_the_evaluator_exits_when_the_trainer_dies_in_the_middle_of_sending_a_job():
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from tests.helpers import REPO
+
+    owner = subprocess.run([sys.executable, "-c", EVALUATOR_OWNER], cwd=REPO, capture_output=True, text=True, timeout=120)
+    evaluator_pid = int(owner.stdout.split()[0])
+
+    def running() -> bool:
+        try:
+            return Path(f"/proc/{evaluator_pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    deadline = time.monotonic() + 60
+    while running() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not running(), "the evaluator outlived its trainer, blocked on a half-sent job"

@@ -6,7 +6,6 @@ import contextlib
 import io
 import logging
 import multiprocessing as mp
-import os
 import queue
 import signal
 from collections.abc import Callable, Mapping
@@ -83,7 +82,7 @@ class Evaluator:
         self._running: EvalJob | None = None
         self._process = ctx.Process(
             target=_evaluator_main,
-            args=(config_to_dict(cfg), episodes, target, self._jobs, self._results, os.getpid()),
+            args=(config_to_dict(cfg), episodes, target, self._jobs, self._results),
             name="evaluator",
             daemon=True,
         )
@@ -136,11 +135,13 @@ class Evaluator:
             self._process.join(1.0)
 
 
-def _evaluator_main(raw_config: dict[str, Any], episodes: int, target: float | None, jobs: Any, results: Any, parent_pid: int) -> None:
+def _evaluator_main(raw_config: dict[str, Any], episodes: int, target: float | None, jobs: Any, results: Any) -> None:
     """The evaluator process: rebuild the network from the config, then score every job it is sent."""
     from titan_rl.registry import build_algorithm, build_policy
+    from titan_rl.service import exit_with_parent_process
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the trainer stops it through `jobs`
+    exit_with_parent_process()  # a trainer that dies without a word
     torch.set_num_threads(1)
     cfg = config_from_dict(raw_config, "evaluator config")
     algorithm, network = build_algorithm(cfg), build_policy(cfg).eval()
@@ -150,12 +151,7 @@ def _evaluator_main(raw_config: dict[str, Any], episodes: int, target: float | N
         return evaluate(lambda obs: algorithm.greedy_actions(network, obs), env_name, episodes, seed)
 
     while True:
-        try:
-            job = jobs.get(timeout=1.0)
-        except queue.Empty:
-            if os.getppid() != parent_pid:  # the trainer died without a word
-                return
-            continue
+        job = jobs.get()
         if job is None:
             return
         seed, confirm_seed, weights = job

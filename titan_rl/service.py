@@ -6,6 +6,7 @@ import argparse
 import ctypes
 import dataclasses
 import logging
+import multiprocessing as mp
 import os
 import signal
 import sys
@@ -44,6 +45,26 @@ def die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     if os.getppid() != int(parent):
         sys.exit(f"parent {parent} exited before this service started")
+
+
+def exit_with_parent_process() -> None:
+    """In a multiprocessing child (a rollout worker, the evaluator): end this process the moment the
+    process that started it is gone, whatever this one's main thread is blocked on.
+
+    A daemon thread waits on multiprocessing's parent sentinel. Polling `os.getppid()` from the
+    main thread was not enough: a trainer killed while writing a job left its evaluator blocked
+    for good in the middle of a queue read, and a worker forked from a forkserver keeps the
+    forkserver, its parent by pid, alive after the service that asked for it has died.
+    """
+    parent = mp.parent_process()
+    if parent is None:
+        return
+
+    def exit_once_parent_is_gone() -> None:
+        parent.join()
+        os._exit(0)
+
+    threading.Thread(target=exit_once_parent_is_gone, name="parent-watch", daemon=True).start()
 
 
 def keep_freed_memory() -> None:

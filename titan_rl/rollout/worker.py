@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
-import os
 import signal
 import sys
 import time
@@ -21,7 +20,7 @@ from titan_rl.registry import build_algorithm, build_policy
 from titan_rl.rollout.actor import VectorActor
 from titan_rl.rollout.service import CONFIG_ERROR_EXIT_CODE, PEER_GONE_EXIT_CODE, RUN_FINISHED_EXIT_CODE
 from titan_rl.rollout.stats import WorkerReport
-from titan_rl.service import keep_freed_memory, setup_logging
+from titan_rl.service import exit_with_parent_process, keep_freed_memory, setup_logging
 from titan_rl.tls import load_tls, use_tls
 
 log = logging.getLogger(__name__)
@@ -40,6 +39,7 @@ def run_worker(cfg: Config, worker_id: int, stop: mp.Event, reports: mp.Queue) -
     pool reads when the run has finished or a peer is gone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the rollout service stops us through `stop`
     setup_logging()
+    exit_with_parent_process()
     keep_freed_memory()
     torch.set_num_threads(1)
     r = cfg.rollout_server
@@ -86,15 +86,14 @@ def _collect(
     subscriber: PolicySubscriber,
     sender: ChunkSender,
 ) -> None:
-    """Act with the latest weights and send what the adder writes, until `stop`, the parent's death,
-    or the trainer's end or absence."""
+    """Act with the latest weights and send what the adder writes, until `stop`, or the trainer's end
+    or absence (the rollout service's death ends the process: `exit_with_parent_process`)."""
     r = cfg.rollout_server
-    parent = os.getppid()
     global_id, seed = worker_identity(cfg, worker_id)
     actor = None
     try:
         while not subscriber.wait_first(timeout_s=1.0):
-            if stop.is_set() or os.getppid() != parent or subscriber.finished.is_set() or subscriber.gone.is_set():
+            if stop.is_set() or subscriber.finished.is_set() or subscriber.gone.is_set():
                 return
             log.info("worker %d: waiting for the first weights from %s", worker_id, cfg.trainer_server.dial_address)
         acting = algorithm.make_actor(policy, worker_id, seed)
@@ -142,8 +141,6 @@ def _collect(
                 reports.put(report)
                 report = WorkerReport(worker_id, steps, report.actor_metrics, version)
                 next_report = now + REPORT_EVERY_S
-                if os.getppid() != parent:
-                    return
     finally:
         if actor is not None:
             actor.close()
