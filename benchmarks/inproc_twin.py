@@ -8,7 +8,8 @@ after each vector step the learner catches up to `train.updates_per_env_step` up
 step once `train.min_buffer_size` records are stored, and the actors act with the learner's own
 network (the freshest weights, no publishing).
 
-Every evaluation appends {"time", "env_steps", "mean_return"} to `--out` (the format of
+Learning's start appends {"time", "first_update": env_steps} to `--out`, every evaluation
+{"time", "env_steps", "mean_return"} (the format of
 benchmarks/sb3_dqn.py); at the end the final policy is scored on fresh episodes and a last line
 {"final_mean_return", "final_returns", "wall_s"} is appended. Run by benchmarks/solve_time.py.
 
@@ -68,7 +69,10 @@ def train(config: str, overrides: list[str], out: str, final_seed: int) -> None:
             if len(step.records[next(iter(step.records))]):
                 table.insert_fields(step.records, env_steps=step.env_steps)
             if table.info().size >= t.min_buffer_size:
-                evaluator.start()  # once learning starts, as the trainer does
+                if not learner.updates:
+                    evaluator.start()  # once learning starts, as the trainer does
+                    with open(out, "a") as f:
+                        f.write(json.dumps({"time": time.time(), "first_update": env_steps}) + "\n")
                 owed_updates += t.updates_per_env_step * step.env_steps
                 while owed_updates >= 1:
                     rows = table.sample(t.batch_size)

@@ -88,6 +88,8 @@ def run_titan(seed: int, budget: int, work: Path, final_seed: int, overrides: li
     return {
         "solved_s": solved_s,
         "solved_steps": solved_steps,
+        # the loop logs at its first update (then every logging.log_interval_s)
+        "first_update_s": next(r["charts/time"] for r in rows if r.get("charts/updates", 0) >= 1) - launched,
         "wall_s": wall,
         "final": eval_checkpoint(ckpt, 20, final_seed),
         "final_last": eval_checkpoint(ckpt.with_name(f"{ckpt.stem}_last.pth"), 20, final_seed),
@@ -104,7 +106,9 @@ def run_module(module: str, name: str, seed: int, budget: int, work: Path, final
     wall = time.time() - launched
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     solved_s, solved_steps = first_solved([r for r in rows if "mean_return" in r], launched)
-    return {"solved_s": solved_s, "solved_steps": solved_steps, "wall_s": wall, "final": rows[-1]["final_mean_return"]}
+    result = {"solved_s": solved_s, "solved_steps": solved_steps, "wall_s": wall, "final": rows[-1]["final_mean_return"]}
+    first_update = [r["time"] for r in rows if "first_update" in r]  # the twin says when it first learned
+    return result | ({"first_update_s": first_update[0] - launched} if first_update else {})
 
 
 def run_sb3(seed: int, budget: int, work: Path, final_seed: int, overrides: list[str]) -> dict:
@@ -145,14 +149,18 @@ def main() -> None:
                         f"{side:5s} seed {seed}: solved at {fmt(r['solved_s'])}s / {fmt(r['solved_steps'], 'd')} env steps, "
                         f"final eval {r['final']:.1f}"
                         + (f" (last policy {r['final_last']:.1f})" if "final_last" in r else "")
+                        + (f", first update at {r['first_update_s']:.1f}s" if "first_update_s" in r else "")
                         + f", run {r['wall_s']:.1f}s",
                         flush=True,
                     )
-    print("\nside   median solve s   median solve steps   final >= 475")
+    print("\nside   median solve s   median solve steps   final >= 475   median first update s")
     for side, rs in results.items():
         if rs:
             steps = statistics.median([r["solved_steps"] if r["solved_steps"] is not None else float("inf") for r in rs])
-            print(f"{side:5s}  {median_solved(rs):14.1f}   {steps:18.0f}   {sum(r['final'] >= SOLVED for r in rs)}/{len(rs)}")
+            first = [r["first_update_s"] for r in rs if "first_update_s" in r]
+            solved = f"{sum(r['final'] >= SOLVED for r in rs)}/{len(rs)}"
+            first_s = fmt(statistics.median(first)) if first else "-"
+            print(f"{side:5s}  {median_solved(rs):14.1f}   {steps:18.0f}   {solved:>12s}   {first_s:>21s}")
     every_seed = all(r["final"] >= SOLVED for r in results["titan"])
     for baseline, target in (("twin", 1.0), ("sb3", 0.5)):
         if results["titan"] and results[baseline]:

@@ -128,6 +128,7 @@ def test_the_one_process_twin_trains_evaluates_and_scores_its_final_policy(tmp_p
     out = tmp_path / "twin.jsonl"
     inproc_twin.main(["--budget", "3000", "--out", str(out), "eval.interval_env_steps=1000", "eval.episodes=3"])
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    evals, final = rows[:-1], rows[-1]
+    (start,), evals, final = rows[:1], rows[1:-1], rows[-1]
+    assert 1000 <= start["first_update"] < 1100 and start["time"] > 0  # once min_buffer_size (1000) records are stored
     assert evals and all(r["env_steps"] >= 1000 and np.isfinite(r["mean_return"]) for r in evals)
     assert len(final["final_returns"]) == 3 and final["wall_s"] > 0
