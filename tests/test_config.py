@@ -35,6 +35,7 @@ def test_default_config_has_the_seed_keys():
         ("trainer.path=trainers.dqn.DQNTrainer", "unknown key trainer (replaced by algorithm.path"),
         ("buffer_server.capacity_transitions=10", "renamed: buffer_server.capacity_items"),
         ("logging.wandb_mode=maybe", "logging.wandb_mode='maybe' must be one of offline, online, disabled"),
+        ("logging.wandb_project=team/rl:cartpole", "logging.wandb_project='team/rl:cartpole' must not contain / :"),
         ("policy.path=SimplePolicy", "policy.path='SimplePolicy' must be a dotted path"),
         ("train.min_buffer_size=10", "train.batch_size=64 exceeds train.min_buffer_size=10"),
         ("train=3", "cartpole.yaml: train must be a mapping of keys, got 3"),

@@ -1,8 +1,9 @@
 """YAML -> frozen, validated dataclasses.
 
-Every section is a dataclass; a field's `metadata` may carry `range=(lo, hi)` (inclusive) or
-`choices=(...)`. Loading rejects unknown keys (suggesting the closest name), wrong types and
-out-of-range values with messages that name the file and the dotted key, for example
+Every section is a dataclass; a field's `metadata` may carry `range=(lo, hi)` (inclusive),
+`choices=(...)` or `excludes="..."` (characters a string may not hold). Loading rejects unknown
+keys (suggesting the closest name), wrong types and out-of-range values with messages that name
+the file and the dotted key, for example
 ``config/cartpole.yaml: algorithm.config.gamma=1.3 must be in [0, 1]``.
 """
 
@@ -152,7 +153,8 @@ class BudgetConfig:
 class LoggingConfig:
     wandb_mode: str = field(default="offline", metadata={"choices": ("offline", "online", "disabled")})
     """Used when the WANDB_MODE environment variable is unset."""
-    wandb_project: str = "titan-rl"
+    wandb_project: str = field(default="titan-rl", metadata={"excludes": "/\\#?%:"})
+    """W&B refuses these characters in a project name."""
     run_dir: str = "runs"
     """Each run writes runs/<run_name>/metrics.jsonl."""
     run_name: str = ""
@@ -262,6 +264,8 @@ def _check_value(where: str, key: str, value: Any, f: dataclasses.Field, hint: A
     choices = f.metadata.get("choices")
     if choices and value not in choices:
         raise ConfigError(f"{where}: {key}={value!r} must be one of {', '.join(choices)}")
+    if isinstance(value, str) and (held := [c for c in f.metadata.get("excludes", "") if c in value]):
+        raise ConfigError(f"{where}: {key}={value!r} must not contain {' '.join(held)}")
     return value
 
 
