@@ -69,16 +69,16 @@ def train(config: str, overrides: list[str], out: str, final_seed: int) -> None:
             if len(step.records[next(iter(step.records))]):
                 table.insert_fields(step.records, env_steps=step.env_steps)
             if table.info().size >= t.min_buffer_size:
-                if not learner.updates:
-                    evaluator.start()  # once learning starts, as the trainer does
-                    with open(out, "a") as f:
-                        f.write(json.dumps({"time": time.time(), "first_update": env_steps}) + "\n")
+                evaluator.start()  # once learning starts, as the trainer does
                 owed_updates += t.updates_per_env_step * step.env_steps
                 while owed_updates >= 1:
                     rows = table.sample(t.batch_size)
                     batch = to_batch(rows.fields(), rows.keys, rows.weights)
                     learner.env_steps = env_steps
                     learner.update(batch)
+                    if learner.updates == 1:  # stamped after it, as the trainer logs its first update
+                        with open(out, "a") as f:
+                            f.write(json.dumps({"time": time.time(), "first_update": env_steps}) + "\n")
                     if batch.new_priorities is not None:
                         table.update_priorities(batch.keys, batch.new_priorities)
                     owed_updates -= 1

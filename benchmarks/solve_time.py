@@ -85,11 +85,12 @@ def run_titan(seed: int, budget: int, work: Path, final_seed: int, overrides: li
         if "eval/mean_return" in r
     ]
     solved_s, solved_steps = first_solved(evals, launched)
+    # the loop logs right after its first update (then every logging.log_interval_s)
+    first_update = next((r["charts/time"] - launched for r in rows if r.get("charts/updates", 0) >= 1), None)
     return {
         "solved_s": solved_s,
         "solved_steps": solved_steps,
-        # the loop logs at its first update (then every logging.log_interval_s)
-        "first_update_s": next(r["charts/time"] for r in rows if r.get("charts/updates", 0) >= 1) - launched,
+        **({"first_update_s": first_update} if first_update is not None else {}),
         "wall_s": wall,
         "final": eval_checkpoint(ckpt, 20, final_seed),
         "final_last": eval_checkpoint(ckpt.with_name(f"{ckpt.stem}_last.pth"), 20, final_seed),

@@ -367,13 +367,15 @@ def test_a_killed_rollout_service_takes_its_workers_with_it():
     proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     from titan_rl.rpc import is_serving
 
-    deadline = time.monotonic() + 60
-    while not is_serving(f"127.0.0.1:{port}") and time.monotonic() < deadline:
-        time.sleep(0.2)
-    workers = {pid for pid in descendants(proc.pid) if maps_torch(pid)}
-    assert len(workers) == 3  # two workers and their forkserver
-    proc.kill()
-    proc.wait()
+    try:
+        deadline = time.monotonic() + 60
+        while not is_serving(f"127.0.0.1:{port}") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        workers = {pid for pid in descendants(proc.pid) if maps_torch(pid)}
+        assert len(workers) == 3  # two workers and their forkserver
+    finally:
+        proc.kill()
+        proc.wait()
     deadline = time.monotonic() + 20
     while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
         time.sleep(0.2)

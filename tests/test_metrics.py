@@ -29,3 +29,26 @@ def test_rows_logged_while_the_wandb_run_opens_reach_it_in_order(tmp_path, monke
         logger.close()
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["env_steps"] for r in rows] == [100, 200, 300, 400]
+
+
+def test_a_wandb_run_that_cannot_open_is_logged_at_once_and_fails_the_next_row(tmp_path, monkeypatch, caplog):
+    import dataclasses
+
+    import pytest
+
+    from titan_rl.errors import TitanError
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = make_config("logging.console=false", f"logging.run_dir={tmp_path}")
+    # past the config's own check, as a project W&B starts refusing would be
+    cfg = dataclasses.replace(cfg, logging=dataclasses.replace(cfg.logging, wandb_project="team/project"))
+    logger = MetricsLogger(cfg, tmp_path / "run", "run")
+    logger.start()
+    try:
+        logger._wandb_opening.join(timeout=120)
+        assert "W&B offline run could not start" in caplog.text and "Invalid project name" in caplog.text
+        with pytest.raises(TitanError, match="W&B run failed"):
+            logger.log({"charts/a": 1.0}, env_steps=1)
+    finally:
+        logger.close()

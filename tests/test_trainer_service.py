@@ -214,3 +214,22 @@ def test_the_evaluator_exits_when_the_trainer_dies_in_the_middle_of_sending_a_jo
     while running() and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not running(), "the evaluator outlived its trainer, blocked on a half-sent job"
+
+
+def test_closing_the_evaluator_while_a_job_sits_unread_does_not_raise():
+    """As when training fails in the first seconds after the first evaluation was submitted, while
+    the evaluator still imports: close() runs in the trainer's `finally` and must not hide the error."""
+    import os
+    import signal
+
+    from titan_rl.evaluation import EvalJob
+
+    evaluator = Evaluator(make_config("policy.kwargs={state_dim: 4, action_dim: 2, hidden_sizes: [2]}"), 2)
+    evaluator.start()
+    pid = evaluator._process.pid
+    os.kill(pid, signal.SIGSTOP)  # it reads nothing: the job queue (one slot) stays full
+    try:
+        assert evaluator.submit(EvalJob(0, {"policy": balancing_weights()}, seed=1, confirm_seed=3))
+        evaluator.close()
+    finally:
+        os.kill(pid, signal.SIGKILL)

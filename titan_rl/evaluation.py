@@ -127,7 +127,7 @@ class Evaluator:
     def close(self) -> None:
         if self._process.pid is None:
             return
-        with contextlib.suppress(ValueError, OSError):
+        with contextlib.suppress(ValueError, OSError, queue.Full):  # full: a job still unread; terminate() below
             self._jobs.put(None, timeout=1.0)
         self._process.join(5.0)
         if self._process.is_alive():

@@ -148,20 +148,29 @@ class MetricsLogger:
                 mode=mode,
             )
         except Exception as e:  # raised to the trainer by the next log()
-            with self._wandb_lock:
-                self._wandb_error, self._wandb_held = e, None
+            self._fail_wandb(mode, e)
             return
         with self._wandb_lock:
-            for metrics, env_steps in self._wandb_held or ():
-                run.log(metrics, step=env_steps)
-            self._wandb, self._wandb_held = run, None
+            self._wandb = run  # close() finishes it, whatever happens below
+            try:
+                for metrics, env_steps in self._wandb_held or ():
+                    run.log(metrics, step=env_steps)
+            except Exception as e:
+                self._wandb_error = e
+                log.error("W&B %s run: %s: %s", mode, type(e).__name__, e)
+            self._wandb_held = None
         where = run.url if mode == "online" else f"{Path(run.dir).parent} (`wandb sync` uploads it)"
         log.info("W&B %s run: %s", mode, where)
+
+    def _fail_wandb(self, mode: str, error: Exception) -> None:
+        log.error("W&B %s run could not start: %s: %s", mode, type(error).__name__, error)
+        with self._wandb_lock:
+            self._wandb_error, self._wandb_held = error, None
 
     def _to_wandb(self, metrics: dict[str, Any], env_steps: int) -> None:
         with self._wandb_lock:
             if self._wandb_error is not None:
-                raise TitanError(f"W&B run could not start: {type(self._wandb_error).__name__}: {self._wandb_error}")
+                raise TitanError(f"W&B run failed: {type(self._wandb_error).__name__}: {self._wandb_error}")
             if self._wandb_held is not None:
                 self._wandb_held.append((metrics, env_steps))
             elif self._wandb is not None:

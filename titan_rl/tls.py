@@ -8,8 +8,8 @@ servers also demand a client certificate signed by that CA.
 
 The files are read and checked once, when a service or the launcher starts (`load_tls`), so a
 missing or misplaced file stops it with the key and path named; `use_tls` then makes the settings
-this process's, for `titan_rl.rpc` to use. Rollout workers are spawned with the config and call
-`use_tls` themselves. Certificates are not reloaded: a renewed one takes a restart.
+this process's, for `titan_rl.rpc` to use. Rollout workers are processes of their own given the
+config; they call `use_tls` themselves. Certificates are not reloaded: a renewed one takes a restart.
 """
 
 from __future__ import annotations

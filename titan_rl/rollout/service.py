@@ -27,8 +27,8 @@ WORKER_MODULE = "titan_rl.rollout.worker"
 
 
 def _worker_main(*args: object) -> None:
-    """Process target. The worker module (and with it torch) is imported in the forkserver, never
-    in the service's own process, which only serves gRPC and supervises."""
+    """Process target. The forkserver preloads the worker module, so every forked worker starts with
+    torch and gymnasium already imported."""
     from titan_rl.rollout.worker import run_worker
 
     run_worker(*args)

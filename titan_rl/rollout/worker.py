@@ -35,8 +35,8 @@ def worker_identity(cfg: Config, worker_id: int) -> tuple[int, int]:
 
 
 def run_worker(cfg: Config, worker_id: int, stop: mp.Event, reports: mp.Queue) -> None:
-    """Process entry point; returns when `stop` is set or the parent dies, exits with a code the
-    pool reads when the run has finished or a peer is gone."""
+    """Process entry point; returns when `stop` is set, exits with a code the pool reads when the run
+    has finished or a peer is gone, and at once when the rollout service dies."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the rollout service stops us through `stop`
     setup_logging()
     exit_with_parent_process()
@@ -46,7 +46,7 @@ def run_worker(cfg: Config, worker_id: int, stop: mp.Event, reports: mp.Queue) -
     _, seed = worker_identity(cfg, worker_id)
     torch.manual_seed(seed)
     try:
-        use_tls(load_tls(cfg.security))  # a spawned process starts plaintext: its channels follow the config
+        use_tls(load_tls(cfg.security))  # a new process starts plaintext: its channels follow the config
         algorithm = build_algorithm(cfg)
         policy = build_policy(cfg).eval()
         algorithm.check_network(policy)
