@@ -58,6 +58,37 @@ def alive(pid: int) -> bool:
     return state != "Z" or (int(ppid) != 1 and alive(int(ppid)))
 
 
+def wait_serving(proc: subprocess.Popen, port: int, timeout_s: float = 60) -> None:
+    """Until the service `proc` started on `port` answers health checks (or `timeout_s` passes);
+    fails with its output if it exits first."""
+    from titan_rl.rpc import is_serving
+
+    deadline = time.monotonic() + timeout_s
+    while not is_serving(f"127.0.0.1:{port}") and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stdout.read() if proc.stdout else proc.returncode
+        time.sleep(0.2)
+
+
+def left_alive(pids: set[int], timeout_s: float = 20) -> list[int]:
+    """Those of `pids` still alive after waiting up to `timeout_s` for all of them to end."""
+    deadline = time.monotonic() + timeout_s
+    while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return [pid for pid in pids if alive(pid)]
+
+
+def parent_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def maps_torch(pid: int) -> bool:
+    """Whether process `pid` has torch's C++ library loaded."""
+    try:
+        return "libtorch_cpu" in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+
+
 def launch(
     tmp_path: Path, *overrides: str, config: str = "config/cartpole.yaml", token: str | None = TOKEN
 ) -> tuple[subprocess.Popen, dict[str, str]]:
@@ -245,10 +276,7 @@ def test_killing_the_launcher_outright_takes_every_service_with_it(tmp_path):
     finally:
         proc.kill()
         proc.wait()
-    deadline = time.monotonic() + 20
-    while any(alive(p) for p in tree) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not [p for p in tree if alive(p)], f"left behind: {[p for p in tree if alive(p)]}"
+    assert not (left := left_alive(tree)), f"left behind: {left}"
 
 
 def test_the_launcher_locks_its_services_with_a_fresh_token(tmp_path, monkeypatch):
@@ -309,27 +337,12 @@ def test_each_service_runs_alone_with_host_and_port_flags(service, tmp_path):
     from titan_rl.rpc import is_serving
 
     try:
-        deadline = time.monotonic() + 60
-        while not is_serving(f"127.0.0.1:{port}") and time.monotonic() < deadline:
-            assert proc.poll() is None, proc.stdout.read()
-            time.sleep(0.2)
+        wait_serving(proc, port)
         assert is_serving(f"127.0.0.1:{port}")
     finally:
         proc.send_signal(signal.SIGTERM)
         output = proc.communicate(timeout=30)[0]
     assert proc.returncode == 0 and "Traceback" not in output, output
-
-
-def parent_of(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-
-
-def maps_torch(pid: int) -> bool:
-    """Whether process `pid` has torch's C++ library loaded."""
-    try:
-        return "libtorch_cpu" in Path(f"/proc/{pid}/maps").read_text()
-    except OSError:
-        return False
 
 
 def test_rollout_workers_share_one_import_of_torch(tmp_path):
@@ -344,13 +357,8 @@ def test_rollout_workers_share_one_import_of_torch(tmp_path):
         stderr=subprocess.STDOUT,
         text=True,
     )
-    from titan_rl.rpc import is_serving
-
     try:
-        deadline = time.monotonic() + 60
-        while not is_serving(f"127.0.0.1:{port}") and time.monotonic() < deadline:
-            assert proc.poll() is None, proc.stdout.read()
-            time.sleep(0.2)
+        wait_serving(proc, port)
         below = {pid: parent_of(pid) for pid in descendants(proc.pid) if maps_torch(pid)}
         (forkserver,) = {pid for pid, parent in below.items() if parent == proc.pid}
         assert sorted(parent for pid, parent in below.items() if pid != forkserver) == [forkserver] * 3
@@ -365,21 +373,14 @@ def test_a_killed_rollout_service_takes_its_workers_with_it():
     port = free_port("127.0.0.1")
     command = [sys.executable, "-m", "titan_rl.rollout", "--port", str(port)]
     proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    from titan_rl.rpc import is_serving
-
     try:
-        deadline = time.monotonic() + 60
-        while not is_serving(f"127.0.0.1:{port}") and time.monotonic() < deadline:
-            time.sleep(0.2)
+        wait_serving(proc, port)
         workers = {pid for pid in descendants(proc.pid) if maps_torch(pid)}
         assert len(workers) == 3  # two workers and their forkserver
     finally:
         proc.kill()
         proc.wait()
-    deadline = time.monotonic() + 20
-    while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not any(alive(pid) for pid in workers)
+    assert not (left := left_alive(workers)), f"left behind: {left}"
 
 
 def test_rollout_stops_with_a_clear_error_when_the_policy_does_not_fit_the_env():

@@ -148,7 +148,8 @@ class MetricsLogger:
                 mode=mode,
             )
         except Exception as e:  # raised to the trainer by the next log()
-            self._fail_wandb(mode, e)
+            with self._wandb_lock:
+                self._wandb_failed(mode, "could not start", e)
             return
         with self._wandb_lock:
             self._wandb = run  # close() finishes it, whatever happens below
@@ -156,16 +157,15 @@ class MetricsLogger:
                 for metrics, env_steps in self._wandb_held or ():
                     run.log(metrics, step=env_steps)
             except Exception as e:
-                self._wandb_error = e
-                log.error("W&B %s run: %s: %s", mode, type(e).__name__, e)
+                self._wandb_failed(mode, "could not take the held rows", e)
             self._wandb_held = None
         where = run.url if mode == "online" else f"{Path(run.dir).parent} (`wandb sync` uploads it)"
         log.info("W&B %s run: %s", mode, where)
 
-    def _fail_wandb(self, mode: str, error: Exception) -> None:
-        log.error("W&B %s run could not start: %s: %s", mode, type(error).__name__, error)
-        with self._wandb_lock:
-            self._wandb_error, self._wandb_held = error, None
+    def _wandb_failed(self, mode: str, what: str, error: Exception) -> None:
+        """Log it now; the next log() raises it. Called with `_wandb_lock` held."""
+        log.error("W&B %s run %s: %s: %s", mode, what, type(error).__name__, error)
+        self._wandb_error, self._wandb_held = error, None
 
     def _to_wandb(self, metrics: dict[str, Any], env_steps: int) -> None:
         with self._wandb_lock:
