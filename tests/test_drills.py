@@ -191,12 +191,18 @@ def test_a_killed_rollout_worker_is_restarted(run_factory):
     def children(pid: int) -> list[int]:
         return [int(child) for child in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()]
 
-    # the pool's forkserver (beside multiprocessing's resource tracker), and the workers forked from it
-    (forkserver,) = [pid for pid in children(run.procs["rollout"].pid) if b"forkserver" in Path(f"/proc/{pid}/cmdline").read_bytes()]
-    workers = children(forkserver)
+    # the workers, forked from the service itself (beside multiprocessing's resource tracker)
+    rollout = run.procs["rollout"].pid
+    command = Path(f"/proc/{rollout}/cmdline").read_bytes()
+    workers = [pid for pid in children(rollout) if Path(f"/proc/{pid}/cmdline").read_bytes() == command]
     assert len(workers) == 2, workers
     os.kill(workers[0], signal.SIGKILL)
     wait_until(lambda: "restarting" in run.log("rollout"), 20, "the pool to notice")
+    # its replacement comes from a forkserver, not a fork of the service, whose gRPC is live by now
+    def forkservers() -> list[int]:
+        return [pid for pid in children(rollout) if b"forkserver" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+
+    wait_until(lambda: len(found := forkservers()) == 1 and len(children(found[0])) == 1, 30, "a replacement forked from a forkserver")
     steps = run.trainer_status().env_steps
     wait_until(lambda: run.trainer_status().env_steps > steps + 2000, 60, "collection to go on")
 

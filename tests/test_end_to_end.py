@@ -267,12 +267,17 @@ def test_run_sh_resume_continues_the_last_run_with_its_learner_counters_and_repl
 
 
 def test_killing_the_launcher_outright_takes_every_service_with_it(tmp_path):
-    """SIGKILL leaves the launcher no time to stop anything: the services must notice on their own."""
+    """SIGKILL leaves the launcher no time to stop anything: the services must notice on their own.
+
+    They are forked from the launcher's forkserver, which imported torch once for all three, and
+    notice through it: it exits with the launcher."""
     proc, _ = launch(tmp_path, "budget.max_env_steps=10000000", "budget.target_eval_return=null")
     try:
         wait_for_line(proc, "services up")
         tree = descendants(proc.pid)
         assert len(tree) >= 5, tree
+        (forkserver,) = [pid for pid in tree if parent_of(pid) == proc.pid and b"forkserver" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        assert len([pid for pid in tree if parent_of(pid) == forkserver]) == 3  # buffer, trainer, rollout
     finally:
         proc.kill()
         proc.wait()
@@ -346,9 +351,9 @@ def test_each_service_runs_alone_with_host_and_port_flags(service, tmp_path):
 
 
 def test_rollout_workers_share_one_import_of_torch(tmp_path):
-    """Workers are forked from one process that imported the worker module (torch, gymnasium)
-    once, instead of each spawned worker importing it again: each import costs about
-    2 CPU-seconds of everyone's start-up on a small machine."""
+    """Workers are forked from the service, which imported the worker module (torch, gymnasium),
+    instead of each spawned worker importing it again: each import costs about 2 CPU-seconds of
+    everyone's start-up on a small machine."""
     port = free_port("127.0.0.1")
     proc = subprocess.Popen(
         [sys.executable, "-m", "titan_rl.rollout", "--port", str(port), "rollout_server.num_workers=3"],
@@ -359,24 +364,24 @@ def test_rollout_workers_share_one_import_of_torch(tmp_path):
     )
     try:
         wait_serving(proc, port)
-        below = {pid: parent_of(pid) for pid in descendants(proc.pid) if maps_torch(pid)}
-        (forkserver,) = {pid for pid, parent in below.items() if parent == proc.pid}
-        assert sorted(parent for pid, parent in below.items() if pid != forkserver) == [forkserver] * 3
+        with_torch = [pid for pid in descendants(proc.pid) if maps_torch(pid)]
+        assert [parent_of(pid) for pid in with_torch] == [proc.pid] * 3
+        service_command = Path(f"/proc/{proc.pid}/cmdline").read_bytes()
+        assert all(Path(f"/proc/{pid}/cmdline").read_bytes() == service_command for pid in with_torch)  # forks, not spawned
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=30)
 
 
 def test_a_killed_rollout_service_takes_its_workers_with_it():
-    """Not after durability.peer_timeout_s without a trainer: at once, though the forkserver they
-    were forked from outlives the service."""
+    """Not after durability.peer_timeout_s without a trainer: at once."""
     port = free_port("127.0.0.1")
     command = [sys.executable, "-m", "titan_rl.rollout", "--port", str(port)]
     proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_serving(proc, port)
         workers = {pid for pid in descendants(proc.pid) if maps_torch(pid)}
-        assert len(workers) == 3  # two workers and their forkserver
+        assert len(workers) == 2
     finally:
         proc.kill()
         proc.wait()

@@ -3,7 +3,12 @@
 `bash run.sh [--config FILE] [--seed N] [section.key=value ...]` ends up here. Ports left at 0
 in the config are picked free here and handed to every service, so all three agree. Ctrl-C or
 SIGTERM asks the trainer to finish (it writes its checkpoint), then stops the others; children
-also die with this process (see `titan_rl.service.die_with_parent`), so none is left behind.
+also die with this process (see `titan_rl.service.run_forked_service`), so none is left behind.
+
+The services are forked from a multiprocessing forkserver that imports torch and their modules
+while this process checks the config (`start_preloading`), instead of being exec'd as
+`python -m titan_rl.<service>` and each importing torch again: on two cores those imports, about
+2-3 CPU-seconds each, were most of the time from launch to the first update.
 """
 
 from __future__ import annotations
@@ -11,26 +16,45 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import multiprocessing as mp
 import os
 import secrets
 import signal
 import socket
-import subprocess
 import sys
 import time
+from multiprocessing import forkserver
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 
-from titan_rl.auth import TOKEN_ENV, current_token
+from titan_rl.auth import current_token
 from titan_rl.config import Config, load_config, resolve_config_path
 from titan_rl.errors import TitanError
 from titan_rl.rpc import is_serving
-from titan_rl.service import child_env
+from titan_rl.service import run_forked_service
 from titan_rl.tls import load_tls, use_tls
 
 SERVICES = (("buffer", "buffer_server"), ("trainer", "trainer_server"), ("rollout", "rollout_server"))
 HEALTH_TIMEOUT_S = 120.0
 TRAINER_GRACE_S = 60.0
 OTHERS_GRACE_S = 10.0
+# what the services import, torch's compiler included (the trainer's first optimizer imports it)
+PRELOADED_MODULES = [*(f"titan_rl.{service}.__main__" for service, _ in SERVICES), "titan_rl.rollout.worker", "torch._dynamo"]
+
+
+def service_context() -> mp.context.ForkServerContext:
+    """The multiprocessing context the services are forked in; its forkserver preloads their modules."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOADED_MODULES)
+    return ctx
+
+
+def start_preloading() -> None:
+    """Start the services' forkserver now: its imports run on the other core while this process
+    reads and checks the config. It exits when this process does, so a config that fails its
+    checks leaves nothing behind."""
+    service_context()
+    forkserver.ensure_running()
 
 
 def free_ports(hosts: list[str]) -> list[int]:
@@ -84,18 +108,17 @@ class Launcher:
         use_tls(load_tls(self.cfg.security, config_path))  # the health checks speak what the services serve
         # the services answer only calls with this run's token (titan_rl.auth): a fresh one unless one is set
         self.token = current_token() or self.cfg.security.token or secrets.token_urlsafe(32)
-        self.procs: dict[str, subprocess.Popen] = {}
+        self.procs: dict[str, BaseProcess] = {}
         self._stopping = False
 
     def _start(self, service: str) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", f"titan_rl.{service}", "--config", self.config_path, *self.overrides]
-        env = child_env({**os.environ, "PYTHONUNBUFFERED": "1", TOKEN_ENV: self.token})
-        if service == "trainer":  # its progress is what the user watches
-            out = None
-        else:
-            out = open(self.run_dir / f"{service}.log", "w")
-        self.procs[service] = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if out else None, env=env, start_new_session=True)
+        argv = ["--config", self.config_path, *self.overrides]
+        # the trainer's progress is what the user watches
+        log_path = None if service == "trainer" else str((self.run_dir / f"{service}.log").resolve())
+        proc = service_context().Process(target=run_forked_service, args=(service, argv, log_path, self.token), name=service)
+        proc.start()
+        self.procs[service] = proc
 
     def _log_tail(self, service: str, lines: int = 15) -> str:
         path = self.run_dir / f"{service}.log"
@@ -106,7 +129,7 @@ class Launcher:
         pending = {service: getattr(self.cfg, section).dial_address for service, section in SERVICES}
         while pending:
             for service, address in list(pending.items()):
-                code = self.procs[service].poll()
+                code = self.procs[service].exitcode
                 if code is not None:
                     raise TitanError(f"{service} exited with code {code} during start-up\n{self._log_tail(service)}")
                 if is_serving(address, timeout_s=0.5):
@@ -121,19 +144,18 @@ class Launcher:
         if not self._stopping and "trainer" in self.procs:
             self._stopping = True
             print("\nstopping: the trainer writes its checkpoint, the buffer its snapshot (bash run.sh --resume continues)", flush=True)
-            self.procs["trainer"].send_signal(signal.SIGTERM)
+            os.kill(self.procs["trainer"].pid, signal.SIGTERM)
 
     def _terminate(self, service: str, grace_s: float) -> None:
         proc = self.procs.get(service)
-        if proc is None or proc.poll() is not None:
+        if proc is None or proc.exitcode is not None:
             return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(grace_s)
-        except subprocess.TimeoutExpired:
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.join(grace_s)
+        if proc.exitcode is None:
             print(f"{service} did not stop within {grace_s:.0f}s; killing it", flush=True)
             proc.kill()
-            proc.wait()
+            proc.join()
 
     def run(self) -> int:
         started = time.monotonic()
@@ -144,11 +166,11 @@ class Launcher:
                 self._start(service)
             self._wait_healthy()
             print(f"services up in {time.monotonic() - started:.1f}s; logs in {self.run_dir}", flush=True)
-            while (code := self.procs["trainer"].poll()) is None:
+            while (code := self.procs["trainer"].exitcode) is None:
                 for service in ("buffer", "rollout"):
                     # exit 0: the trainer ended the run and told it so (the trainer exits next)
-                    if self.procs[service].poll() not in (None, 0) and not self._stopping:
-                        print(f"{service} died (code {self.procs[service].returncode}):\n{self._log_tail(service)}", flush=True)
+                    if self.procs[service].exitcode not in (None, 0) and not self._stopping:
+                        print(f"{service} died (code {self.procs[service].exitcode}):\n{self._log_tail(service)}", flush=True)
                         self.stop()
                 time.sleep(0.2)
         except TitanError as e:
@@ -186,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_intermixed_args(argv)
     overrides = list(args.overrides) + ([f"seed={args.seed}"] if args.seed is not None else [])
+    start_preloading()
     try:
         launcher = Launcher(args.config, overrides, resume=args.resume)
     except TitanError as e:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import dataclasses
+import importlib
 import logging
 import multiprocessing as mp
 import os
@@ -12,10 +13,11 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Mapping
+from multiprocessing import forkserver
 
 import grpc
 
-from titan_rl.auth import use_token
+from titan_rl.auth import TOKEN_ENV, use_token
 from titan_rl.config import Config, load_config
 from titan_rl.errors import TitanError
 from titan_rl.tls import load_tls, use_tls
@@ -40,11 +42,47 @@ def die_with_parent() -> None:
     The variable is removed so this process's own children (rollout workers) do not inherit it.
     """
     parent = os.environ.pop(PARENT_PID_ENV, None)
-    if parent is None or not sys.platform.startswith("linux"):
+    if parent is not None:
+        die_with(int(parent))
+
+
+def die_with(parent_pid: int) -> None:
+    """Get SIGTERM when `parent_pid`, this process's parent, dies; exit now if it already has (Linux only)."""
+    if not sys.platform.startswith("linux"):
         return
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    if os.getppid() != int(parent):
-        sys.exit(f"parent {parent} exited before this service started")
+    if os.getppid() != parent_pid:
+        sys.exit(f"parent {parent_pid} exited before this service started")
+
+
+def run_forked_service(service: str, argv: list[str], log_path: str | None, token: str) -> None:
+    """Process target: `python -m titan_rl.<service> *argv` in a process forked from the launcher's
+    forkserver (see `titan_rl.launch`), which imported torch and every service's modules once for
+    all three. Like the process the launcher would otherwise exec: a session of its own (Ctrl-C in
+    the terminal reaches only the launcher), output to `log_path` (None: the launcher's), the run's
+    token in its environment, and SIGTERM once the launcher is gone.
+
+    That last goes through the forkserver, this process's parent, which exits once no process holds
+    the write end of its "alive" pipe: multiprocessing hands that end to every child it forks, so a
+    service closes it here, leaving the launcher the only holder.
+    """
+    launched_by = forkserver._forkserver  # multiprocessing's own record of the pipe end it handed down
+    if launched_by._forkserver_alive_fd is not None:
+        os.close(launched_by._forkserver_alive_fd)
+        launched_by._forkserver_alive_fd = None
+    os.setsid()
+    if log_path is not None:
+        fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(fd, sys.stdout.fileno())
+        os.dup2(fd, sys.stderr.fileno())
+        os.close(fd)
+    sys.stdout.reconfigure(write_through=True)  # what PYTHONUNBUFFERED gave an exec'd service
+    os.environ[TOKEN_ENV] = token
+    die_with(os.getppid())
+    launcher = mp.parent_process()
+    if launcher is not None and not launcher.is_alive():  # before the forkserver could pass its death on
+        sys.exit("the launcher exited before this service started")
+    importlib.import_module(f"titan_rl.{service}.__main__").main(argv)
 
 
 def exit_with_parent_process() -> None:

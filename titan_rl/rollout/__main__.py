@@ -26,10 +26,10 @@ def start(cfg: Config):
     Each worker builds the algorithm and checks the network fits before it acts."""
     check_env_spaces(cfg)
     stats = TrajectoryStats(cfg.rollout_server.num_workers)
+    pool = WorkerPool(cfg, stats)
+    pool.start()  # forks: before any gRPC
     server, port, health = make_server(cfg.rollout_server.host, cfg.rollout_server.port)
     rollout_pb2_grpc.add_RolloutServiceServicer_to_server(RolloutServicer(stats), server)
-    pool = WorkerPool(cfg, stats)
-    pool.start()
     server.start()
     set_serving(health, [rollout_pb2.DESCRIPTOR.services_by_name["RolloutService"].full_name])
     return server, port, pool

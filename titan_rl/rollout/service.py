@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import multiprocessing as mp
 import queue
@@ -27,8 +28,8 @@ WORKER_MODULE = "titan_rl.rollout.worker"
 
 
 def _worker_main(*args: object) -> None:
-    """Process target. The forkserver preloads the worker module, so every forked worker starts with
-    torch and gymnasium already imported."""
+    """Process target. Whichever process a worker is forked from has imported the worker module, so
+    it starts with torch and gymnasium already imported."""
     from titan_rl.rollout.worker import run_worker
 
     run_worker(*args)
@@ -46,10 +47,11 @@ class WorkerPool:
     """Starts `num_workers` processes, collects their reports, and restarts a worker that dies,
     after a delay, logging why.
 
-    Workers are forked from a forkserver that imported the worker module once: torch and
-    gymnasium are imported one time for all workers instead of once in each spawned one (about
-    2 CPU-seconds each, the bulk of a CartPole run's start-up on two cores), and no fork copies
-    this process's gRPC state or threads.
+    No worker imports torch and gymnasium again (about 2 CPU-seconds each, the bulk of a CartPole
+    run's start-up on two cores): the first ones are forked from this process, which has imported
+    the worker module, before it has started a thread or any gRPC (`start` must come first); one
+    that replaces a dead worker is forked from a forkserver that imported the module once, started
+    then, so no fork copies the live gRPC state or threads.
 
     A worker that exits because the config cannot work, or a peer is gone, sets `failed`
     instead of restarting: it would fail the same way. One that exits because the run has
@@ -58,7 +60,7 @@ class WorkerPool:
     def __init__(self, cfg: Config, stats: TrajectoryStats):
         self.cfg = cfg
         self.stats = stats
-        self._ctx = mp.get_context("forkserver")
+        self._ctx = mp.get_context("forkserver")  # its locks and queues also work in forked workers
         self._ctx.set_forkserver_preload([WORKER_MODULE])
         self._stop = self._ctx.Event()
         self._reports = self._ctx.Queue()
@@ -68,16 +70,19 @@ class WorkerPool:
         self.ended = threading.Event()  # failed or finished: the service stops
         self._thread = threading.Thread(target=self._supervise, name="worker-pool", daemon=True)
 
-    def _spawn(self, worker_id: int) -> None:
-        proc = self._ctx.Process(
+    def _spawn(self, worker_id: int, ctx: mp.context.BaseContext | None = None) -> None:
+        proc = (ctx or self._ctx).Process(
             target=_worker_main, args=(self.cfg, worker_id, self._stop, self._reports), name=f"rollout-worker-{worker_id}", daemon=True
         )
         proc.start()
         self._procs[worker_id] = proc
 
     def start(self) -> None:
+        """Fork the workers, then supervise them on a thread; call before this process starts any
+        thread of its own or gRPC server or channel, which a fork would copy half-way."""
+        importlib.import_module(WORKER_MODULE)
         for worker_id in range(self.cfg.rollout_server.num_workers):
-            self._spawn(worker_id)
+            self._spawn(worker_id, mp.get_context("fork"))
         self._thread.start()
 
     def _supervise(self) -> None:
