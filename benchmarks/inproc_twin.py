@@ -40,6 +40,8 @@ UNLIMITED = 10**15  # the loop keeps the update ratio itself: the table's rate l
 def train(config: str, overrides: list[str], out: str, final_seed: int) -> None:
     started = time.monotonic()
     cfg = load_config(config, overrides)
+    evaluator = Evaluator(cfg, cfg.eval.episodes, start_method="fork")
+    evaluator.start()  # first, as the trainer does: a fork before any torch work
     torch.set_num_threads(cfg.train.torch_threads)
     torch.manual_seed(cfg.seed)
     algorithm = build_algorithm(cfg)
@@ -51,7 +53,6 @@ def train(config: str, overrides: list[str], out: str, final_seed: int) -> None:
     num_envs = cfg.rollout_server.num_workers * cfg.rollout_server.envs_per_worker
     actor = algorithm.make_actor(network, 0, seed=cfg.seed)
     envs = VectorActor(cfg.rollout_server.env_name, num_envs, actor, algorithm.make_adder(num_envs), seed=cfg.seed)
-    evaluator = Evaluator(cfg, cfg.eval.episodes)
     t, e = cfg.train, cfg.eval
     env_steps, owed_updates, evals = 0, 0.0, 0
     next_eval = e.interval_env_steps
@@ -69,7 +70,6 @@ def train(config: str, overrides: list[str], out: str, final_seed: int) -> None:
             if len(step.records[next(iter(step.records))]):
                 table.insert_fields(step.records, env_steps=step.env_steps)
             if table.info().size >= t.min_buffer_size:
-                evaluator.start()  # once learning starts, as the trainer does
                 owed_updates += t.updates_per_env_step * step.env_steps
                 while owed_updates >= 1:
                     rows = table.sample(t.batch_size)

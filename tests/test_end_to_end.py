@@ -269,8 +269,8 @@ def test_run_sh_resume_continues_the_last_run_with_its_learner_counters_and_repl
 def test_killing_the_launcher_outright_takes_every_service_with_it(tmp_path):
     """SIGKILL leaves the launcher no time to stop anything: the services must notice on their own.
 
-    They are forked from the launcher's forkserver, which imported torch once for all three, and
-    notice through it: it exits with the launcher."""
+    They are forked from the launcher's forkserver, which imported torch once for all three (and
+    the trainer's evaluator from the trainer), and notice through it: it exits with the launcher."""
     proc, _ = launch(tmp_path, "budget.max_env_steps=10000000", "budget.target_eval_return=null")
     try:
         wait_for_line(proc, "services up")
@@ -278,6 +278,8 @@ def test_killing_the_launcher_outright_takes_every_service_with_it(tmp_path):
         assert len(tree) >= 5, tree
         (forkserver,) = [pid for pid in tree if parent_of(pid) == proc.pid and b"forkserver" in Path(f"/proc/{pid}/cmdline").read_bytes()]
         assert len([pid for pid in tree if parent_of(pid) == forkserver]) == 3  # buffer, trainer, rollout
+        spawned = [pid for pid in tree if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        assert not spawned, "every process with torch is a fork of one that imported it (the evaluator too)"
     finally:
         proc.kill()
         proc.wait()

@@ -65,9 +65,11 @@ class Evaluator:
     learner while it ran. The child rebuilds the algorithm and network from the config and
     loads each snapshot's policy weights from `torch.save` bytes (`weights_only=True`).
 
-    The process starts with `start()` (or the first `submit`): the trainer starts it once
-    training has begun, so that its imports (about 2 CPU-seconds) do not compete with the
-    services' own start-up on a small machine.
+    How the process starts (`start()`, or the first `submit`) is `start_method`'s: "fork" where the
+    caller has imported torch and calls `start()` before it has any thread, gRPC or parallel
+    torch work to copy half-way (the trainer, first thing), so the evaluator needs no imports of
+    its own; "spawn" (the default) anywhere else, at the cost of importing torch again (2-3
+    CPU-seconds, which compete with training on a small machine).
 
     `submit` hands over a job if the evaluator is idle (a job arriving while one runs is
     dropped: the next interval brings a fresher one); `results()` returns finished ones. One
@@ -75,8 +77,8 @@ class Evaluator:
     as many new episodes, and the result is the mean over both sets.
     """
 
-    def __init__(self, cfg: Config, episodes: int, target: float | None = None):
-        ctx = mp.get_context("spawn")  # no fork of the trainer's gRPC and torch state
+    def __init__(self, cfg: Config, episodes: int, target: float | None = None, start_method: str = "spawn"):
+        ctx = mp.get_context(start_method)
         self._jobs = ctx.Queue(maxsize=1)
         self._results = ctx.Queue()
         self._running: EvalJob | None = None

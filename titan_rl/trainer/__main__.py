@@ -123,6 +123,8 @@ def start_learner_group(cfg: Config, learner: Learner) -> tuple[LearnerRanks | N
 
 def run(cfg: Config) -> Summary:
     """Build everything from `cfg`, serve, train until the budget is met, and shut the server down."""
+    evaluator = Evaluator(cfg, cfg.eval.episodes, cfg.budget.target_eval_return, start_method="fork")
+    evaluator.start()  # first: a fork of this process before any torch work, thread or gRPC
     torch.set_num_threads(cfg.train.torch_threads)
     torch.manual_seed(cfg.seed)
     algorithm = build_algorithm(cfg)
@@ -153,7 +155,6 @@ def run(cfg: Config) -> Summary:
         )
     priorities = PriorityUpdater(address, table.name) if table.kind == "prioritized" else None
     sources = BufferClient(address, timeout_s=1.0)  # episode statistics of every rollout replica, from their chunks
-    evaluator = Evaluator(cfg, cfg.eval.episodes, cfg.budget.target_eval_return)
     loop = TrainingLoop(cfg, learner, batches, store, logger, evaluator, sources=sources.sources, priorities=priorities)
     loop.best_eval = best_of_run(cfg)  # even for a trainer that lost its last checkpoint: the best stays the best
     if counters:

@@ -181,7 +181,7 @@ class TrainingLoop:
             if sample is None:
                 self.logger.console(self.env_steps, f"{self.state}: the buffer holds back batches (too few records, or its rate limiter)")
                 continue
-            if self.state != "training":  # the evaluator's process starts now, not during the services' start-up
+            if self.state != "training":  # a spawned evaluator starts now, not during the services' start-up
                 self.evaluator.start()
             self.state = "training"
             batch = to_batch(sample.fields, sample.keys, sample.weights, device)
