@@ -57,6 +57,13 @@ def start_preloading() -> None:
     forkserver.ensure_running()
 
 
+def signal_process(proc: BaseProcess, sig: signal.Signals) -> None:
+    """Send `sig` to `proc` unless it has exited (the forkserver, its parent, reaps it at once)."""
+    if proc.exitcode is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, sig)
+
+
 def free_ports(hosts: list[str]) -> list[int]:
     """A free port on each host, all different: every probe socket stays bound until all are
     picked, since the kernel may hand a just-closed port out again."""
@@ -144,13 +151,13 @@ class Launcher:
         if not self._stopping and "trainer" in self.procs:
             self._stopping = True
             print("\nstopping: the trainer writes its checkpoint, the buffer its snapshot (bash run.sh --resume continues)", flush=True)
-            os.kill(self.procs["trainer"].pid, signal.SIGTERM)
+            signal_process(self.procs["trainer"], signal.SIGTERM)
 
     def _terminate(self, service: str, grace_s: float) -> None:
         proc = self.procs.get(service)
         if proc is None or proc.exitcode is not None:
             return
-        os.kill(proc.pid, signal.SIGTERM)
+        signal_process(proc, signal.SIGTERM)
         proc.join(grace_s)
         if proc.exitcode is None:
             print(f"{service} did not stop within {grace_s:.0f}s; killing it", flush=True)

@@ -81,7 +81,7 @@ class TrainingLoop:
     """Runs `learner.update` on batches from `batches` until a budget is met or `stop()` is called.
 
     Env steps are counted by the buffer (every chunk says how many it covers), so the count is
-    right however many rollout replicas feed it. Evaluation runs on `evaluator`'s thread.
+    right however many rollout replicas feed it. Evaluation runs in `evaluator`'s process.
     """
 
     def __init__(
