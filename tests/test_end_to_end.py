@@ -90,9 +90,10 @@ def maps_torch(pid: int) -> bool:
 
 
 def launch(
-    tmp_path: Path, *overrides: str, config: str = "config/cartpole.yaml", token: str | None = TOKEN
+    tmp_path: Path, *overrides: str, config: str = "config/cartpole.yaml", token: str | None = TOKEN, new_session: bool = False
 ) -> tuple[subprocess.Popen, dict[str, str]]:
-    """The launcher as `bash run.sh` runs it; with `token` None, none in its environment (it makes its own)."""
+    """The launcher as `bash run.sh` runs it; with `token` None, none in its environment (it makes its own);
+    with `new_session`, in a process group of its own, as a shell job is."""
     sections = ("buffer_server", "rollout_server", "trainer_server")
     ports = dict(zip(sections, free_ports(["127.0.0.1"] * len(sections)), strict=True))
     args = [f"{name}.port={port}" for name, port in ports.items()]
@@ -105,6 +106,7 @@ def launch(
         stderr=subprocess.STDOUT,
         text=True,
         env={k: v for k, v in os.environ.items() if k != TOKEN_ENV} | {"WANDB_MODE": "disabled"} | ({TOKEN_ENV: token} if token else {}),
+        start_new_session=new_session,
     )
     return proc, {name: f"127.0.0.1:{port}" for name, port in ports.items()}
 
@@ -224,15 +226,22 @@ def test_a_chunk_that_never_fills_is_still_sent_after_chunk_max_delay_s(tmp_path
     assert summary["env_steps"] >= 3000 and summary["updates"] > 0, summary
 
 
-@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM, "SIGTERM to the group"])
 def test_ctrl_c_or_sigterm_stops_every_process_and_keeps_the_checkpoint_and_the_snapshot(tmp_path, stop_signal):
-    proc, _ = launch(tmp_path, "budget.max_env_steps=10000000", "budget.target_eval_return=null")  # never ends by itself
+    """Also when the signal goes to the launcher's whole process group (`kill -TERM -PGID`, `timeout`):
+    only the launcher gets it, and stops the services in order."""
+    to_group = stop_signal == "SIGTERM to the group"
+    never_ends = ("budget.max_env_steps=10000000", "budget.target_eval_return=null")
+    proc, _ = launch(tmp_path, *never_ends, new_session=to_group)
     try:
         wait_for_line(proc, "services up")
         time.sleep(3)  # let it train a little
         tree = descendants(proc.pid)
         assert len(tree) >= 5, tree  # buffer, trainer, rollout and its two workers (plus helpers)
-        proc.send_signal(stop_signal)
+        if to_group:
+            os.killpg(proc.pid, signal.SIGTERM)
+        else:
+            proc.send_signal(stop_signal)
         proc.wait(timeout=60)
         output = proc.stdout.read()
     finally:
@@ -279,7 +288,11 @@ def test_killing_the_launcher_outright_takes_every_service_with_it(tmp_path):
         (forkserver,) = [pid for pid in tree if parent_of(pid) == proc.pid and b"forkserver" in Path(f"/proc/{pid}/cmdline").read_bytes()]
         assert len([pid for pid in tree if parent_of(pid) == forkserver]) == 3  # buffer, trainer, rollout
         spawned = [pid for pid in tree if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
-        assert not spawned, "every process with torch is a fork of one that imported it (the evaluator too)"
+        assert not spawned, "every process with torch is a fork of one that imported it"
+        services = {pid for pid in tree if parent_of(pid) == forkserver}
+        command = Path(f"/proc/{forkserver}/cmdline").read_bytes()
+        forked = [pid for pid in tree if parent_of(pid) in services and Path(f"/proc/{pid}/cmdline").read_bytes() == command]
+        assert len(forked) == 3  # the two rollout workers and the trainer's evaluator
     finally:
         proc.kill()
         proc.wait()
@@ -308,13 +321,30 @@ def test_the_launcher_locks_its_services_with_a_fresh_token(tmp_path, monkeypatc
     assert proc.returncode == 0 and "stopped by a signal" in output, output
 
 
-def test_a_bad_config_key_fails_before_anything_starts():
-    result = subprocess.run(
-        [sys.executable, "-m", "titan_rl.launch", "algorithm.config.gama=0.9"], cwd=REPO, capture_output=True, text=True, timeout=60
-    )
-    assert result.returncode == 2
-    assert "config/cartpole.yaml: unknown key algorithm.config.gama (did you mean algorithm.config.gamma?)" in result.stderr
-    assert "Traceback" not in result.stderr
+def preloading_forkservers() -> set[int]:
+    """Every forkserver the launcher starts, and every process forked from one (on this machine)."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and b"titan_rl.buffer.__main__" in (entry / "cmdline").read_bytes():
+                found.add(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def test_a_bad_config_key_fails_before_anything_starts(tmp_path):
+    """Nothing left behind either: the forkserver the launcher started is gone with it, not a few
+    seconds later once its imports are done (holding the launcher's stdout open until then)."""
+    before = preloading_forkservers()
+    with open(tmp_path / "stderr", "w+") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "titan_rl.launch", "algorithm.config.gama=0.9"], cwd=REPO, stderr=stderr)
+        assert proc.wait(timeout=60) == 2
+        assert not (preloading_forkservers() - before)
+        stderr.seek(0)
+        output = stderr.read()
+    assert "config/cartpole.yaml: unknown key algorithm.config.gama (did you mean algorithm.config.gamma?)" in output
+    assert "Traceback" not in output
 
 
 @pytest.mark.parametrize("service", ["buffer", "rollout", "trainer"])

@@ -38,8 +38,14 @@ SERVICES = (("buffer", "buffer_server"), ("trainer", "trainer_server"), ("rollou
 HEALTH_TIMEOUT_S = 120.0
 TRAINER_GRACE_S = 60.0
 OTHERS_GRACE_S = 10.0
-# what the services import, torch's compiler included (the trainer's first optimizer imports it)
-PRELOADED_MODULES = [*(f"titan_rl.{service}.__main__" for service, _ in SERVICES), "titan_rl.rollout.worker", "torch._dynamo"]
+# what the services import, torch's compiler included (the trainer's first optimizer imports it),
+# after the module that takes the forkserver out of the launcher's process group
+PRELOADED_MODULES = [
+    "titan_rl.forkserver_group",
+    *(f"titan_rl.{service}.__main__" for service, _ in SERVICES),
+    "titan_rl.rollout.worker",
+    "torch._dynamo",
+]
 
 
 def service_context() -> mp.context.ForkServerContext:
@@ -51,10 +57,21 @@ def service_context() -> mp.context.ForkServerContext:
 
 def start_preloading() -> None:
     """Start the services' forkserver now: its imports run on the other core while this process
-    reads and checks the config. It exits when this process does, so a config that fails its
-    checks leaves nothing behind."""
+    reads and checks the config. Their output is unbuffered, as an exec'd service's was."""
+    os.environ["PYTHONUNBUFFERED"] = "1"
     service_context()
     forkserver.ensure_running()
+
+
+def stop_preloading() -> None:
+    """End the forkserver before any service was forked from it (the config failed its checks):
+    on its own it would notice this process is gone only once its imports are done, holding this
+    process's stdout and stderr open until then."""
+    pid = forkserver._forkserver._forkserver_pid  # multiprocessing keeps no public handle on it
+    if pid is not None:
+        with contextlib.suppress(ProcessLookupError, ChildProcessError):
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
 
 
 def signal_process(proc: BaseProcess, sig: signal.Signals) -> None:
@@ -124,7 +141,10 @@ class Launcher:
         # the trainer's progress is what the user watches
         log_path = None if service == "trainer" else str((self.run_dir / f"{service}.log").resolve())
         proc = service_context().Process(target=run_forked_service, args=(service, argv, log_path, self.token), name=service)
-        proc.start()
+        try:
+            proc.start()
+        except (EOFError, OSError) as e:  # the forkserver failed (an import it preloads raised) or was killed
+            raise TitanError(f"could not start the {service} service: the launcher's forkserver is gone ({e!r})") from e
         self.procs[service] = proc
 
     def _log_tail(self, service: str, lines: int = 15) -> str:
@@ -134,7 +154,7 @@ class Launcher:
     def _wait_healthy(self) -> None:
         deadline = time.monotonic() + HEALTH_TIMEOUT_S
         pending = {service: getattr(self.cfg, section).dial_address for service, section in SERVICES}
-        while pending:
+        while pending and not self._stopping:
             for service, address in list(pending.items()):
                 code = self.procs[service].exitcode
                 if code is not None:
@@ -147,9 +167,12 @@ class Launcher:
                 time.sleep(0.1)
 
     def stop(self, *_: object) -> None:
-        """Ask the trainer to finish (it saves its checkpoint); the rest is stopped once it exits."""
-        if not self._stopping and "trainer" in self.procs:
-            self._stopping = True
+        """Ask the trainer to finish (it saves its checkpoint); the rest is stopped once it exits.
+        Before the trainer has started, no more services are started."""
+        if self._stopping:
+            return
+        self._stopping = True
+        if "trainer" in self.procs:
             print("\nstopping: the trainer writes its checkpoint, the buffer its snapshot (bash run.sh --resume continues)", flush=True)
             signal_process(self.procs["trainer"], signal.SIGTERM)
 
@@ -170,9 +193,12 @@ class Launcher:
         signal.signal(signal.SIGTERM, self.stop)
         try:
             for service, _ in SERVICES:
+                if self._stopping:
+                    raise TitanError("stopped by a signal before every service had started")
                 self._start(service)
             self._wait_healthy()
-            print(f"services up in {time.monotonic() - started:.1f}s; logs in {self.run_dir}", flush=True)
+            if not self._stopping:
+                print(f"services up in {time.monotonic() - started:.1f}s; logs in {self.run_dir}", flush=True)
             while (code := self.procs["trainer"].exitcode) is None:
                 for service in ("buffer", "rollout"):
                     # exit 0: the trainer ended the run and told it so (the trainer exits next)
@@ -219,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         launcher = Launcher(args.config, overrides, resume=args.resume)
     except TitanError as e:
+        stop_preloading()
         print(f"error: {e}", file=sys.stderr)
         return 2
     return launcher.run()

@@ -76,7 +76,6 @@ def run_forked_service(service: str, argv: list[str], log_path: str | None, toke
         os.dup2(fd, sys.stdout.fileno())
         os.dup2(fd, sys.stderr.fileno())
         os.close(fd)
-    sys.stdout.reconfigure(write_through=True)  # what PYTHONUNBUFFERED gave an exec'd service
     os.environ[TOKEN_ENV] = token
     die_with(os.getppid())
     launcher = mp.parent_process()
