@@ -134,7 +134,7 @@ def test_a_waiting_rank_learns_whether_the_run_ended_or_only_the_trainer_stopped
 def test_a_run_with_two_learner_processes_solves_cartpole(tmp_path):
     from tests.test_end_to_end import launch
 
-    proc, _ = launch(tmp_path, "--seed", "1", "train.learners=2", "budget.max_env_steps=100000")
+    proc, _ = launch(tmp_path, "--seed", "1", "train.learners=2", "budget.max_env_steps=100000", "budget.target_eval_return=475")
     output, _ = proc.communicate(timeout=400)
     assert proc.returncode == 0, output
     assert "learner group of 2" in output, output
