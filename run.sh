@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # TITAN-RL entry point.
 #   bash run.sh [--config FILE] [--seed N] [section.key=value ...]   train (default: config/cartpole.yaml)
-#   bash run.sh test [pytest args ...]                                lint, then run the test suite
+#   bash run.sh test [pytest args ...]                                lint and format check, then the test suite
 # Sets itself up on first use: .venv with the project installed in it (pip install -e .[test], which
 # also gives the `titan-rl` command), protobuf code from proto/.
 set -euo pipefail
@@ -31,6 +31,7 @@ fi
 if [ "${1:-}" = test ]; then
   shift
   "$VENV/bin/python" -m ruff check .
+  "$VENV/bin/python" -m ruff format --check .
   exec "$VENV/bin/python" -m pytest "$@"
 fi
 exec "$VENV/bin/python" -m titan_rl.launch "$@"

@@ -269,7 +269,10 @@ def test_polyak_target_update_moves_the_target_a_fraction_toward_the_online_net(
 @pytest.mark.parametrize("end", ["algorithm.config.lr_decay_end_env_steps=1000", "budget.max_env_steps=1000"])
 def test_learning_rate_holds_then_decays_linearly_on_the_buffer_env_step_count_then_holds(end):
     learner = dqn_learner(
-        "algorithm.config.lr=0.01", "algorithm.config.lr_final=0.001", "algorithm.config.lr_decay_start_env_steps=200", end,
+        "algorithm.config.lr=0.01",
+        "algorithm.config.lr_final=0.001",
+        "algorithm.config.lr_decay_start_env_steps=200",
+        end,
         path="trainers.qr_dqn.QRDQN",
     )
     lrs = []

@@ -190,6 +190,7 @@ def test_a_killed_rollout_worker_is_restarted(run_factory):
     for service in ("buffer", "trainer", "rollout"):
         run.start(service)
     wait_until(lambda: (s := run.trainer_status()) and s.env_steps > 2000, 120, "collection")
+
     def children(pid: int) -> list[int]:
         return [int(child) for child in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()]
 
@@ -200,6 +201,7 @@ def test_a_killed_rollout_worker_is_restarted(run_factory):
     assert len(workers) == 2, workers
     os.kill(workers[0], signal.SIGKILL)
     wait_until(lambda: "restarting" in run.log("rollout"), 20, "the pool to notice")
+
     # its replacement comes from a forkserver, not a fork of the service, whose gRPC is live by now
     def forkservers() -> list[int]:
         return [pid for pid in children(rollout) if b"forkserver" in Path(f"/proc/{pid}/cmdline").read_bytes()]
