@@ -1,7 +1,8 @@
 """Fault drills: each service as its own process, started as on separate hosts, then killed.
 
 kill -9 leaves a process no time to save anything: what comes back is what its last periodic
-snapshot or checkpoint held (both every second here), and the run must go on and solve CartPole.
+snapshot or checkpoint held (both every second here), and the run must go on: the buffer and
+trainer drills to a solved CartPole (a confirmed evaluation >= 475).
 """
 
 from __future__ import annotations
@@ -220,7 +221,8 @@ def test_services_started_in_any_order_find_each_other(run_factory):
         run.start(service)
         time.sleep(2)
     assert run.wait_exit("trainer", 240) == 0, run.log("trainer")[-3000:]
-    assert run.wait_exit("buffer", 30) == 0 and run.wait_exit("rollout", 30) == 0
+    assert run.wait_exit("buffer", 30) == 0, run.log("buffer")[-3000:]
+    assert run.wait_exit("rollout", 30) == 0, run.log("rollout")[-3000:]
     summary = json.loads((run.tmp_path / "runs" / "drill" / "summary.json").read_text())
     assert summary["env_steps"] >= 6000 and summary["updates"] > 500, summary
 
@@ -253,7 +255,7 @@ def test_a_peer_that_does_not_answer_is_logged_while_it_is_retried(caplog, monke
 
 def test_a_peer_back_after_six_seconds_down_is_reached_within_two():
     """gRPC's default reconnect back-off (1 s growing to 120 s) reached a peer that came back after
-    6 s down 2.5-4 s later; every peer's restart and every start-up waited it out."""
+    6 s down 2.6-3.2 s later; every peer's restart waited it out."""
     from titan_rl import rpc
 
     port = free_ports(["127.0.0.1"])[0]
@@ -272,11 +274,12 @@ def test_a_peer_back_after_six_seconds_down_is_reached_within_two():
     thread = threading.Thread(target=come_back)
     thread.start()
     try:
-        assert rpc.wait_until_ready(channel, time.monotonic(), None, threading.Event(), "peer")
-        waited_s = time.monotonic() - started["at"]
+        assert rpc.wait_until_ready(channel, time.monotonic(), 30, threading.Event(), "peer")
+        reached = time.monotonic()
     finally:
         thread.join()
         channel.close()
         if server is not None:
             server.stop(0)
+    waited_s = reached - started["at"]
     assert waited_s < 2.0, f"reached {waited_s:.1f}s after it came back"

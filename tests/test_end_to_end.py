@@ -138,8 +138,7 @@ def wait_for_line(proc: subprocess.Popen, text: str, timeout_s: float = 120) -> 
 
 def test_three_services_learn_cartpole_and_the_checkpoint_plays_it(tmp_path, monkeypatch):
     monkeypatch.setenv(TOKEN_ENV, TOKEN)
-    budget = ("budget.max_env_steps=100000", "budget.target_eval_return=475")  # 475: the bar checked below, sooner than 495
-    proc, addresses = launch(tmp_path, "--seed", "1", *budget, "logging.tensorboard=true", "logging.video=true")
+    proc, addresses = launch(tmp_path, "--seed", "1", "budget.max_env_steps=100000", "logging.tensorboard=true", "logging.video=true")
     try:
         wait_for_line(proc, "services up")
         rollout, buffer, trainer = (

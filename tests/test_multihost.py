@@ -1,6 +1,7 @@
 """Five hosts on one machine: buffer, trainer, a second learner rank and two rollout replicas, each
 in a Linux network namespace of its own with its own address on a shared bridge, started from one
-shared YAML the way the README's multi-host recipe starts them. CartPole must be solved, both
+shared YAML the way the README's multi-host recipe starts them. CartPole must be learned (an
+evaluation >= 300; test_distributed solves it with two learners on one host), both
 replicas' data and episode statistics must reach the trainer (through the buffer), and the two
 learners must average their gradients across hosts (torch.distributed over the bridge)."""
 

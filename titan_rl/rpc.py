@@ -30,9 +30,9 @@ CHANNEL_OPTIONS = [
     ("grpc.http2.max_pings_without_data", 0),
 ]
 # A channel whose peer is not listening yet (services start together) or any more (a restart) tries
-# again after a back-off. gRPC's default starts at 1 s and grows to 120 s: a peer up 0.3 s after the
-# first try was reached 0.8 s later, and one back after 6 s down up to 4 s later. 0.1 s growing to 1 s
-# costs a few refused connects a second while a peer is down.
+# again after a back-off. gRPC's default starts at 1 s and grows to 120 s (±20% jitter): a peer up
+# 0.3 s after the first try was reached 0.8 s later, and one back after 6 s down 2.6-3.2 s later.
+# 0.1 s growing to 1 s costs a few refused connects a second while a peer is down.
 RECONNECT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 1000)]
 # gRPC turns SO_REUSEPORT on by default: two services given the same port would then both bind it
 # and the kernel would split connections between them. Off, the second bind fails.
