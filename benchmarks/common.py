@@ -25,7 +25,7 @@ import numpy as np
 from titan_rl.clients.buffer import BatchPrefetcher, ChunkSender
 from titan_rl.config import load_config
 from titan_rl.launch import free_port
-from titan_rl.rpc import CHANNEL_OPTIONS, is_serving
+from titan_rl.rpc import CLIENT_OPTIONS, is_serving
 from titan_rl.service import child_env
 
 if TYPE_CHECKING:
@@ -188,7 +188,7 @@ def pushed_messages(address: str, method: str, request: bytes) -> Iterator[objec
     """The messages of a server-streaming call that pushes until cancelled (cancelled when this
     generator is closed): no per-message flow control of ours, and gRPC's single-threaded client,
     which reads on the calling thread."""
-    options = [*CHANNEL_OPTIONS, (grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1)]
+    options = [*CLIENT_OPTIONS, (grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1)]
     with grpc.insecure_channel(address, options=options) as channel:
         call = channel.unary_stream(method)(request)
         try:

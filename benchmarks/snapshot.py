@@ -40,7 +40,7 @@ import grpc
 import numpy as np
 
 from benchmarks.common import QUICK_MODE, cartpole_transitions, emit_json, print_table, verdict
-from titan_rl.rpc import CHANNEL_OPTIONS
+from titan_rl.rpc import CLIENT_OPTIONS
 from titan_rl.v1 import buffer_pb2, buffer_pb2_grpc
 
 SAVE_TARGET_S = 1.0
@@ -88,7 +88,7 @@ def _buffer_child(items: int, directory: str, conn) -> None:
 
 def _sampler(address: str, stop: threading.Event, out: list[tuple[float, float]]) -> None:
     """Call Sample back to back until `stop`; append (start, end) monotonic times of each call."""
-    channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+    channel = grpc.insecure_channel(address, options=CLIENT_OPTIONS)
     stub = buffer_pb2_grpc.BufferServiceStub(channel)
     request = buffer_pb2.SampleRequest(batch_size=64, num_batches=32)
     while not stop.is_set():

@@ -34,6 +34,7 @@ CHANNEL_OPTIONS = [
 # 0.3 s after the first try was reached 0.8 s later, and one back after 6 s down 2.6-3.2 s later.
 # 0.1 s growing to 1 s costs a few refused connects a second while a peer is down.
 RECONNECT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 1000)]
+CLIENT_OPTIONS = CHANNEL_OPTIONS + RECONNECT_OPTIONS
 # gRPC turns SO_REUSEPORT on by default: two services given the same port would then both bind it
 # and the kernel would split connections between them. Off, the second bind fails.
 SERVER_OPTIONS = CHANNEL_OPTIONS + [("grpc.http2.min_ping_interval_without_data_ms", 10_000), ("grpc.so_reuseport", 0)]
@@ -46,9 +47,9 @@ def make_channel(address: str) -> grpc.Channel:
     token (titan_rl.auth) with every call if it has one."""
     tls = current_tls()
     if tls is None:
-        channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS + RECONNECT_OPTIONS)
+        channel = grpc.insecure_channel(address, options=CLIENT_OPTIONS)
     else:
-        channel = grpc.secure_channel(address, channel_credentials(tls), options=CHANNEL_OPTIONS + RECONNECT_OPTIONS)
+        channel = grpc.secure_channel(address, channel_credentials(tls), options=CLIENT_OPTIONS)
     token = current_token()
     return grpc.intercept_channel(channel, TokenClientInterceptor(token)) if token else channel
 
