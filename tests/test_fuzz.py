@@ -131,7 +131,7 @@ def trainer(uniform: Buffer, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     algorithm, policy = build_algorithm(cfg), build_policy(cfg)
     store = PolicyStore()
     batches = BatchPrefetcher(uniform.address, cfg.train.batch_size)
-    evaluator = Evaluator(cfg, cfg.eval.episodes, cfg.budget.target_eval_return)
+    evaluator = Evaluator(cfg, cfg.eval.episodes)
     logger = MetricsLogger(cfg, run / "logs", "fuzz")
     loop = TrainingLoop(cfg, algorithm.make_learner(policy), batches, store, logger, evaluator)
     server, port, health = make_server("127.0.0.1", 0)

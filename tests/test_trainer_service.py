@@ -32,7 +32,7 @@ def trainer_server(buffer_server, tmp_path: Path):
     algorithm, policy = build_algorithm(cfg), build_policy(cfg)
     store = PolicyStore()
     batches = BatchPrefetcher(address, cfg.train.batch_size)
-    evaluator = Evaluator(cfg, cfg.eval.episodes, cfg.budget.target_eval_return)
+    evaluator = Evaluator(cfg, cfg.eval.episodes)
     logger = MetricsLogger(cfg, tmp_path / "run", "run")
     loop = TrainingLoop(cfg, algorithm.make_learner(policy), batches, store, logger, evaluator)
     server, port, _ = make_server("127.0.0.1", 0)
@@ -125,14 +125,14 @@ def balancing_weights() -> dict[str, torch.Tensor]:
     }
 
 
-@pytest.mark.parametrize(("target", "episodes"), [(400.0, 40), (None, 20), (501.0, 20)])
-def test_an_evaluation_that_reaches_the_target_is_confirmed_on_new_episodes(target, episodes):
+@pytest.mark.parametrize(("confirm_from", "episodes"), [(400.0, 40), (None, 20), (501.0, 20)])
+def test_an_evaluation_that_reaches_confirm_from_is_confirmed_on_new_episodes(confirm_from, episodes):
     from titan_rl.evaluation import EvalJob
 
     cfg = make_config("policy.kwargs={state_dim: 4, action_dim: 2, hidden_sizes: [2]}")
-    evaluator = Evaluator(cfg, 20, target)
+    evaluator = Evaluator(cfg, 20)
     try:
-        job = EvalJob(0, {"policy": balancing_weights()}, seed=1, confirm_seed=21)
+        job = EvalJob(0, {"policy": balancing_weights()}, seed=1, confirm_seed=21, confirm_from=confirm_from)
         assert evaluator.submit(job)
         assert not evaluator.submit(job)  # busy: the next interval brings a fresher one
         (result,) = evaluator.results(wait_s=60)
@@ -162,10 +162,29 @@ def test_evaluation_runs_off_the_learner_thread_and_keeps_the_scored_weights(tra
     (result,) = loop.evaluator.results(wait_s=60)
     loop._record_eval(result)
     assert loop.best_eval == loop.last_eval and result.job.env_steps == 2500
+    assert len(result.returns) == 2 * loop.cfg.eval.episodes, "a first score is a new best: confirmed on new episodes"
     saved = load_checkpoint(tmp_path / "ck.pth")
     assert saved["eval_returns"] == result.returns and saved["counters"]["env_steps"] == 2500
     for name, tensor in result.job.state["policy"].items():
         assert torch.equal(saved["policy"][name], tensor)
+
+
+def test_only_a_confirmed_score_becomes_the_kept_checkpoint(trainer_server, tmp_path):
+    """A lucky first set of episodes that the second set does not bear out keeps the old best."""
+    from titan_rl.evaluation import EvalJob, EvalResult, snapshot
+
+    _, loop, _, _ = trainer_server
+    assert loop._confirm_from() == float("-inf") and loop.cfg.budget.target_eval_return is not None
+    loop._record_eval(EvalResult(EvalJob(1000, snapshot(loop.learner.state_dict()), 1, 21), [100.0] * 40))
+    assert loop.best_eval == 100.0 and loop._confirm_from() == 100.0
+    kept = load_checkpoint(tmp_path / "ck.pth")["eval_returns"]
+    not_borne_out = [150.0] * 20 + [20.0] * 20  # a first mean above the best, 85 over both sets
+    loop._record_eval(EvalResult(EvalJob(2000, snapshot(loop.learner.state_dict()), 41, 61), not_borne_out))
+    assert loop.best_eval == 100.0 and loop.last_eval == 85.0
+    assert load_checkpoint(tmp_path / "ck.pth")["eval_returns"] == kept
+    borne_out = [300.0] * 20 + [20.0] * 20  # 160 over both sets
+    loop._record_eval(EvalResult(EvalJob(3000, snapshot(loop.learner.state_dict()), 81, 101), borne_out))
+    assert loop.best_eval == 160.0 and load_checkpoint(tmp_path / "ck.pth")["eval_returns"] == borne_out
 
 
 def test_a_checkpoint_name_that_is_a_symlink_loop_is_refused_by_name(tmp_path):

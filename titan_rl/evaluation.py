@@ -48,7 +48,8 @@ class EvalJob:
     env_steps: int
     state: dict[str, Any]
     seed: int
-    confirm_seed: int  # a second set of episodes, played only when the first reaches the target
+    confirm_seed: int  # the first reset seed of a second set of episodes...
+    confirm_from: float | None = None  # ...played when the first set's mean reaches this (None: never)
 
 
 @dataclass
@@ -73,18 +74,19 @@ class Evaluator:
 
     `submit` hands over a job if the evaluator is idle (a job arriving while one runs is
     dropped: the next interval brings a fresher one); `results()` returns finished ones. One
-    lucky set of episodes must not end training: a score that reaches `target` is confirmed on
-    as many new episodes, and the result is the mean over both sets.
+    lucky set of episodes must neither end training nor become the kept checkpoint: a score that
+    reaches the job's `confirm_from` (the trainer passes the lower of the best score so far and the
+    target) is confirmed on as many new episodes, and the result holds both sets.
     """
 
-    def __init__(self, cfg: Config, episodes: int, target: float | None = None, start_method: str = "spawn"):
+    def __init__(self, cfg: Config, episodes: int, start_method: str = "spawn"):
         ctx = mp.get_context(start_method)
         self._jobs = ctx.Queue(maxsize=1)
         self._results = ctx.Queue()
         self._running: EvalJob | None = None
         self._process = ctx.Process(
             target=_evaluator_main,
-            args=(config_to_dict(cfg), episodes, target, self._jobs, self._results),
+            args=(config_to_dict(cfg), episodes, self._jobs, self._results),
             name="evaluator",
             daemon=True,
         )
@@ -108,7 +110,7 @@ class Evaluator:
         buffer = io.BytesIO()
         torch.save(job.state["policy"], buffer)
         self._running = job
-        self._jobs.put((job.seed, job.confirm_seed, buffer.getvalue()))
+        self._jobs.put((job.seed, job.confirm_seed, job.confirm_from, buffer.getvalue()))
         return True
 
     def results(self, wait_s: float = 0.0) -> list[EvalResult]:
@@ -137,7 +139,7 @@ class Evaluator:
             self._process.join(1.0)
 
 
-def _evaluator_main(raw_config: dict[str, Any], episodes: int, target: float | None, jobs: Any, results: Any) -> None:
+def _evaluator_main(raw_config: dict[str, Any], episodes: int, jobs: Any, results: Any) -> None:
     """The evaluator process: rebuild the network from the config, then score every job it is sent."""
     from titan_rl.registry import build_algorithm, build_policy
     from titan_rl.service import exit_with_parent_process
@@ -156,11 +158,11 @@ def _evaluator_main(raw_config: dict[str, Any], episodes: int, target: float | N
         job = jobs.get()
         if job is None:
             return
-        seed, confirm_seed, weights = job
+        seed, confirm_seed, confirm_from, weights = job
         try:
             network.load_state_dict(torch.load(io.BytesIO(weights), weights_only=True))
             returns = play(seed)
-            if target is not None and np.mean(returns) >= target:
+            if confirm_from is not None and np.mean(returns) >= confirm_from:
                 returns += play(confirm_seed)
             results.put(returns)
         except Exception as e:  # reported to the trainer by results()

@@ -123,7 +123,7 @@ def start_learner_group(cfg: Config, learner: Learner) -> tuple[LearnerRanks | N
 
 def run(cfg: Config) -> Summary:
     """Build everything from `cfg`, serve, train until the budget is met, and shut the server down."""
-    evaluator = Evaluator(cfg, cfg.eval.episodes, cfg.budget.target_eval_return, start_method="fork")
+    evaluator = Evaluator(cfg, cfg.eval.episodes, start_method="fork")
     evaluator.start()  # first: a fork of this process before any torch work, thread or gRPC
     torch.set_num_threads(cfg.train.torch_threads)
     torch.manual_seed(cfg.seed)
