@@ -9,8 +9,8 @@ step once `train.min_buffer_size` records are stored, and the actors act with th
 network (the freshest weights, no publishing).
 
 Learning's start appends {"time", "first_update": env_steps} to `--out`, every evaluation
-{"time", "env_steps", "mean_return"} (the format of
-benchmarks/sb3_dqn.py); at the end the final policy is scored on fresh episodes and a last line
+{"time", "env_steps", "mean_return", "episodes"} (the format of benchmarks/sb3_dqn.py; 40 episodes
+where the first 20 would beat the best, as the trainer evaluates); at the end the final policy is scored on fresh episodes and a last line
 {"final_mean_return", "final_returns", "wall_s"} is appended. Run by benchmarks/solve_time.py.
 
     python -m benchmarks.inproc_twin --seed 0 --budget 50000 --out twin.jsonl [section.key=value ...]
@@ -29,7 +29,7 @@ import torch
 from titan_rl.algorithm import to_batch
 from titan_rl.buffer.table import Table
 from titan_rl.config import load_config
-from titan_rl.evaluation import EvalJob, Evaluator, evaluate, snapshot
+from titan_rl.evaluation import EvalJob, EvalResult, Evaluator, confirmation_bar, evaluate, snapshot
 from titan_rl.registry import build_algorithm, build_policy
 from titan_rl.rollout.actor import VectorActor
 
@@ -54,12 +54,15 @@ def train(config: str, overrides: list[str], out: str, final_seed: int) -> None:
     actor = algorithm.make_actor(network, 0, seed=cfg.seed)
     envs = VectorActor(cfg.rollout_server.env_name, num_envs, actor, algorithm.make_adder(num_envs), seed=cfg.seed)
     t, e = cfg.train, cfg.eval
-    env_steps, owed_updates, evals = 0, 0.0, 0
+    env_steps, owed_updates, evals, best = 0, 0.0, 0, None
     next_eval = e.interval_env_steps
 
-    def record(result) -> None:
+    def record(result: EvalResult) -> None:
+        nonlocal best
+        mean_return = float(np.mean(result.returns))
+        best = mean_return if best is None else max(best, mean_return)
+        row = {"time": time.time(), "env_steps": result.job.env_steps, "mean_return": mean_return, "episodes": len(result.returns)}
         with open(out, "a") as f:
-            row = {"time": time.time(), "env_steps": result.job.env_steps, "mean_return": float(np.mean(result.returns))}
             f.write(json.dumps(row) + "\n")
 
     try:
@@ -86,7 +89,8 @@ def train(config: str, overrides: list[str], out: str, final_seed: int) -> None:
                 record(result)
             if env_steps >= next_eval and evaluator.idle:
                 seed = 1_000_003 * (cfg.seed + 1) + 2 * evals * e.episodes  # the trainer's seeds
-                evaluator.submit(EvalJob(env_steps, snapshot(learner.state_dict()), seed, seed + e.episodes))
+                confirm = confirmation_bar(best, None)  # the trainer's rule; the twin stops at no target
+                evaluator.submit(EvalJob(env_steps, snapshot(learner.state_dict()), seed, seed + e.episodes, confirm))
                 evals += 1
                 next_eval = (env_steps // e.interval_env_steps + 1) * e.interval_env_steps
         for result in evaluator.results(wait_s=120):

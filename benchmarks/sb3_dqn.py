@@ -1,9 +1,10 @@
 """Stable-Baselines3 DQN with the rl-baselines3-zoo hyperparameters, evaluated like TITAN-RL.
 
 Run by solve_time.py as a subprocess: every `--eval-every` env steps it plays `--eval-episodes`
-greedy episodes on separate envs (the same `titan_rl.evaluation.evaluate` TITAN-RL's trainer uses,
-inside the training process, so evaluation time counts the same on both sides) and appends a JSON line
-{"time", "env_steps", "mean_return"} to `--out`. At the end the final model is evaluated on fresh seeds
+greedy episodes on separate envs, and as many again where they would beat the best so far (the same
+`titan_rl.evaluation.evaluate_confirmed` TITAN-RL's evaluator uses, inside the training process, so
+evaluation time counts the same on both sides) and appends a JSON line
+{"time", "env_steps", "mean_return", "episodes"} to `--out`. At the end the final model is evaluated on fresh seeds
 and a last line {"final_mean_return", "final_returns", "wall_s"} is appended.
 
     python -m benchmarks.sb3_dqn --env Acrobot-v1 --budget 100000 --eval-every 5000 --out sb3.jsonl
@@ -25,7 +26,7 @@ from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from torch import nn
 
 from models.minatar_cnn import MinAtarCNN
-from titan_rl.evaluation import ActFn, evaluate
+from titan_rl.evaluation import ActFn, confirmation_bar, evaluate, evaluate_confirmed
 
 MINATAR_BREAKOUT = "titan_rl.minatar_envs:MinAtar/Breakout-v1"
 
@@ -121,18 +122,19 @@ class GreedyEval(BaseCallback):
         super().__init__()
         self.env_id, self.every, self.episodes, self.seed, self.out = env_id, every, episodes, seed, out
         self.evals = 0
+        self.best: float | None = None
 
     def _on_step(self) -> bool:
         if self.num_timesteps % self.every == 0:
-            returns = evaluate(
-                greedy(self.model.q_net),
-                self.env_id,
-                self.episodes,
-                1_000_003 * (self.seed + 1) + self.evals * self.episodes,
-            )
+            seed = 1_000_003 * (self.seed + 1) + 2 * self.evals * self.episodes
+            bar = confirmation_bar(self.best, None)
+            returns = evaluate_confirmed(greedy(self.model.q_net), self.env_id, self.episodes, seed, seed + self.episodes, bar)
             self.evals += 1
+            mean_return = float(np.mean(returns))
+            self.best = mean_return if self.best is None else max(self.best, mean_return)
+            row = {"time": time.time(), "env_steps": self.num_timesteps, "mean_return": mean_return, "episodes": len(returns)}
             with open(self.out, "a") as f:
-                f.write(json.dumps({"time": time.time(), "env_steps": self.num_timesteps, "mean_return": float(np.mean(returns))}) + "\n")
+                f.write(json.dumps(row) + "\n")
         return True
 
 

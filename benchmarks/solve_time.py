@@ -1,9 +1,11 @@
 """Time to solve CartPole-v1: TITAN-RL (three services, as run.sh starts them) vs the same algorithm in
 one process (benchmarks/inproc_twin.py) vs Stable-Baselines3 DQN.
 
-Every side: greedy evaluation of 20 episodes on separate envs every 2,500 env steps, inside the
-training process; budget 50,000 env steps. Per seed: process wall-clock from launch to the first
-eval mean >= 475, env steps at that point, and the final policy's eval (20 fresh episodes).
+Every side: greedy evaluation of 20 episodes on separate envs every 2,500 env steps, and 20 more
+where the first 20 would beat the best so far (the mean over 40 then counts:
+`titan_rl.evaluation.evaluate_confirmed`); budget 50,000 env steps. Per seed: process wall-clock from
+launch to the first eval mean >= 475, env steps at that point, and the final policy's eval (20 fresh
+episodes).
 TITAN-RL runs with its default config and W&B offline, as `bash run.sh` does, but trains the
 whole budget (target_eval_return=null) so the final figures are comparable.
 The twin runs config/cartpole.yaml's algorithm and hyperparameters, evaluated by the same

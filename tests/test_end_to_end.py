@@ -138,8 +138,8 @@ def wait_for_line(proc: subprocess.Popen, text: str, timeout_s: float = 120) -> 
 
 def test_three_services_learn_cartpole_and_the_checkpoint_plays_it(tmp_path, monkeypatch):
     """The shipped config, stopped at the solve bar (475) rather than its 495, which takes about twice as long.
-    The kept checkpoint is then re-scored on 20 fresh episodes: it scored >= 475 in 30 of 30 solve_time
-    runs, so the 450 asserted here is a margin, not a weaker bar."""
+    The kept checkpoint, confirmed >= 475 on 40 episodes, is then re-scored on 20 fresh ones: 450 leaves
+    room for one short episode among them (CartPole's greedy returns are mostly 500, now and then far less)."""
     monkeypatch.setenv(TOKEN_ENV, TOKEN)
     proc, addresses = launch(
         tmp_path,
@@ -163,7 +163,7 @@ def test_three_services_learn_cartpole_and_the_checkpoint_plays_it(tmp_path, mon
             if stats is not None:
                 seen["episodes"] = max(seen["episodes"], stats.episodes)
                 seen["version"] = max(seen["version"], stats.policy_version)
-            try:  # the stubs, not BufferClient.info, which retries a gone buffer for a minute
+            try:  # the buffer's stub, not BufferClient.info, which retries a gone buffer for a minute
                 seen["updates"] = max(seen["updates"], trainer.status().updates)
                 seen["stored"] = max(seen["stored"], buffer.stub.Info(buffer_pb2.InfoRequest(), timeout=1).size)
             except Exception:  # the run may end between two polls
@@ -199,17 +199,18 @@ def assert_run_folder_holds_config_tensorboard_and_video(run_dir: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("config", "budget_env_steps", "loss_key"),
+    ("config", "budget_env_steps", "eval_every_env_steps", "loss_key"),
     [
-        ("config/cartpole_rainbow.yaml", 60_000, "losses/td_loss"),
-        ("config/cartpole_qrdqn.yaml", 60_000, "losses/td_loss"),
-        ("config/cartpole_impala.yaml", 600_000, "losses/policy_loss"),
+        ("config/cartpole_rainbow.yaml", 60_000, 1000, "losses/td_loss"),
+        ("config/cartpole_qrdqn.yaml", 60_000, 1000, "losses/td_loss"),
+        ("config/cartpole_impala.yaml", 600_000, 10_000, "losses/policy_loss"),
     ],
 )
-def test_every_shipped_algorithm_learns_through_the_three_services(tmp_path, config, budget_env_steps, loss_key):
+def test_every_shipped_algorithm_learns_through_the_three_services(tmp_path, config, budget_env_steps, eval_every_env_steps, loss_key):
     """A quicker bar than the full solve (300 rather than 475, see docs/benchmarks.md for full runs), so the suite is not flaky;
-    evaluated every 1,000 env steps rather than 2,500, so the run stops soon after it crosses the bar."""
-    overrides = (f"budget.max_env_steps={budget_env_steps}", "budget.target_eval_return=300", "eval.interval_env_steps=1000")
+    evaluated more often than the configs do (IMPALA's actors step ~10x faster), so a run stops soon after it crosses the bar."""
+    budget = (f"budget.max_env_steps={budget_env_steps}", "budget.target_eval_return=300")
+    overrides = (*budget, f"eval.interval_env_steps={eval_every_env_steps}")
     proc, _ = launch(tmp_path, "--seed", "1", *overrides, config=config)
     try:
         output = proc.communicate(timeout=400)[0]

@@ -131,4 +131,5 @@ def test_the_one_process_twin_trains_evaluates_and_scores_its_final_policy(tmp_p
     (start,), evals, final = rows[:1], rows[1:-1], rows[-1]
     assert 1000 <= start["first_update"] < 1100 and start["time"] > 0  # once min_buffer_size (1000) records are stored
     assert evals and all(r["env_steps"] >= 1000 and np.isfinite(r["mean_return"]) for r in evals)
+    assert evals[0]["episodes"] == 6 and {r["episodes"] for r in evals} <= {3, 6}, "a new best is confirmed, as the trainer does"
     assert len(final["final_returns"]) == 3 and final["wall_s"] > 0

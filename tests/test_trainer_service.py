@@ -125,7 +125,7 @@ def balancing_weights() -> dict[str, torch.Tensor]:
     }
 
 
-@pytest.mark.parametrize(("confirm_from", "episodes"), [(400.0, 40), (None, 20), (501.0, 20)])
+@pytest.mark.parametrize(("confirm_from", "episodes"), [(400.0, 40), (float("inf"), 20), (501.0, 20)])
 def test_an_evaluation_that_reaches_confirm_from_is_confirmed_on_new_episodes(confirm_from, episodes):
     from titan_rl.evaluation import EvalJob
 
@@ -148,7 +148,7 @@ def test_an_evaluation_that_cannot_load_its_weights_says_why():
 
     evaluator = Evaluator(make_config(), 2)
     try:
-        assert evaluator.submit(EvalJob(0, {"policy": {"net.0.weight": torch.zeros(3)}}, seed=1, confirm_seed=2))
+        assert evaluator.submit(EvalJob(0, {"policy": {"net.0.weight": torch.zeros(3)}}, seed=1, confirm_seed=2, confirm_from=0.0))
         with pytest.raises(TitanError, match="evaluation failed: RuntimeError"):
             evaluator.results(wait_s=60)
     finally:
@@ -169,22 +169,42 @@ def test_evaluation_runs_off_the_learner_thread_and_keeps_the_scored_weights(tra
         assert torch.equal(saved["policy"][name], tensor)
 
 
-def test_only_a_confirmed_score_becomes_the_kept_checkpoint(trainer_server, tmp_path):
+BARS = [(None, 475.0, float("-inf")), (100.0, None, 100.0), (100.0, 475.0, 100.0), (500.0, 475.0, 475.0)]
+
+
+@pytest.mark.parametrize(("best", "target", "bar"), BARS)
+def test_an_evaluation_is_played_again_from_the_lower_of_the_best_and_the_target(best, target, bar):
+    from titan_rl.evaluation import confirmation_bar
+
+    assert confirmation_bar(best, target) == bar
+
+
+def test_an_evaluation_that_cannot_beat_the_best_or_reach_the_target_is_not_played_again(trainer_server):
+    _, loop, _, _ = trainer_server
+    loop.best_eval, loop.env_steps = 1e6, 2500
+    assert loop._submit_eval()
+    (result,) = loop.evaluator.results(wait_s=60)
+    assert result.job.confirm_from == loop.cfg.budget.target_eval_return
+    assert len(result.returns) == loop.cfg.eval.episodes, "an untrained policy is far below the target"
+
+
+def test_the_mean_over_both_sets_decides_the_kept_checkpoint(trainer_server, tmp_path):
     """A lucky first set of episodes that the second set does not bear out keeps the old best."""
     from titan_rl.evaluation import EvalJob, EvalResult, snapshot
 
     _, loop, _, _ = trainer_server
-    assert loop._confirm_from() == float("-inf") and loop.cfg.budget.target_eval_return is not None
-    loop._record_eval(EvalResult(EvalJob(1000, snapshot(loop.learner.state_dict()), 1, 21), [100.0] * 40))
-    assert loop.best_eval == 100.0 and loop._confirm_from() == 100.0
+
+    def record(returns: list[float], bar: float) -> None:
+        loop._record_eval(EvalResult(EvalJob(1000, snapshot(loop.learner.state_dict()), 1, 21, bar), returns))
+
+    record([100.0] * 40, float("-inf"))
     kept = load_checkpoint(tmp_path / "ck.pth")["eval_returns"]
-    not_borne_out = [150.0] * 20 + [20.0] * 20  # a first mean above the best, 85 over both sets
-    loop._record_eval(EvalResult(EvalJob(2000, snapshot(loop.learner.state_dict()), 41, 61), not_borne_out))
-    assert loop.best_eval == 100.0 and loop.last_eval == 85.0
+    record([150.0] * 20 + [20.0] * 20, 100.0)  # a first mean above the best, 85 over both sets
+    assert (loop.best_eval, loop.last_eval) == (100.0, 85.0)
     assert load_checkpoint(tmp_path / "ck.pth")["eval_returns"] == kept
-    borne_out = [300.0] * 20 + [20.0] * 20  # 160 over both sets
-    loop._record_eval(EvalResult(EvalJob(3000, snapshot(loop.learner.state_dict()), 81, 101), borne_out))
-    assert loop.best_eval == 160.0 and load_checkpoint(tmp_path / "ck.pth")["eval_returns"] == borne_out
+    record([300.0] * 20 + [20.0] * 20, 100.0)  # 160 over both sets
+    assert loop.best_eval == 160.0
+    assert load_checkpoint(tmp_path / "ck.pth")["eval_returns"] == [300.0] * 20 + [20.0] * 20
 
 
 def test_a_checkpoint_name_that_is_a_symlink_loop_is_refused_by_name(tmp_path):
@@ -248,7 +268,7 @@ def test_closing_the_evaluator_while_a_job_sits_unread_does_not_raise():
     pid = evaluator._process.pid
     os.kill(pid, signal.SIGSTOP)  # it reads nothing: the job queue (one slot) stays full
     try:
-        assert evaluator.submit(EvalJob(0, {"policy": balancing_weights()}, seed=1, confirm_seed=3))
+        assert evaluator.submit(EvalJob(0, {"policy": balancing_weights()}, seed=1, confirm_seed=3, confirm_from=0.0))
         evaluator.close()
     finally:
         os.kill(pid, signal.SIGKILL)

@@ -22,7 +22,7 @@ from titan_rl.algorithm import Learner, to_batch
 from titan_rl.checkpoint import last_path, save_checkpoint
 from titan_rl.clients.buffer import PriorityUpdater, Sample
 from titan_rl.config import Config
-from titan_rl.evaluation import EvalJob, EvalResult, Evaluator, snapshot
+from titan_rl.evaluation import EvalJob, EvalResult, Evaluator, confirmation_bar, snapshot
 from titan_rl.metrics import MetricsLogger
 from titan_rl.trainer.distributed import LearnerGroup
 from titan_rl.trainer.policy_store import PolicyStore
@@ -253,20 +253,11 @@ class TrainingLoop:
         seed = 1_000_003 * (self.cfg.seed + 1) + 2 * self._evals * e.episodes  # fresh episodes every time
         with self.checkpoint_lock:
             state = snapshot(self.learner.state_dict())
-        self.evaluator.submit(EvalJob(self.env_steps, state, seed, seed + e.episodes, self._confirm_from()))
+        confirm = confirmation_bar(self.best_eval, self.cfg.budget.target_eval_return)
+        self.evaluator.submit(EvalJob(self.env_steps, state, seed, seed + e.episodes, confirm))
         self._evals += 1
         self._evaluated_at = self.env_steps
         return True
-
-    def _confirm_from(self) -> float:
-        """The score from which an evaluation is played again on new episodes: one that would become
-        the kept checkpoint or end the run. The best of ~20 noisy 20-episode means overstates its
-        policy (on Acrobot the kept checkpoint scored below the last policy in 3 of 5 seeds); a
-        40-episode mean to enter halves the variance of the score that decides."""
-        if self.best_eval is None:
-            return float("-inf")
-        target = self.cfg.budget.target_eval_return
-        return self.best_eval if target is None else min(self.best_eval, target)
 
     def _final_eval(self) -> None:
         """Wait for a running evaluation, and score the final weights unless they were scored, the target
