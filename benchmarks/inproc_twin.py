@@ -10,8 +10,9 @@ network (the freshest weights, no publishing).
 
 Learning's start appends {"time", "first_update": env_steps} to `--out`, every evaluation
 {"time", "env_steps", "mean_return", "episodes"} (the format of benchmarks/sb3_dqn.py; 40 episodes
-where the first 20 would beat the best, as the trainer evaluates); at the end the final policy is scored on fresh episodes and a last line
-{"final_mean_return", "final_returns", "wall_s"} is appended. Run by benchmarks/solve_time.py.
+where the first 20 would beat the best, as the trainer evaluates); at the end the final policy is
+scored on fresh episodes and a last line {"final_mean_return", "final_returns", "wall_s"} is
+appended. Run by benchmarks/solve_time.py.
 
     python -m benchmarks.inproc_twin --seed 0 --budget 50000 --out twin.jsonl [section.key=value ...]
 """

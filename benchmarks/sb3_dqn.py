@@ -4,8 +4,9 @@ Run by solve_time.py as a subprocess: every `--eval-every` env steps it plays `-
 greedy episodes on separate envs, and as many again where they would beat the best so far (the same
 `titan_rl.evaluation.evaluate_confirmed` TITAN-RL's evaluator uses, inside the training process, so
 evaluation time counts the same on both sides) and appends a JSON line
-{"time", "env_steps", "mean_return", "episodes"} to `--out`. At the end the final model is evaluated on fresh seeds
-and a last line {"final_mean_return", "final_returns", "wall_s"} is appended.
+{"time", "env_steps", "mean_return", "episodes"} to `--out`. At the end the final model is
+evaluated on fresh seeds and a last line {"final_mean_return", "final_returns", "wall_s"} is
+appended.
 
     python -m benchmarks.sb3_dqn --env Acrobot-v1 --budget 100000 --eval-every 5000 --out sb3.jsonl
     python -m benchmarks.sb3_dqn --env titan_rl.minatar_envs:MinAtar/Breakout-v1 --budget 500000 --eval-every 25000 --out sb3.jsonl
