@@ -30,7 +30,7 @@ import torch
 from titan_rl.algorithm import to_batch
 from titan_rl.buffer.table import Table
 from titan_rl.config import load_config
-from titan_rl.evaluation import EvalJob, EvalResult, Evaluator, confirmation_bar, evaluate, snapshot
+from titan_rl.evaluation import EvalJob, EvalResult, Evaluator, confirmation_bar, eval_seed, evaluate, snapshot
 from titan_rl.registry import build_algorithm, build_policy
 from titan_rl.rollout.actor import VectorActor
 
@@ -89,7 +89,7 @@ def train(config: str, overrides: list[str], out: str, final_seed: int) -> None:
             for result in evaluator.results():
                 record(result)
             if env_steps >= next_eval and evaluator.idle:
-                seed = 1_000_003 * (cfg.seed + 1) + 2 * evals * e.episodes  # the trainer's seeds
+                seed = eval_seed(cfg.seed, evals, e.episodes)  # the trainer's seeds
                 confirm = confirmation_bar(best, None)  # the trainer's rule; the twin stops at no target
                 evaluator.submit(EvalJob(env_steps, snapshot(learner.state_dict()), seed, seed + e.episodes, confirm))
                 evals += 1

@@ -27,7 +27,7 @@ from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from torch import nn
 
 from models.minatar_cnn import MinAtarCNN
-from titan_rl.evaluation import ActFn, confirmation_bar, evaluate, evaluate_confirmed
+from titan_rl.evaluation import ActFn, confirmation_bar, eval_seed, evaluate, evaluate_confirmed
 
 MINATAR_BREAKOUT = "titan_rl.minatar_envs:MinAtar/Breakout-v1"
 
@@ -127,7 +127,7 @@ class GreedyEval(BaseCallback):
 
     def _on_step(self) -> bool:
         if self.num_timesteps % self.every == 0:
-            seed = 1_000_003 * (self.seed + 1) + 2 * self.evals * self.episodes
+            seed = eval_seed(self.seed, self.evals, self.episodes)
             bar = confirmation_bar(self.best, None)
             returns = evaluate_confirmed(greedy(self.model.q_net), self.env_id, self.episodes, seed, seed + self.episodes, bar)
             self.evals += 1

@@ -41,6 +41,12 @@ def evaluate(act: ActFn, env_name: str, episodes: int, seed: int) -> list[float]
         env.close()
 
 
+def eval_seed(run_seed: int, evals: int, episodes: int) -> int:
+    """The first reset seed of a run's `evals`-th evaluation: fresh episodes every time, the confirming
+    set (from this seed + `episodes`) included, and apart from other runs' and the scoring seeds."""
+    return 1_000_003 * (run_seed + 1) + 2 * evals * episodes
+
+
 def confirmation_bar(best: float | None, target: float | None) -> float:
     """The first-set score from which an evaluation is played again on new episodes: one that would
     become the kept checkpoint (beat `best`) or end the run (reach `target`). The best of ~20 noisy

@@ -22,7 +22,7 @@ from titan_rl.algorithm import Learner, to_batch
 from titan_rl.checkpoint import last_path, save_checkpoint
 from titan_rl.clients.buffer import PriorityUpdater, Sample
 from titan_rl.config import Config
-from titan_rl.evaluation import EvalJob, EvalResult, Evaluator, confirmation_bar, snapshot
+from titan_rl.evaluation import EvalJob, EvalResult, Evaluator, confirmation_bar, eval_seed, snapshot
 from titan_rl.metrics import MetricsLogger
 from titan_rl.trainer.distributed import LearnerGroup
 from titan_rl.trainer.policy_store import PolicyStore
@@ -250,7 +250,7 @@ class TrainingLoop:
         if not self.evaluator.idle:
             return False
         e = self.cfg.eval
-        seed = 1_000_003 * (self.cfg.seed + 1) + 2 * self._evals * e.episodes  # fresh episodes every time
+        seed = eval_seed(self.cfg.seed, self._evals, e.episodes)
         with self.checkpoint_lock:
             state = snapshot(self.learner.state_dict())
         confirm = confirmation_bar(self.best_eval, self.cfg.budget.target_eval_return)
