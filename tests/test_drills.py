@@ -167,7 +167,7 @@ def test_trainer_killed_resumes_its_counters_the_actors_take_its_weights_and_the
     for service in ("buffer", "trainer", "rollout"):
         run.start(service)
     last = run.tmp_path / "checkpoint_last.pth"
-    # ~4k env steps at the config's 0.25 updates per env step: killed well before a solve ends the run
+    # ~4k env steps at the config's 0.25 updates per env step, where the drill killed it at 0.5
     status = wait_until(lambda: (s := run.trainer_status()) and s.updates > 750 and last.exists() and s, 180, "750 updates")
     time.sleep(1.5)
     saved = torch.load(last, weights_only=True)["counters"]
