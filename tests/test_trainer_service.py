@@ -4,11 +4,12 @@ import threading
 from pathlib import Path
 
 import grpc
+import imageio.v2 as imageio
 import pytest
 import torch
 
 from tests.helpers import make_config
-from titan_rl.checkpoint import load_checkpoint
+from titan_rl.checkpoint import load_checkpoint, save_checkpoint
 from titan_rl.clients.buffer import BatchPrefetcher
 from titan_rl.clients.trainer import PolicySubscriber, TrainerClient
 from titan_rl.evaluation import Evaluator
@@ -151,6 +152,30 @@ def test_an_evaluation_that_cannot_load_its_weights_says_why():
         assert evaluator.submit(EvalJob(0, {"policy": {"net.0.weight": torch.zeros(3)}}, seed=1, confirm_seed=2, confirm_from=0.0))
         with pytest.raises(TitanError, match="evaluation failed: RuntimeError"):
             evaluator.results(wait_s=60)
+    finally:
+        evaluator.close()
+
+
+def test_the_evaluator_records_a_greedy_episode_of_a_checkpoint_and_still_scores_after_a_failed_one(tmp_path):
+    from titan_rl.errors import TitanError
+    from titan_rl.evaluation import EvalJob, VideoJob
+
+    cfg = make_config("policy.kwargs={state_dim: 4, action_dim: 2, hidden_sizes: [2]}")
+    checkpoint = save_checkpoint(tmp_path / "ck.pth", cfg, {"policy": balancing_weights()}, {}, None)
+    evaluator = Evaluator(cfg, 2)
+    try:
+        with pytest.raises(TitanError, match="no such checkpoint"):
+            evaluator.record(VideoJob(str(tmp_path / "missing.pth"), str(tmp_path / "missing.mp4"), seed=1), timeout_s=60)
+        episode_return, length = evaluator.record(VideoJob(str(checkpoint), str(tmp_path / "v.mp4"), seed=1), timeout_s=60)
+        assert episode_return == length > 100  # CartPole pays 1 a step
+        with imageio.get_reader(tmp_path / "v.mp4", format="FFMPEG") as reader:
+            assert reader.get_data(0).shape == (400, 600, 3) and reader.count_frames() == length + 1  # the reset frame too
+        assert evaluator.submit(EvalJob(0, {"policy": balancing_weights()}, seed=1, confirm_seed=3, confirm_from=float("inf")))
+        (result,) = evaluator.results(wait_s=60)
+        assert len(result.returns) == 2
+        with pytest.raises(TitanError, match="still scoring"):
+            evaluator.submit(EvalJob(0, {"policy": balancing_weights()}, seed=1, confirm_seed=3, confirm_from=float("inf")))
+            evaluator.record(VideoJob(str(checkpoint), str(tmp_path / "v2.mp4"), seed=1), timeout_s=60)
     finally:
         evaluator.close()
 

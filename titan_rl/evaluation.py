@@ -10,12 +10,14 @@ import queue
 import signal
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from titan_rl.algorithm import cpu_state
+from titan_rl.algorithm import Algorithm, cpu_state
+from titan_rl.checkpoint import load_checkpoint
 from titan_rl.config import Config, config_from_dict, config_to_dict
 from titan_rl.envs import make_vector_env
 from titan_rl.errors import TitanError
@@ -74,6 +76,15 @@ class EvalJob:
     seed: int
     confirm_seed: int  # the first reset seed of a second set of episodes...
     confirm_from: float  # ...played when the first set's mean reaches this (inf: never)
+
+
+@dataclass(frozen=True)
+class VideoJob:
+    """One greedy episode of the policy in the checkpoint at `checkpoint_path`, recorded to `video_path`."""
+
+    checkpoint_path: str
+    video_path: str
+    seed: int
 
 
 @dataclass
@@ -152,6 +163,23 @@ class Evaluator:
             raise TitanError(f"evaluation failed: {reply}")
         return [EvalResult(job, reply)]
 
+    def record(self, job: VideoJob, timeout_s: float) -> tuple[float, int]:
+        """Play and record `job`'s episode; (return, length). The process already holds torch and the
+        network, which a fresh `titan-rl visualize` would import and build again (~2 CPU-seconds),
+        and it was started before the caller had any gRPC channel, so the encoder it forks copies none."""
+        if self._running is not None:
+            raise TitanError("the evaluator is still scoring a policy")
+        self.start()
+        self._jobs.put(job)
+        try:
+            reply = self._results.get(timeout=timeout_s)
+        except queue.Empty:
+            state = "is still recording" if self._process.is_alive() else f"exited with code {self._process.exitcode}"
+            raise TitanError(f"the evaluator {state} after {timeout_s:.0f}s") from None
+        if isinstance(reply, str):
+            raise TitanError(reply)
+        return reply
+
     def close(self) -> None:
         if self._process.pid is None:
             return
@@ -182,12 +210,26 @@ def _evaluator_main(raw_config: dict[str, Any], episodes: int, jobs: Any, result
         job = jobs.get()
         if job is None:
             return
+        if isinstance(job, VideoJob):
+            results.put(_record(job, network, algorithm, env_name))
+            continue
         seed, confirm_seed, bar, weights = job
         try:
             network.load_state_dict(torch.load(io.BytesIO(weights), weights_only=True))
             results.put(evaluate_confirmed(act, env_name, episodes, seed, confirm_seed, bar))
         except Exception as e:  # reported to the trainer by results()
             results.put(f"{type(e).__name__}: {e}")
+
+
+def _record(job: VideoJob, network: torch.nn.Module, algorithm: Algorithm, env_name: str) -> tuple[float, int] | str:
+    """`job`'s episode, or why it could not be recorded."""
+    from titan_rl.visualize import record_episode  # imageio and the renderer: only once a run has ended
+
+    try:
+        network.load_state_dict(load_checkpoint(job.checkpoint_path)["policy"])
+        return record_episode(network, algorithm, env_name, job.seed, Path(job.video_path))
+    except Exception as e:  # the run has ended well whatever happens here: the trainer logs it
+        return f"{type(e).__name__}: {e}"
 
 
 def snapshot(state: Mapping[str, Any]) -> dict[str, Any]:

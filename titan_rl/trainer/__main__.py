@@ -6,8 +6,6 @@ import dataclasses
 import logging
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,7 +17,7 @@ from titan_rl.algorithm import Learner
 from titan_rl.clients.buffer import BatchPrefetcher, BufferClient, PriorityUpdater
 from titan_rl.config import Config
 from titan_rl.errors import ConfigError, TitanError
-from titan_rl.evaluation import Evaluator
+from titan_rl.evaluation import Evaluator, VideoJob
 from titan_rl.metrics import MetricsLogger
 from titan_rl.registry import build_algorithm, build_policy
 from titan_rl.rpc import make_server, set_serving
@@ -69,28 +67,20 @@ def end_run(store: PolicyStore, buffer_address: str, reason: str) -> None:
         client.close()
 
 
-def record_video(cfg: Config, summary: Summary, logger: MetricsLogger) -> None:
-    """One greedy episode of the run's best checkpoint to <run folder>/video.mp4 and W&B, by
-    `titan-rl visualize` in a process of its own: the video encoder forks, and a fork of a process
-    with live gRPC channels runs gRPC's fork handlers (see titan_rl.service.die_with_parent). A
-    finished run stays finished whatever happens here: a warning only."""
+def record_video(cfg: Config, summary: Summary, logger: MetricsLogger, evaluator: Evaluator) -> None:
+    """One greedy episode of the run's best checkpoint to <run folder>/video.mp4 and W&B, recorded by
+    the evaluator process. A finished run stays finished whatever happens here: a warning only."""
     checkpoint = Path(summary.checkpoint)
     if not checkpoint.exists():
         log.info("no video: no checkpoint was written")
         return
     path = logger.run_dir / "video.mp4"
-    own_packages = sorted({cfg.policy.path.split(".")[0], cfg.algorithm.path.split(".")[0]})  # this run's own config named them
-    cmd = [sys.executable, "-m", "titan_rl.visualize", "--model_path", str(checkpoint), "--output", str(path), "--episodes", "1"]
-    cmd += ["--seed", str(cfg.seed), *(f"--allow-module={package}" for package in own_packages)]
     try:
-        played = subprocess.run(cmd, capture_output=True, text=True, timeout=VIDEO_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        log.warning("no video of the agent: recording took over %.0fs", VIDEO_TIMEOUT_S)
+        episode_return, length = evaluator.record(VideoJob(str(checkpoint), str(path), cfg.seed), VIDEO_TIMEOUT_S)
+    except TitanError as e:
+        log.warning("no video of the agent: %s", e)
         return
-    if played.returncode != 0:
-        log.warning("no video of the agent: %s", (played.stderr.strip().splitlines() or ["visualize failed"])[-1])
-        return
-    log.info("video of one greedy episode (%s): %s", played.stdout.strip().splitlines()[-1].split()[0], path)
+    log.info("video of one greedy episode (return %g, %d steps): %s", episode_return, length, path)
     logger.log_video(path, summary.env_steps)
 
 
@@ -179,7 +169,7 @@ def run(cfg: Config) -> Summary:
         if loop.ends_run:
             end_run(store, cfg.buffer_server.dial_address, summary.stop_reason)
             if cfg.logging.video:
-                record_video(cfg, summary, logger)
+                record_video(cfg, summary, logger, evaluator)
         return summary
     finally:
         if loop.group is not None:
