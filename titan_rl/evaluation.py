@@ -111,7 +111,8 @@ class Evaluator:
     dropped: the next interval brings a fresher one); `results()` returns finished ones. One
     lucky set of episodes must neither end training nor become the kept checkpoint: a score that
     reaches the job's `confirm_from` (`confirmation_bar`: the lower of the best score so far and
-    the target) is confirmed on as many new episodes, and the result holds both sets.
+    the target) is confirmed on as many new episodes, and the result holds both sets. `record` plays
+    one greedy episode of a checkpoint to a video file: the trainer's end-of-run video.
     """
 
     def __init__(self, cfg: Config, episodes: int, start_method: str = "spawn"):
