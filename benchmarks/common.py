@@ -24,7 +24,7 @@ import numpy as np
 
 from titan_rl.clients.buffer import BatchPrefetcher, ChunkSender
 from titan_rl.config import load_config
-from titan_rl.launch import free_port
+from titan_rl.launcher import free_port
 from titan_rl.rpc import CLIENT_OPTIONS, is_serving
 from titan_rl.service import child_env
 

@@ -320,7 +320,7 @@ def test_many_open_streams_do_not_starve_other_calls(buffer_server):
 def test_chunk_sender_reconnects_when_the_buffer_comes_back(caplog):
     """A dead peer is retried with back-off and logged: the sender survives a buffer restart."""
     from titan_rl.buffer.__main__ import start
-    from titan_rl.launch import free_port
+    from titan_rl.launcher import free_port
 
     port = free_port("127.0.0.1")
     cfg = make_config(f"buffer_server.port={port}", "train.min_buffer_size=64")
@@ -392,7 +392,7 @@ def test_prefetcher_reports_an_unreadable_batch_instead_of_waiting_forever():
     """A peer speaking the protocol wrongly (here: a layout whose field overruns the record) is an error for the learner."""
     from concurrent import futures
 
-    from titan_rl.launch import free_port
+    from titan_rl.launcher import free_port
 
     def bad_sample_stream(requests, context):
         for _ in requests:

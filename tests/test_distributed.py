@@ -14,7 +14,7 @@ import torch
 
 from tests.helpers import make_config
 from tests.test_algorithms import fixed_batch
-from titan_rl.launch import free_port
+from titan_rl.launcher import free_port
 
 UPDATES = 3
 ROWS = 64

@@ -26,7 +26,7 @@ from titan_rl.auth import TOKEN_ENV
 from titan_rl.clients.buffer import BufferClient
 from titan_rl.clients.rollout import RolloutClient
 from titan_rl.clients.trainer import TrainerClient
-from titan_rl.launch import free_ports
+from titan_rl.launcher import free_ports
 from titan_rl.v1 import buffer_pb2
 
 pytestmark = pytest.mark.e2e

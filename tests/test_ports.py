@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from titan_rl.launch import free_ports
+from titan_rl.launcher import free_ports
 from titan_rl.rpc import make_server
 
 

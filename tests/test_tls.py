@@ -182,7 +182,7 @@ def test_tls_mistakes_are_config_errors_naming_the_key(pki, overrides, named):
 
 
 def test_a_launch_with_a_missing_tls_file_stops_before_any_service_starts(pki):
-    from titan_rl.launch import Launcher
+    from titan_rl.launcher import Launcher
 
     with pytest.raises(ConfigError, match=r"security\.tls_key_file='nowhere\.key' cannot be read"):
         Launcher("config/cartpole.yaml", [f"security.tls_cert_file={pki / 'node.pem'}", "security.tls_key_file=nowhere.key"])

@@ -1,4 +1,4 @@
-"""Imported first by the launcher's forkserver (`titan_rl.launch.PRELOADED_MODULES`): puts that
+"""Imported first by the launcher's forkserver (`titan_rl.preload.PRELOADED_MODULES`): puts that
 process in a process group of its own.
 
 The forkserver starts in the launcher's group, so a signal to the whole group (`kill -TERM -PGID`,

@@ -57,7 +57,7 @@ def die_with(parent_pid: int) -> None:
 
 def run_forked_service(service: str, argv: list[str], log_path: str | None, token: str) -> None:
     """Process target: `python -m titan_rl.<service> *argv` in a process forked from the launcher's
-    forkserver (see `titan_rl.launch`), which imported torch and every service's modules once for
+    forkserver (see `titan_rl.preload`), which imported torch and every service's modules once for
     all three. Like the process the launcher would otherwise exec: a session of its own (Ctrl-C in
     the terminal reaches only the launcher), output to `log_path` (None: the launcher's), the run's
     token in its environment, and SIGTERM once the launcher is gone.

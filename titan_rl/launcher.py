@@ -1,0 +1,190 @@
+"""Start buffer, trainer and rollout as three processes on this machine, train, and stop all three.
+
+Ports left at 0 in the config are picked free here and handed to every service, so all three
+agree. Ctrl-C or SIGTERM asks the trainer to finish (it writes its checkpoint), then stops the
+others; children also die with this process (see `titan_rl.service.run_forked_service`), so none
+is left behind. The services are forked from the forkserver `titan_rl.launch` started first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import signal
+import socket
+import sys
+import time
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+
+from titan_rl.auth import current_token
+from titan_rl.config import Config, load_config, resolve_config_path
+from titan_rl.errors import TitanError
+from titan_rl.preload import service_context
+from titan_rl.rpc import is_serving
+from titan_rl.service import run_forked_service
+from titan_rl.tls import load_tls, use_tls
+
+SERVICES = (("buffer", "buffer_server"), ("trainer", "trainer_server"), ("rollout", "rollout_server"))
+HEALTH_TIMEOUT_S = 120.0
+TRAINER_GRACE_S = 60.0
+OTHERS_GRACE_S = 10.0
+
+
+def signal_process(proc: BaseProcess, sig: signal.Signals) -> None:
+    """Send `sig` to `proc` unless it has exited (the forkserver, its parent, reaps it at once)."""
+    if proc.exitcode is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, sig)
+
+
+def free_ports(hosts: list[str]) -> list[int]:
+    """A free port on each host, all different: every probe socket stays bound until all are
+    picked, since the kernel may hand a just-closed port out again."""
+    with contextlib.ExitStack() as probes:
+        ports = []
+        for host in hosts:
+            probe = probes.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            probe.bind((host, 0))
+            ports.append(probe.getsockname()[1])
+        return ports
+
+
+def free_port(host: str) -> int:
+    return free_ports([host])[0]
+
+
+def preflight(cfg: Config, config_path: str) -> None:
+    """Build what the services will build from `cfg` (the env's spaces, the algorithm, the policy and
+    one forward pass of it, the learner's device) so that a mistake stops the launch before any process or run folder exists,
+    with the file and the key named."""
+    from titan_rl.registry import build_algorithm, build_policy  # imports torch: only once the YAML itself is valid
+    from titan_rl.trainer.device import resolve_device
+
+    try:
+        algorithm = build_algorithm(cfg)
+        algorithm.check_network(build_policy(cfg))
+        resolve_device(cfg.train.device)  # the trainer runs on this host too
+    except TitanError as e:
+        raise TitanError(f"{config_path}: {e}") from e
+
+
+class Launcher:
+    def __init__(self, config_path: str, overrides: list[str], resume: bool = False):
+        self.config_path = str(resolve_config_path(config_path))  # the services may start in another directory
+        cfg = load_config(self.config_path, overrides)
+        unset = [section for _, section in SERVICES if getattr(cfg, section).port == 0]
+        ports = free_ports([getattr(cfg, section).host for section in unset])
+        extra = [f"{section}.port={port}" for section, port in zip(unset, ports, strict=True)]
+        if resume:  # the same run name: the trainer resumes its last checkpoint, the buffer restores its snapshot
+            from titan_rl.checkpoint import run_to_resume
+
+            extra.append(f"logging.run_name={run_to_resume(cfg.logging.checkpoint_path)}")
+        elif not cfg.logging.run_name:
+            extra.append(f"logging.run_name={cfg.rollout_server.env_name}-seed{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
+        self.overrides = overrides + extra
+        self.cfg: Config = load_config(config_path, self.overrides)
+        self.run_dir = Path(self.cfg.logging.run_dir) / self.cfg.logging.run_name
+        preflight(self.cfg, self.config_path)
+        use_tls(load_tls(self.cfg.security, config_path))  # the health checks speak what the services serve
+        # the services answer only calls with this run's token (titan_rl.auth): a fresh one unless one is set
+        self.token = current_token() or self.cfg.security.token or secrets.token_urlsafe(32)
+        self.procs: dict[str, BaseProcess] = {}
+        self._stopping = False
+
+    def _start(self, service: str) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        argv = ["--config", self.config_path, *self.overrides]
+        # the trainer's progress is what the user watches
+        log_path = None if service == "trainer" else str((self.run_dir / f"{service}.log").resolve())
+        proc = service_context().Process(target=run_forked_service, args=(service, argv, log_path, self.token), name=service)
+        try:
+            proc.start()
+        except (EOFError, OSError) as e:  # the forkserver failed (an import it preloads raised) or was killed
+            raise TitanError(f"could not start the {service} service: the launcher's forkserver is gone ({e!r})") from e
+        self.procs[service] = proc
+
+    def _log_tail(self, service: str, lines: int = 15) -> str:
+        path = self.run_dir / f"{service}.log"
+        return "\n".join(path.read_text().splitlines()[-lines:]) if path.exists() else ""
+
+    def _wait_healthy(self) -> None:
+        deadline = time.monotonic() + HEALTH_TIMEOUT_S
+        pending = {service: getattr(self.cfg, section).dial_address for service, section in SERVICES}
+        while pending and not self._stopping:
+            for service, address in list(pending.items()):
+                code = self.procs[service].exitcode
+                if code is not None:
+                    raise TitanError(f"{service} exited with code {code} during start-up\n{self._log_tail(service)}")
+                if is_serving(address, timeout_s=0.5):
+                    del pending[service]
+            if time.monotonic() > deadline:
+                raise TitanError(f"no health from {', '.join(pending)} after {HEALTH_TIMEOUT_S:.0f}s")
+            if pending:
+                time.sleep(0.1)
+
+    def stop(self, *_: object) -> None:
+        """Ask the trainer to finish (it saves its checkpoint); the rest is stopped once it exits.
+        Before the trainer has started, no more services are started."""
+        if self._stopping:
+            return
+        self._stopping = True
+        if "trainer" in self.procs:
+            print("\nstopping: the trainer writes its checkpoint, the buffer its snapshot (bash run.sh --resume continues)", flush=True)
+            signal_process(self.procs["trainer"], signal.SIGTERM)
+
+    def _terminate(self, service: str, grace_s: float) -> None:
+        proc = self.procs.get(service)
+        if proc is None or proc.exitcode is not None:
+            return
+        signal_process(proc, signal.SIGTERM)
+        proc.join(grace_s)
+        if proc.exitcode is None:
+            print(f"{service} did not stop within {grace_s:.0f}s; killing it", flush=True)
+            proc.kill()
+            proc.join()
+
+    def run(self) -> int:
+        started = time.monotonic()
+        signal.signal(signal.SIGINT, self.stop)
+        signal.signal(signal.SIGTERM, self.stop)
+        try:
+            for service, _ in SERVICES:
+                if self._stopping:
+                    raise TitanError("stopped by a signal before every service had started")
+                self._start(service)
+            self._wait_healthy()
+            if not self._stopping:
+                print(f"services up in {time.monotonic() - started:.1f}s; logs in {self.run_dir}", flush=True)
+            while (code := self.procs["trainer"].exitcode) is None:
+                for service in ("buffer", "rollout"):
+                    # exit 0: the trainer ended the run and told it so (the trainer exits next)
+                    if self.procs[service].exitcode not in (None, 0) and not self._stopping:
+                        print(f"{service} died (code {self.procs[service].exitcode}):\n{self._log_tail(service)}", flush=True)
+                        self.stop()
+                time.sleep(0.2)
+        except TitanError as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            code = 1
+        finally:
+            self._terminate("trainer", TRAINER_GRACE_S)
+            for service in ("rollout", "buffer"):
+                self._terminate(service, OTHERS_GRACE_S)
+        self._print_summary(time.monotonic() - started)
+        return code
+
+    def _print_summary(self, wall_s: float) -> None:
+        path = self.run_dir / "summary.json"
+        if not path.exists():
+            print(f"no summary: training did not finish (logs in {self.run_dir})", flush=True)
+            return
+        s = json.loads(path.read_text())
+        best = "-" if s["best_eval_return"] is None else f"{s['best_eval_return']:.1f}"
+        print(
+            f"done: {s['stop_reason']}\n"
+            f"  env steps {s['env_steps']:,}  updates {s['updates']:,}  wall {wall_s:.1f}s (launch to exit)\n"
+            f"  best eval return {best}  checkpoint {s['checkpoint']}  (last: {s['last_checkpoint']})",
+            flush=True,
+        )
