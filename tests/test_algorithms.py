@@ -286,11 +286,7 @@ def test_learning_rate_holds_then_decays_linearly_on_the_buffer_env_step_count_t
 
 def test_a_decay_that_starts_after_it_ends_is_refused_naming_the_key_and_file():
     with pytest.raises(ConfigError, match=r"cartpole.yaml.*lr_decay_start_env_steps=200000 must come before the decay's end \(100000"):
-        make_config(
-            "algorithm.config.lr_final=0.001",
-            "algorithm.config.lr_decay_start_env_steps=200000",
-            "algorithm.config.lr_decay_end_env_steps=0",
-        )
+        make_config("algorithm.config.lr_final=0.001", "algorithm.config.lr_decay_start_env_steps=200000")
 
 
 def test_learning_rate_is_lr_without_lr_final_even_when_the_resumed_optimizer_state_decayed_it():
