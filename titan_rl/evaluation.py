@@ -153,11 +153,8 @@ class Evaluator:
         """The finished evaluation, if any; with `wait_s`, first wait that long for a running one."""
         if self._running is None:
             return []
-        try:
-            reply = self._results.get(timeout=wait_s) if wait_s else self._results.get_nowait()
-        except queue.Empty:
-            if not self._process.is_alive():
-                raise TitanError(f"the evaluator process exited with code {self._process.exitcode}") from None
+        reply = self._reply(wait_s)
+        if reply is None:
             return []
         job, self._running = self._running, None
         if isinstance(reply, str):
@@ -172,14 +169,21 @@ class Evaluator:
             raise TitanError("the evaluator is still scoring a policy")
         self.start()
         self._jobs.put(job)
-        try:
-            reply = self._results.get(timeout=timeout_s)
-        except queue.Empty:
-            state = "is still recording" if self._process.is_alive() else f"exited with code {self._process.exitcode}"
-            raise TitanError(f"the evaluator {state} after {timeout_s:.0f}s") from None
+        reply = self._reply(timeout_s)
+        if reply is None:
+            raise TitanError(f"the evaluator is still recording after {timeout_s:.0f}s")
         if isinstance(reply, str):
             raise TitanError(reply)
         return reply
+
+    def _reply(self, wait_s: float) -> Any:
+        """The process's next reply, waiting up to `wait_s` (0: not at all); None if none came yet."""
+        try:
+            return self._results.get(timeout=wait_s) if wait_s else self._results.get_nowait()
+        except queue.Empty:
+            if not self._process.is_alive():
+                raise TitanError(f"the evaluator process exited with code {self._process.exitcode}") from None
+            return None
 
     def close(self) -> None:
         if self._process.pid is None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from titan_rl.errors import TitanError
 from titan_rl.preload import start_preloading, stop_preloading
 
 
@@ -25,8 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)
     overrides = list(args.overrides) + ([f"seed={args.seed}"] if args.seed is not None else [])
     start_preloading()
-    from titan_rl.errors import TitanError  # after the forkserver has started: see the module's docstring
-    from titan_rl.launcher import Launcher
+    from titan_rl.launcher import Launcher  # after the forkserver has started: see the module's docstring
 
     try:
         launcher = Launcher(args.config, overrides, resume=args.resume)

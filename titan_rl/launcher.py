@@ -22,12 +22,11 @@ from pathlib import Path
 from titan_rl.auth import current_token
 from titan_rl.config import Config, load_config, resolve_config_path
 from titan_rl.errors import TitanError
-from titan_rl.preload import service_context
+from titan_rl.preload import SERVICES, service_context
 from titan_rl.rpc import is_serving
 from titan_rl.service import run_forked_service
 from titan_rl.tls import load_tls, use_tls
 
-SERVICES = (("buffer", "buffer_server"), ("trainer", "trainer_server"), ("rollout", "rollout_server"))
 HEALTH_TIMEOUT_S = 120.0
 TRAINER_GRACE_S = 60.0
 OTHERS_GRACE_S = 10.0

@@ -14,13 +14,13 @@ import os
 import signal
 from multiprocessing import forkserver
 
+SERVICES = (("buffer", "buffer_server"), ("trainer", "trainer_server"), ("rollout", "rollout_server"))
+"""Each service the launcher forks, and its config section."""
 # what the services import, torch's compiler included (the trainer's first optimizer imports it),
 # after the module that takes the forkserver out of the launcher's process group
 PRELOADED_MODULES = [
     "titan_rl.forkserver_group",
-    "titan_rl.buffer.__main__",
-    "titan_rl.trainer.__main__",
-    "titan_rl.rollout.__main__",
+    *(f"titan_rl.{service}.__main__" for service, _ in SERVICES),
     "titan_rl.rollout.worker",
     "torch._dynamo",
 ]
