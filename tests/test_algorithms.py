@@ -285,8 +285,22 @@ def test_learning_rate_holds_then_decays_linearly_on_the_buffer_env_step_count_t
 
 
 def test_a_decay_that_starts_after_it_ends_is_refused_naming_the_key_and_file():
-    with pytest.raises(ConfigError, match=r"cartpole.yaml.*lr_decay_start_env_steps=200000 must come before the decay's end \(100000"):
-        make_config("algorithm.config.lr_final=0.001", "algorithm.config.lr_decay_start_env_steps=200000")
+    with pytest.raises(ConfigError, match=r"cartpole.yaml.*lr_decay_start_env_steps=200000 must come before lr_decay_end_env_steps=150000"):
+        make_config(
+            "algorithm.config.lr_final=0.001",
+            "algorithm.config.lr_decay_start_env_steps=200000",
+            "algorithm.config.lr_decay_end_env_steps=150000",
+        )
+
+
+def test_a_budget_that_ends_before_the_decay_starts_keeps_lr_throughout():
+    """A short run of a config that decays from 30k (`bash run.sh budget.max_env_steps=4000`) is no error."""
+    learner = dqn_learner(
+        "algorithm.config.lr=0.01", "algorithm.config.lr_final=0.001", "algorithm.config.lr_decay_start_env_steps=30000", "budget.max_env_steps=4000"
+    )
+    for env_steps in (0, 4000, 31000, 10**6):  # the actors' lead takes the count past the budget
+        learner.env_steps = env_steps
+        assert learner.update(fixed_batch())["charts/learning_rate"] == 0.01
 
 
 def test_learning_rate_is_lr_without_lr_final_even_when_the_resumed_optimizer_state_decayed_it():

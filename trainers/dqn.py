@@ -43,7 +43,8 @@ class DQNConfig(OffPolicyConfig):
     lr_decay_start_env_steps: int = field(default=0, metadata=range_metadata(0))
     """Env step (buffer-wide) where the decay starts: `lr` until then, so early learning keeps its pace."""
     lr_decay_end_env_steps: int = field(default=0, metadata=range_metadata(0))
-    """Env step where the learning rate reaches `lr_final`; 0 = budget.max_env_steps."""
+    """Env step where the learning rate reaches `lr_final`; 0 = budget.max_env_steps, and a budget
+    that ends before the decay starts keeps `lr` throughout (a short run of a config that decays)."""
     target_update_every_updates: int = field(default=250, metadata=range_metadata(1))
     """Target-network sync period in updates (1 with a small tau: Polyak averaging every update)."""
     target_update_tau: float = field(default=1.0, metadata=range_metadata(0.0001, 1))
@@ -126,9 +127,9 @@ class DQNLearner(Learner):
     def learning_rate(self) -> float:
         """`lr` until `lr_decay_start_env_steps`, then linearly to `lr_final` at the decay's end."""
         c = self.config
-        if c.lr_final is None:
-            return c.lr
         start = c.lr_decay_start_env_steps
+        if c.lr_final is None or self.lr_decay_end_env_steps <= start:
+            return c.lr
         return linear_schedule(c.lr, c.lr_final, self.lr_decay_end_env_steps - start, max(self.env_steps - start, 0))
 
     @torch.no_grad()
@@ -162,11 +163,10 @@ class DQN(OffPolicyAlgorithm):
     def check_config(cls, cfg: RunConfig, where: str) -> None:
         super().check_config(cfg, where)
         c = cfg.algorithm.config
-        end = c.lr_decay_end_env_steps or cfg.budget.max_env_steps
-        if c.lr_final is not None and c.lr_decay_start_env_steps >= end:
+        if c.lr_final is not None and c.lr_decay_end_env_steps and c.lr_decay_start_env_steps >= c.lr_decay_end_env_steps:
             raise ConfigError(
-                f"{where}: algorithm.config.lr_decay_start_env_steps={c.lr_decay_start_env_steps} must come before the decay's end "
-                f"({end}: lr_decay_end_env_steps, or budget.max_env_steps where that is 0)"
+                f"{where}: algorithm.config.lr_decay_start_env_steps={c.lr_decay_start_env_steps} must come before "
+                f"lr_decay_end_env_steps={c.lr_decay_end_env_steps}"
             )
 
     def make_learner(self, network: nn.Module) -> DQNLearner:
