@@ -296,7 +296,10 @@ def test_a_decay_that_starts_after_it_ends_is_refused_naming_the_key_and_file():
 def test_a_budget_that_ends_before_the_decay_starts_keeps_lr_throughout():
     """A short run of a config that decays from 30k (`bash run.sh budget.max_env_steps=4000`) is no error."""
     learner = dqn_learner(
-        "algorithm.config.lr=0.01", "algorithm.config.lr_final=0.001", "algorithm.config.lr_decay_start_env_steps=30000", "budget.max_env_steps=4000"
+        "algorithm.config.lr=0.01",
+        "algorithm.config.lr_final=0.001",
+        "algorithm.config.lr_decay_start_env_steps=30000",
+        "budget.max_env_steps=4000",
     )
     for env_steps in (0, 4000, 31000, 10**6):  # the actors' lead takes the count past the budget
         learner.env_steps = env_steps

@@ -155,6 +155,8 @@ def test_five_hosts_train_cartpole_with_two_learners_and_both_replicas_reach_the
     last = {key: value for row in rows for key, value in row.items()}  # the latest value of every metric
     for replica in (0, 1):
         steps = last.get(f"replicas/{replica}/env_steps", 0)
-        assert steps > 1000, f"replica {replica}'s data never reached the trainer: {steps:.0f} of the run's {summary['env_steps']} env steps"
+        assert steps > 1000, (
+            f"replica {replica}'s data never reached the trainer: {steps:.0f} of the run's {summary['env_steps']} env steps"
+        )
         assert f"replicas/{replica}/episodic_return" in last, f"replica {replica}'s episodes never reached the trainer"
     assert max(row.get("charts/rollout_replicas", 0) for row in rows) == 2
