@@ -29,6 +29,7 @@ from titan_rl.rpc import CLIENT_OPTIONS, is_serving
 from titan_rl.service import child_env
 
 if TYPE_CHECKING:
+    from titan_rl.algorithm import Batch, Learner
     from titan_rl.buffer.table import Table
 
 REPO = Path(__file__).resolve().parent.parent
@@ -227,6 +228,16 @@ def rate_for(step: Callable[[], int], duration_s: float, warmup_s: float = 0.2) 
     while (now := time.monotonic()) - t0 < duration_s:
         done += step()
     return done / (now - t0)
+
+
+def updates_rate(learner: Learner, next_batch: Callable[[], Batch], duration_s: float, warmup_s: float = 0.5) -> float:
+    """Learner updates/s, each on `next_batch()`, for `duration_s` after `warmup_s` of the same."""
+
+    def one() -> int:
+        learner.update(next_batch())
+        return 1
+
+    return rate_for(one, duration_s, warmup_s)
 
 
 def alternate_runs(runs: dict[str, Callable[[], float]], reps: int) -> dict[str, list[float]]:

@@ -16,8 +16,6 @@ Target: grpc >= 0.9x in-process.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
 from benchmarks.common import (
@@ -32,7 +30,7 @@ from benchmarks.common import (
     new_address,
     parse_args,
     print_table,
-    rate_for,
+    updates_rate,
     verdict,
 )
 from titan_rl.algorithm import Batch, Learner, to_batch
@@ -42,14 +40,6 @@ from titan_rl.registry import build_algorithm, build_policy
 from titan_rl.service import keep_freed_memory
 
 TARGET = 0.9
-
-
-def updates_rate(learner: Learner, next_batch: Callable[[], Batch], duration_s: float) -> float:
-    def one() -> int:
-        learner.update(next_batch())
-        return 1
-
-    return rate_for(one, duration_s, warmup_s=0.5)
 
 
 def grpc_rate(learner: Learner, address: str, batch_size: int, per_request: int, prefetch: int, duration_s: float) -> float:

@@ -19,12 +19,13 @@ next_obs, terminated).
 from __future__ import annotations
 
 import argparse
+import itertools
 import time
 
 import numpy as np
 import torch
 
-from benchmarks.common import alternate_runs, emit_json, paired_ratio, print_table, rate_for
+from benchmarks.common import alternate_runs, emit_json, paired_ratio, print_table, updates_rate
 from titan_rl.algorithm import Batch, Learner, to_batch
 from titan_rl.config import load_config
 from titan_rl.envs import check_env_spaces
@@ -56,18 +57,6 @@ def random_batches(obs_shape: tuple[int, ...], obs_dtype: np.dtype, num_actions:
     ]
 
 
-def updates_per_s(learner: Learner, batches: list[Batch], duration_s: float) -> float:
-    index = 0
-
-    def one() -> int:
-        nonlocal index
-        learner.update(batches[index % BATCHES])
-        index += 1
-        return 1
-
-    return rate_for(one, duration_s, warmup_s=0.1)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="config/cartpole.yaml")
@@ -91,7 +80,10 @@ def main() -> None:
         compiled.update(batch)
     compile_s = time.perf_counter() - t0
 
-    runs = {name: lambda learner=learner: updates_per_s(learner, batches, args.block_s) for name, learner in learners.items()}
+    def block(learner: Learner) -> float:
+        return updates_rate(learner, itertools.cycle(batches).__next__, args.block_s, warmup_s=0.1)
+
+    runs = {name: lambda learner=learner: block(learner) for name, learner in learners.items()}
     rates = alternate_runs(runs, args.reps)
     ratio = paired_ratio(rates, "eager", "compiled")  # compiled time per update / eager time per update
     ms = {name: 1e3 / float(np.median(values)) for name, values in rates.items()}
