@@ -1,14 +1,24 @@
 """Per-replica statistics in the buffer: every replica's chunks and episodes reach whoever asks the
-buffer (the trainer), counted once, and a chunk whose episode fields are bad stores nothing."""
+buffer (the trainer), counted once, a chunk whose episode fields are bad stores nothing, and a
+restarted buffer goes on from the statistics of its snapshot."""
 
 from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
 
 import grpc
 import pytest
 
-from tests.helpers import serving_buffer, transitions
+from tests.helpers import REPO, make_config, serving_buffer, transitions
+from titan_rl.auth import TOKEN_ENV
 from titan_rl.buffer.sources import EPISODE_WINDOW, SourceStats
 from titan_rl.clients.buffer import BufferClient, ChunkSender
+from titan_rl.errors import TitanError
+from titan_rl.launcher import free_ports
 from titan_rl.rpc import make_channel
 from titan_rl.v1 import buffer_pb2, buffer_pb2_grpc
 
@@ -93,3 +103,115 @@ def test_a_buffer_without_the_sources_call_is_named_once_and_answers_none(caplog
     finally:
         client.close()
         server.stop(None)
+
+
+def _counted(response: buffer_pb2.SourcesResponse) -> list:
+    """What a snapshot keeps of a Sources answer: all but the rate and the time since each replica's last chunk."""
+    per_replica = [
+        (s.replica_id, s.env_steps, s.records, s.chunks, s.episodes, s.mean_return, s.mean_length, s.window, s.policy_version, s.workers)
+        for s in response.sources
+    ]
+    return [per_replica, response.episodes, response.mean_return, response.mean_length, response.window]
+
+
+def test_statistics_round_trip_through_json_and_restart_their_clocks():
+    stats = SourceStats()
+    stats.record(0, 0, 100, 90, 3, [10.0, 20.0], [10, 20], now=0.0)
+    stats.record(2, 1, 50, 50, 5, [1.5] * (EPISODE_WINDOW + 3), [7] * (EPISODE_WINDOW + 3), now=1.0)
+    restored = SourceStats()
+    restored.load_state_dict(json.loads(json.dumps(stats.state_dict())), now=50.0)
+    response = restored.response(now=51.0)
+    assert _counted(response) == _counted(stats.response(now=1.0))
+    assert [s.seconds_since_last_chunk for s in response.sources] == [1.0, 1.0], "heard from at the restore"
+    assert response.env_steps_per_s == 0.0, "a rate is measured afresh"
+    restored.record(0, 0, 10, 10, 4, [30.0], [30], now=52.0)
+    assert (restored.response(now=52.0).sources[0].env_steps, restored.episodes) == (110, 2 + EPISODE_WINDOW + 3 + 1)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda s: s.pop("episodes"),
+        lambda s: s.update(env_steps=-1),
+        lambda s: s.update(returns=[1.0, "1"]),
+        lambda s: s.update(returns=[float("nan")]),
+        lambda s: s["replicas"]["0"].update(worker_versions={}),
+        lambda s: s["replicas"]["0"].update(chunks=1.5),
+        lambda s: s.update(replicas={"zero": s["replicas"]["0"]}),
+        lambda s: s.update(replicas=[]),
+    ],
+)
+def test_a_damaged_state_is_refused_and_changes_nothing(damage):
+    source = SourceStats()
+    source.record(0, 0, 100, 90, 3, [10.0], [10], now=0.0)
+    state = json.loads(json.dumps(source.state_dict()))
+    damage(state)
+    stats = SourceStats()
+    stats.record(1, 0, 8, 8, 1, [2.0], [2], now=0.0)
+    before = _counted(stats.response(now=0.0))
+    with pytest.raises(TitanError, match="not the replicas' statistics"):
+        stats.load_state_dict(state)
+    assert _counted(stats.response(now=0.0)) == before
+
+
+def test_a_snapshot_with_damaged_statistics_stops_the_buffer_naming_the_file(tmp_path):
+    from titan_rl.buffer.__main__ import SOURCES_KEY, serve
+    from titan_rl.buffer.service import tables_for
+    from titan_rl.buffer.snapshot import write_snapshot
+    from titan_rl.registry import build_algorithm
+
+    cfg = make_config("buffer_server.port=0", f"durability.snapshot_path={tmp_path / 'snapshot.npz'}")
+    tables = tables_for(build_algorithm(cfg), cfg.seed)
+    write_snapshot(cfg.snapshot_path(), {name: t.state_dict() for name, t in tables.items()}, {SOURCES_KEY: {"episodes": -1}})
+    with pytest.raises(TitanError, match=f"{tmp_path / 'snapshot.npz'}: not the replicas' statistics"):
+        serve(cfg)
+
+
+def _start_buffer(tmp_path, port: int, attempt: int) -> subprocess.Popen:
+    """`python -m titan_rl.buffer` keeping its snapshot in the run folder under `tmp_path`."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "titan_rl.buffer", "--config", "config/cartpole.yaml", f"buffer_server.port={port}",
+         f"logging.run_dir={tmp_path}", "logging.run_name=restart", "durability.snapshot_interval_s=0"],
+        cwd=REPO, stdout=open(tmp_path / f"buffer.{attempt}.log", "w"), stderr=subprocess.STDOUT,
+        env={k: v for k, v in os.environ.items() if k != TOKEN_ENV},
+    )  # fmt: skip
+
+
+def _sources_once_up(address: str, timeout_s: float = 60.0) -> buffer_pb2.SourcesResponse:
+    client = BufferClient(address, timeout_s=2.0)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while (response := client.sources()) is None:
+            assert time.monotonic() < deadline, f"the buffer at {address} did not answer in {timeout_s:.0f}s"
+            time.sleep(0.2)
+        return response
+    finally:
+        client.close()
+
+
+def test_a_restarted_buffer_goes_on_from_the_statistics_of_its_snapshot(tmp_path, monkeypatch):
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    (port,) = free_ports(["127.0.0.1"])
+    address = f"127.0.0.1:{port}"
+    buffer = _start_buffer(tmp_path, port, 1)
+    try:
+        _sources_once_up(address)
+        sender = ChunkSender(address, max_in_flight=2)
+        for replica_id in (0, 3):
+            for i in range(3):
+                episodes = {"episode_returns": [float(10 * replica_id + i)], "episode_lengths": [9 + i], "replica_id": replica_id}
+                assert sender.send(transitions(16, start=16 * i), replica_id, i, 16, **episodes)
+        assert sender.flush(10.0)
+        sender.close()
+        before = _sources_once_up(address)
+        assert before.episodes == 6
+        buffer.terminate()  # a clean stop: the last snapshot is written on the way out
+        assert buffer.wait(30) == 0
+        buffer = _start_buffer(tmp_path, port, 2)
+        after = _sources_once_up(address)
+        assert _counted(after) == _counted(before)
+        log = (tmp_path / "buffer.2.log").read_text()
+        assert "and 6 episodes from" in log, log
+    finally:
+        buffer.kill()
+        buffer.wait()

@@ -2,8 +2,8 @@
 
 Its tables, and the record signature of each, come from the algorithm the config names. With a
 snapshot path (`durability.snapshot_path`, or a run name to derive it from) it restores its
-tables from the last snapshot at start, saves them every `durability.snapshot_interval_s` and
-once more on SIGTERM / Ctrl-C.
+tables, and the statistics of what each rollout replica sent, from the last snapshot at start,
+saves them every `durability.snapshot_interval_s` and once more on SIGTERM / Ctrl-C.
 """
 
 from __future__ import annotations
@@ -25,16 +25,23 @@ from titan_rl.v1 import buffer_pb2, buffer_pb2_grpc
 
 log = logging.getLogger("titan_rl.buffer")
 
+SOURCES_KEY = "sources"  # the replicas' statistics in a snapshot's extra state
+
 
 def serve(cfg: Config) -> tuple[grpc.Server, int, BufferServicer]:
     """Start a buffer server as configured, its tables restored from the snapshot if there is one;
     returns (server, bound port, servicer)."""
     tables = tables_for(build_algorithm(cfg), cfg.seed)
-    if (path := cfg.snapshot_path()) is not None and restore(tables, path) is not None:
-        restored = ", ".join(f"{name}: {t.info().size} items, {t.env_steps_total} env steps" for name, t in tables.items())
-        log.info("restored %s from %s", restored, path)
-    server, port, health = make_server(cfg.buffer_server.host, cfg.buffer_server.port)
     servicer = BufferServicer(tables)
+    if (path := cfg.snapshot_path()) is not None and (extra := restore(tables, path)) is not None:
+        if SOURCES_KEY in extra:  # absent from a snapshot of a buffer that kept no statistics: they start at zero
+            try:
+                servicer.sources.load_state_dict(extra[SOURCES_KEY])
+            except TitanError as e:
+                raise TitanError(f"{path}: {e}") from e
+        restored = ", ".join(f"{name}: {t.info().size} items, {t.env_steps_total} env steps" for name, t in tables.items())
+        log.info("restored %s and %d episodes from %s", restored, servicer.sources.episodes, path)
+    server, port, health = make_server(cfg.buffer_server.host, cfg.buffer_server.port)
     buffer_pb2_grpc.add_BufferServiceServicer_to_server(servicer, server)
     server.start()
     set_serving(health, [buffer_pb2.DESCRIPTOR.services_by_name["BufferService"].full_name])
@@ -72,7 +79,11 @@ def main(argv: list[str] | None = None) -> None:
     log.info("buffer serving on %s:%d", cfg.buffer_server.host, port)
     snapshotter = None
     if (path := cfg.snapshot_path()) is not None:
-        snapshotter = Snapshotter(tables, path, cfg.durability.snapshot_interval_s)
+
+        def statistics() -> dict:
+            return {SOURCES_KEY: servicer.sources.state_dict()}
+
+        snapshotter = Snapshotter(tables, path, cfg.durability.snapshot_interval_s, extra=statistics)
         snapshotter.start()
     else:
         log.warning("no snapshots: set logging.run_name or durability.snapshot_path to keep the replay across restarts")

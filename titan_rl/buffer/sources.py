@@ -1,5 +1,6 @@
 """What each rollout replica has sent the buffer: env steps, records, finished episodes and the
 policy versions it acts with, counted from the chunks stored (a chunk sent twice counts once).
+They go into the buffer's snapshots with its tables, so a restarted buffer goes on counting.
 
 The trainer reads these through the buffer (BufferService.Sources), the one service every replica
 writes to, so it sees every replica's episodes however many there are and whatever sits in front
@@ -8,11 +9,15 @@ of them (a Kubernetes Service would hand a Stats call to one replica only).
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
+from titan_rl.errors import TitanError
 from titan_rl.recent_rate import RecentRate
 from titan_rl.v1 import buffer_pb2
 
@@ -34,6 +39,20 @@ class _Replica:
 
 def _mean(values: deque) -> float:
     return sum(values) / len(values) if values else 0.0
+
+
+def _count(state: Mapping[str, Any], key: str) -> int:
+    value = state[key]
+    if type(value) is not int or value < 0:
+        raise TypeError(f"{key} is {value!r}, not a count")
+    return value
+
+
+def _window(values: Any, kind: type, key: str) -> deque:
+    """The latest EPISODE_WINDOW numbers of `values` (a JSON list), each a finite `kind`."""
+    if not isinstance(values, list) or not all(type(v) in (int, float) and math.isfinite(v) for v in values):
+        raise TypeError(f"{key} is not a list of finite numbers")
+    return deque((kind(v) for v in values), maxlen=EPISODE_WINDOW)
 
 
 class SourceStats:
@@ -103,3 +122,61 @@ class SourceStats:
                 window=len(self._returns),
                 env_steps_per_s=self._rate.per_second(now),
             )
+
+    @property
+    def episodes(self) -> int:
+        with self._lock:
+            return self._episodes
+
+    def state_dict(self) -> dict[str, Any]:
+        """The counters and episode windows as plain JSON values, for the buffer's snapshot. What
+        is only meaningful in this process (the recent rate, the time of each replica's last chunk)
+        stays out: a restored buffer measures those afresh."""
+        with self._lock:
+            return {
+                "replicas": {
+                    str(replica_id): {
+                        "env_steps": r.env_steps,
+                        "records": r.records,
+                        "chunks": r.chunks,
+                        "episodes": r.episodes,
+                        "returns": list(r.returns),
+                        "lengths": list(r.lengths),
+                        "worker_versions": {str(w): v for w, v in r.worker_versions.items()},
+                    }
+                    for replica_id, r in self._replicas.items()
+                },
+                "episodes": self._episodes,
+                "env_steps": self._env_steps,
+                "returns": list(self._returns),
+                "lengths": list(self._lengths),
+            }
+
+    def load_state_dict(self, state: Mapping[str, Any], now: float | None = None) -> None:
+        """Take over the counters of `state_dict()` (from a snapshot); every replica counts as heard
+        from at `now`. TitanError, with nothing changed, for a state that is not one."""
+        now = time.monotonic() if now is None else now
+        try:
+            replicas = {}
+            for replica_id, r in state["replicas"].items():
+                versions = r["worker_versions"]
+                if not versions or not all(type(v) is int for v in versions.values()):
+                    raise TypeError(f"replica {replica_id}: worker_versions is {versions!r}")
+                replicas[int(replica_id)] = _Replica(
+                    env_steps=_count(r, "env_steps"),
+                    records=_count(r, "records"),
+                    chunks=_count(r, "chunks"),
+                    episodes=_count(r, "episodes"),
+                    returns=_window(r["returns"], float, "returns"),
+                    lengths=_window(r["lengths"], int, "lengths"),
+                    worker_versions={int(w): v for w, v in versions.items()},
+                    last_seen=now,
+                )
+            episodes, env_steps = _count(state, "episodes"), _count(state, "env_steps")
+            returns, lengths = _window(state["returns"], float, "returns"), _window(state["lengths"], int, "lengths")
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise TitanError(f"not the replicas' statistics of a buffer snapshot: {e!r}") from e
+        with self._lock:
+            self._replicas, self._episodes, self._env_steps = replicas, episodes, env_steps
+            self._returns, self._lengths = returns, lengths
+            self._rate = RecentRate(RATE_WINDOW_S)
