@@ -19,12 +19,17 @@ Targets: median TITAN-RL time to solve <= 1.0x the twin's and <= 0.5x SB3's; TIT
     .venv/bin/python -m benchmarks.solve_time --seeds 0 1 2 3 4 5 6 7 8 9
     .venv/bin/python -m benchmarks.solve_time --only titan --seeds 0 1 -- algorithm.config.lr_final=0.0002
 
+`--keep DIR` keeps every run's files there (TITAN-RL's run folders with their metrics.jsonl and
+checkpoints, the one-process sides' JSON lines) for reading the runs afterwards; without it they go
+to a temporary folder removed at the end.
+
 Overrides (after `--`) apply to TITAN-RL and the twin, never to SB3's zoo settings.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -32,7 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -131,17 +136,31 @@ def median_solved(results: list[dict]) -> float:
     return statistics.median([r["solved_s"] if r["solved_s"] is not None else float("inf") for r in results])
 
 
+@contextlib.contextmanager
+def work_dir(keep: Path | None) -> Iterator[Path]:
+    """Where the runs write: `keep` (created; refused unless empty, so that no earlier run's files
+    mix with these), or a temporary folder removed afterwards."""
+    if keep is None:
+        with tempfile.TemporaryDirectory(prefix="solve_time-") as tmp:
+            yield Path(tmp)
+        return
+    keep.mkdir(parents=True, exist_ok=True)
+    if any(keep.iterdir()):
+        raise SystemExit(f"--keep {keep}: not empty; name a new folder")
+    yield keep
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--budget", type=int, default=50_000)
     parser.add_argument("--only", choices=["titan", "twin", "sb3"], nargs="+", help="run these sides only")
+    parser.add_argument("--keep", type=Path, metavar="DIR", help="keep every run's files in this new or empty folder")
     parser.add_argument("overrides", nargs="*", help="section.key=value for titan and the twin, as for run.sh")
     args = parser.parse_args()
     results: dict[str, list[dict]] = {"titan": [], "twin": [], "sb3": []}
     runners = {"titan": run_titan, "twin": run_twin, "sb3": run_sb3}
-    with tempfile.TemporaryDirectory(prefix="solve_time-") as tmp:
-        work = Path(tmp)
+    with work_dir(args.keep) as work:
         for i, seed in enumerate(args.seeds):
             sides = list(runners)
             for side in sides[i % 3 :] + sides[: i % 3]:

@@ -133,3 +133,17 @@ def test_the_one_process_twin_trains_evaluates_and_scores_its_final_policy(tmp_p
     assert evals and all(r["env_steps"] >= 1000 and np.isfinite(r["mean_return"]) for r in evals)
     assert evals[0]["episodes"] == 6 and {r["episodes"] for r in evals} <= {3, 6}, "a new best is confirmed, as the trainer does"
     assert len(final["final_returns"]) == 3 and final["wall_s"] > 0
+
+
+def test_solve_time_keeps_the_runs_files_only_where_asked_and_only_in_an_empty_folder(tmp_path):
+    from benchmarks.solve_time import work_dir
+
+    with work_dir(None) as temporary:
+        (temporary / "metrics.jsonl").write_text("{}")
+    assert not temporary.exists()
+    kept = tmp_path / "kept" / "set"
+    with work_dir(kept) as work:
+        (work / "metrics.jsonl").write_text("{}")
+    assert (kept / "metrics.jsonl").exists()
+    with pytest.raises(SystemExit, match="not empty"), work_dir(kept):
+        pass
