@@ -1,6 +1,6 @@
 """Replay snapshots: seconds to save and restore 1M CartPole transitions, and what a save costs the learner.
 
-What it measures, against a real buffer server (titan_rl.buffer.__main__.serve, gRPC on 127.0.0.1)
+What it measures, against a real buffer server (titan_rl.buffer.process.serve, gRPC on 127.0.0.1)
 in a child process holding one DQN replay table of --items CartPole n-step transitions (filled in
 process, every page written):
 - save: `Snapshotter.save()`, the buffer's own periodic save: the table's rows streamed into one
@@ -51,7 +51,7 @@ FILL_CHUNK = 65_536
 def _buffer_child(items: int, directory: str, conn) -> None:
     """The buffer: serve a filled table, then save, save blockingly or restore when told; report windows."""
     from benchmarks.common import CONFIG, NO_RATE_LIMIT
-    from titan_rl.buffer.__main__ import serve
+    from titan_rl.buffer.process import serve
     from titan_rl.buffer.service import tables_for
     from titan_rl.buffer.snapshot import Snapshotter, restore, write_snapshot, yield_the_cores
     from titan_rl.config import load_config

@@ -46,7 +46,7 @@ def transitions(n: int, obs_dim: int = 4, seed: int = 0, start: float = 0.0) -> 
 def serving_buffer(config: str | Path = DEFAULT_CONFIG, *overrides: str) -> Iterator[tuple[str, Table]]:
     """A real buffer service, started as `python -m titan_rl.buffer` starts it, on a free port: its one
     table holds at most 1000 items and its rate limiter holds nobody back. Yields (address, table)."""
-    from titan_rl.buffer.__main__ import start
+    from titan_rl.buffer.process import start
 
     cfg = make_config_from(
         config,

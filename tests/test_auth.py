@@ -17,7 +17,7 @@ from titan_rl.v1 import buffer_pb2, buffer_pb2_grpc, trainer_pb2, trainer_pb2_gr
 @pytest.fixture
 def locked_buffer(monkeypatch):
     """A real buffer service started with a token; yields its address."""
-    from titan_rl.buffer.__main__ import start
+    from titan_rl.buffer.process import start
 
     monkeypatch.setenv(TOKEN_ENV, "s3cret")
     server, port, tables = start(make_config("buffer_server.port=0", "train.min_buffer_size=64"))

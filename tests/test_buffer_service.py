@@ -319,7 +319,7 @@ def test_many_open_streams_do_not_starve_other_calls(buffer_server):
 
 def test_chunk_sender_reconnects_when_the_buffer_comes_back(caplog):
     """A dead peer is retried with back-off and logged: the sender survives a buffer restart."""
-    from titan_rl.buffer.__main__ import start
+    from titan_rl.buffer.process import start
     from titan_rl.launcher import free_port
 
     port = free_port("127.0.0.1")
@@ -480,7 +480,7 @@ def test_info_names_the_kind_and_the_signature_of_each_table(buffer_server):
     ],
 )
 def test_the_algorithm_in_the_config_decides_the_table_kind_and_signature(config, overrides, kind, capacity, field, shape):
-    from titan_rl.buffer.__main__ import start
+    from titan_rl.buffer.process import start
 
     cfg = make_config_from(config, "buffer_server.port=0", "buffer_server.capacity_items=1000", "train.min_buffer_size=64", *overrides)
     server, port, tables = start(cfg)
@@ -756,7 +756,7 @@ def _bool_byte(fields: dict, name: str, byte: int) -> buffer_pb2.AddRequest:
     ],
 )
 def test_values_that_break_the_signature_are_invalid_argument_naming_the_field_and_store_nothing(make_chunk, message):
-    from titan_rl.buffer.__main__ import start
+    from titan_rl.buffer.process import start
 
     server, port, tables = start(make_config("buffer_server.port=0", "train.min_buffer_size=64"))  # DQN on CartPole: 2 actions
     try:

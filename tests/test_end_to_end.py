@@ -341,7 +341,7 @@ def preloading_forkservers() -> set[int]:
     found = set()
     for entry in Path("/proc").iterdir():
         try:
-            if entry.name.isdigit() and b"titan_rl.buffer.__main__" in (entry / "cmdline").read_bytes():
+            if entry.name.isdigit() and b"titan_rl.buffer.process" in (entry / "cmdline").read_bytes():
                 found.add(int(entry.name))
         except OSError:
             continue

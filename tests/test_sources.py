@@ -155,7 +155,7 @@ def test_a_damaged_state_is_refused_and_changes_nothing(damage):
 
 
 def test_a_snapshot_with_damaged_statistics_stops_the_buffer_naming_the_file(tmp_path):
-    from titan_rl.buffer.__main__ import SOURCES_KEY, serve
+    from titan_rl.buffer.process import SOURCES_KEY, serve
     from titan_rl.buffer.service import tables_for
     from titan_rl.buffer.snapshot import write_snapshot
     from titan_rl.registry import build_algorithm

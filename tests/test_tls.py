@@ -91,7 +91,7 @@ def plaintext_afterwards():
 @pytest.fixture
 def serve(pki):
     """Starts real buffer services with the given SecurityConfig; yields a function returning each one's address."""
-    from titan_rl.buffer.__main__ import start
+    from titan_rl.buffer.process import start
 
     started = []
 

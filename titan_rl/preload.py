@@ -20,7 +20,7 @@ SERVICES = (("buffer", "buffer_server"), ("trainer", "trainer_server"), ("rollou
 # after the module that takes the forkserver out of the launcher's process group
 PRELOADED_MODULES = [
     "titan_rl.forkserver_group",
-    *(f"titan_rl.{service}.__main__" for service, _ in SERVICES),
+    *(f"titan_rl.{service}.{module}" for service, _ in SERVICES for module in ("__main__", "process")),
     "titan_rl.rollout.worker",
     "torch._dynamo",
 ]

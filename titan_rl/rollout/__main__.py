@@ -1,51 +1,20 @@
-"""`python -m titan_rl.rollout --config FILE [--host H] [--port P]`: run the rollout service.
+"""`python -m titan_rl.rollout --config FILE [--host H] [--port P] [KEY=VALUE ...]`: run the rollout service.
 
-Workers pull weights from `trainer_server.address` and write to `buffer_server.address`,
-so any number of rollout replicas on any hosts can feed one buffer.
+The options are read before anything imports torch, so that `--help` and a mistyped option answer
+at once (checking the config then imports its algorithm, and torch with it); the service itself is
+`titan_rl.rollout.process`.
 """
 
 from __future__ import annotations
 
-import logging
-
-from titan_rl.config import Config
-from titan_rl.envs import check_env_spaces
-from titan_rl.errors import TitanError
-from titan_rl.rollout.service import RolloutServicer, WorkerPool
-from titan_rl.rollout.stats import TrajectoryStats
-from titan_rl.rpc import make_server, set_serving
-from titan_rl.service import parse_service_args, serve_until_signal
-from titan_rl.v1 import rollout_pb2, rollout_pb2_grpc
-
-log = logging.getLogger("titan_rl.rollout")
-
-
-def start(cfg: Config):
-    """Check the env, start the workers and the server; returns (server, bound port, pool).
-
-    Each worker builds the algorithm and checks the network fits before it acts."""
-    check_env_spaces(cfg)
-    stats = TrajectoryStats(cfg.rollout_server.num_workers)
-    pool = WorkerPool(cfg, stats)
-    pool.start()  # forks: before any gRPC
-    server, port, health = make_server(cfg.rollout_server.host, cfg.rollout_server.port)
-    rollout_pb2_grpc.add_RolloutServiceServicer_to_server(RolloutServicer(stats), server)
-    server.start()
-    set_serving(health, [rollout_pb2.DESCRIPTOR.services_by_name["RolloutService"].full_name])
-    return server, port, pool
+from titan_rl.service import parse_service_args
 
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_service_args("rollout", "rollout_server", argv=argv)
-    try:
-        server, port, pool = start(cfg)
-    except TitanError as e:
-        raise SystemExit(f"error: {e}") from None
-    r = cfg.rollout_server
-    log.info("rollout serving on %s:%d: %d workers x %d %s envs", r.host, port, r.num_workers, r.envs_per_worker, r.env_name)
-    serve_until_signal(server, "rollout", on_stop=pool.stop, stop_event=pool.ended)
-    if pool.failed.is_set():
-        raise SystemExit(1)
+    from titan_rl.rollout.process import run_service  # torch: only once the options are good
+
+    run_service(cfg)
 
 
 if __name__ == "__main__":
