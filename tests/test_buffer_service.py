@@ -18,7 +18,7 @@ from titan_rl.buffer.table import Table
 from titan_rl.clients.buffer import BatchPrefetcher, BufferClient, ChunkSender, PriorityUpdater, Sample, decode_sample
 from titan_rl.errors import TitanError
 from titan_rl.rpc import make_server
-from titan_rl.v1 import buffer_pb2, buffer_pb2_grpc
+from titan_rl.v1 import buffer_pb2, buffer_pb2_grpc, common_pb2
 
 SPEC = transition_spec((4,), np.float32)  # DQN's record on CartPole: what transitions() holds
 
@@ -116,6 +116,12 @@ def _field_set(name: str, **values):
     return mutate
 
 
+def _numbered(chunk: common_pb2.RecordChunk, sender_id: int, sequence: int) -> common_pb2.RecordChunk:
+    """A chunk numbered by a sender; one numbered below 1 was taken for a repeat and dropped without a word."""
+    chunk.sender_id, chunk.sequence = sender_id, sequence
+    return chunk
+
+
 @pytest.mark.parametrize(
     ("chunk", "field"),
     [
@@ -146,6 +152,8 @@ def _field_set(name: str, **values):
         ),
         (lambda: wire.encode_chunk(transitions(10), env_steps=0), "chunk.env_steps: must be > 0 for 10 records"),
         (lambda: wire.encode_chunk(transitions(10), env_steps=-3), "chunk.env_steps: must be > 0 for 10 records"),
+        (lambda: _numbered(wire.encode_chunk(transitions(10)), 8, 0), "chunk.sequence: must be >= 1 with a sender_id, got 0"),
+        (lambda: _numbered(wire.encode_chunk(transitions(10)), 9, -5), "chunk.sequence: must be >= 1 with a sender_id, got -5"),
     ],
 )
 def test_malformed_insert_is_invalid_argument_naming_the_field_and_the_service_keeps_serving(buffer_server, chunk, field):
@@ -627,9 +635,10 @@ def _priorities_request(keys: np.ndarray, priorities: np.ndarray) -> buffer_pb2.
 @pytest.mark.parametrize(
     ("keys", "priorities", "field"),
     [
-        (np.array([0, 1]), np.array([1.0, np.nan], np.float32), "priorities: must be finite and >= 0"),
+        (np.array([0, 1]), np.array([1.0, np.nan], np.float32), "priorities: must be finite, >= 0 and <= 1e+30"),
+        (np.array([0, 1]), np.array([1.7e308, 1.7e308]), "priorities: must be finite, >= 0 and <= 1e+30"),  # made the sum tree inf
         (np.array([0, 1]), np.array([1.0, np.inf]), "priorities: must be finite"),
-        (np.array([0, 1]), np.array([1.0, -2.0], np.float32), "priorities: must be finite and >= 0"),
+        (np.array([0, 1]), np.array([1.0, -2.0], np.float32), "priorities: must be finite, >= 0 and <= 1e+30"),
         (np.array([0, 1]), np.array([1.0, 2.0, 3.0], np.float32), "priorities: must be 2 floats, got float32 of shape (3,)"),
         (np.array([0, 1]), np.array([1, 2], np.int64), "priorities: must be 2 floats, got int64"),
         (np.array([0.0, 1.0]), np.array([1.0, 2.0], np.float32), "keys: must be a vector of integers, got float64"),

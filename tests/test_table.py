@@ -536,6 +536,29 @@ def test_a_table_state_does_not_load_into_another_signature_or_kind():
     assert (info.size, info.inserts_total, info.env_steps_total) == (0, 0, 0), "a refused state must change nothing"
 
 
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda state: state["counters"].pop("read_key"),
+        lambda state: state["counters"].update(env_steps_total="many"),
+        lambda state: state["counters"].update(sampled_rows_total=-1),
+        lambda state: state["sampler"].update(max_priority=1e300),
+        lambda state: state["sampler"].update(tree_leaves=np.full(10, 1e308)),  # finite leaves, an infinite sum
+    ],
+)
+def test_a_table_state_with_bad_counters_or_priorities_changes_nothing(damage):
+    """The counters were read after the storage and sampler had been replaced: a bad one left half a table."""
+    saved = _prioritized(10)
+    _history(saved)
+    state = saved.state_dict()
+    damage(state)
+    fresh = _prioritized(10)
+    with pytest.raises(ValueError, match="counters|max_priority|tree_leaves"):
+        fresh.load_state_dict(state)
+    info = fresh.info()
+    assert (info.size, info.inserts_total, info.env_steps_total, fresh.sampler.tree.total) == (0, 0, 0, 0.0)
+
+
 # ---- FIFO tables -------------------------------------------------------------------------------------------
 
 

@@ -465,6 +465,11 @@ class SumTree:
         return node
 
 
+MAX_PRIORITY = 1e30
+"""The largest priority taken: a few finite priorities near float64's limit overflow the sum tree to
+inf, after which every sample is the newest item. No TD error of a learning run comes near it."""
+
+
 class PrioritizedSampler(Sampler):
     """Proportional prioritized replay (Schaul et al. 2016, "Prioritized Experience Replay", section 3.3).
 
@@ -572,6 +577,8 @@ class PrioritizedSampler(Sampler):
             raise ValueError("priorities must be finite, got nan or inf")
         if (priorities < 0).any():
             raise ValueError(f"priorities must be >= 0, got {priorities.min()}")
+        if (priorities > MAX_PRIORITY).any():
+            raise ValueError(f"priorities must be <= {MAX_PRIORITY:g}, got {priorities.max():g}")
         self.max_priority = max(self.max_priority, float(priorities.max()))
         self._tree.set(slots, (priorities + self.epsilon) ** self.alpha)
 
@@ -593,9 +600,11 @@ class PrioritizedSampler(Sampler):
             raise ValueError(f"tree_leaves: shape {leaves.shape}, this sampler has capacity {self.capacity}")
         if not np.issubdtype(leaves.dtype, np.floating):
             raise ValueError(f"tree_leaves: dtype {leaves.dtype} is not floating point")
-        if not (np.isfinite(leaves).all() and (leaves >= 0).all()):
-            raise ValueError("tree_leaves: every value must be finite and >= 0")
-        max_priority = _check_number("max_priority", state["max_priority"], 0.0)
+        with np.errstate(over="ignore"):  # an infinite sum is the answer sought, not a warning
+            total = leaves.sum()
+        if not (np.isfinite(leaves).all() and (leaves >= 0).all() and np.isfinite(total)):
+            raise ValueError("tree_leaves: every value must be finite and >= 0, and so must their sum")
+        max_priority = _check_number("max_priority", state["max_priority"], 0.0, MAX_PRIORITY)
         alpha = _check_number("alpha", state["alpha"], 0.0)
         beta = _check_number("beta", state["beta"], 0.0, 1.0)
         epsilon = _check_number("epsilon", state["epsilon"], 0.0)

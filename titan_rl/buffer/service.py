@@ -14,6 +14,7 @@ import numpy as np
 
 from titan_rl import wire
 from titan_rl.algorithm import Algorithm
+from titan_rl.buffer.samplers import MAX_PRIORITY
 from titan_rl.buffer.sources import SourceStats
 from titan_rl.buffer.table import Closed, SampledRows, Table
 from titan_rl.errors import NotEnoughDataError, SampleTooLargeError, ShapeMismatchError, WireError
@@ -90,6 +91,8 @@ class BufferServicer(buffer_pb2_grpc.BufferServiceServicer):
                         raise WireError(f"env_steps: must be > 0 for {len(records)} records, got {chunk.env_steps} (an older actor?)")
                     if chunk.env_steps < 0:  # a chunk without records still must not take steps off the count
                         raise WireError(f"env_steps: must be >= 0, got {chunk.env_steps}")
+                    if chunk.sender_id and chunk.sequence < 1:  # would pass for a chunk stored before, and be dropped unsaid
+                        raise WireError(f"sequence: must be >= 1 with a sender_id, got {chunk.sequence}")
                     returns, lengths = wire.decode_chunk_episodes(chunk)
                     origin = (chunk.sender_id, chunk.sequence) if chunk.sender_id else None
                     stored = table.insert_records(
@@ -208,8 +211,8 @@ class BufferServicer(buffer_pb2_grpc.BufferServiceServicer):
                 raise WireError(f"keys: must be a vector of integers, got {keys.dtype.name} of shape {keys.shape}")
             if priorities.shape != keys.shape or priorities.dtype.kind != "f":
                 raise WireError(f"priorities: must be {len(keys)} floats, got {priorities.dtype.name} of shape {priorities.shape}")
-            if not np.all(np.isfinite(priorities)) or np.any(priorities < 0):
-                raise WireError("priorities: must be finite and >= 0")
+            if not np.all(np.isfinite(priorities)) or np.any(priorities < 0) or np.any(priorities > MAX_PRIORITY):
+                raise WireError(f"priorities: must be finite, >= 0 and <= {MAX_PRIORITY:g}")
             updated = table.update_priorities(keys, priorities)
         except WireError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))

@@ -23,6 +23,8 @@ from titan_rl.errors import NotEnoughDataError, SampleTooLargeError
 from titan_rl.records import RecordLayout
 
 MAX_COUNT = 2**63 - 1  # counters travel as int64
+COUNTERS = ("read_key", "env_steps_total", "sampled_rows_total", "sample_calls_total", "dropped_stale_total")
+"""The counters of a table's state (`_state`), in the order `load_state_dict` assigns them."""
 MAX_SENDERS_REMEMBERED = 65_536  # chunk senders whose last sequence number a table keeps (one per worker start)
 
 
@@ -379,6 +381,13 @@ class Table:
                 rng.bit_generator.state = state["rng"]
             except (TypeError, ValueError, KeyError) as e:
                 raise ValueError(f"rng: not a {type(rng.bit_generator).__name__} state: {e}") from None
+            c = state["counters"]
+            try:
+                counters = [int(c[key]) for key in COUNTERS]
+            except (TypeError, ValueError, KeyError) as e:
+                raise ValueError(f"counters: not {', '.join(COUNTERS)}: {e!r}") from None
+            if min(counters) < 0:
+                raise ValueError(f"counters: must be >= 0, got {dict(zip(COUNTERS, counters, strict=True))}")
             sampler = self._make_sampler()
             sampler.load_state_dict(state["sampler"])  # validates before anything of this table changes
             self.storage.load_state_dict(state["storage"])
@@ -387,13 +396,7 @@ class Table:
                 self._versions[:] = versions
             self._rng = rng
             self._last_sequence = senders
-            c = state["counters"]
-            self._read_key, self.env_steps_total = int(c["read_key"]), int(c["env_steps_total"])
-            self._sampled_rows, self._sample_calls, self._dropped_stale = (
-                int(c["sampled_rows_total"]),
-                int(c["sample_calls_total"]),
-                int(c["dropped_stale_total"]),
-            )
+            self._read_key, self.env_steps_total, self._sampled_rows, self._sample_calls, self._dropped_stale = counters
             self._cond.notify_all()
 
     def close(self) -> None:
