@@ -43,6 +43,11 @@ def test_default_config_has_the_seed_keys():
         ("train.learner_group_address=trainer", "train.learner_group_address='trainer' must be host:port"),
         ("train.learner_group_address=trainer:29500", "is set but train.learners=1: there is no group to meet"),
         ("train.learner_group_address=trainer:99999", "train.learner_group_address='trainer:99999' must be host:port"),
+        ("logging.run_name=../outside", "logging.run_name='../outside' must be one folder name"),
+        ("logging.run_name=/tmp/elsewhere", "logging.run_name='/tmp/elsewhere' must be one folder name"),
+        ("logging.run_name=runs/a", "logging.run_name='runs/a' must be one folder name"),
+        ("logging.run_name=..", "logging.run_name='..' must be one folder name"),
+        ("logging.run_name=.hidden", "logging.run_name='.hidden' must be one folder name"),
     ],
 )
 def test_bad_values_name_the_file_the_key_and_the_reason(override, message):
@@ -178,3 +183,26 @@ def test_the_readmes_yaml_reference_shows_the_defaults_of_the_code(tmp_path, hea
             assert yaml.safe_load(shown) == code, f"README.md shows {key}: {shown}, the code's default is {code!r}"
             checked += 1
     assert checked >= 5
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "config").glob("*.yaml")), ids=lambda p: p.name)
+def test_the_default_run_name_of_every_shipped_config_is_one_folder_name(path):
+    """MinAtar's env id `titan_rl.minatar_envs:MinAtar/Breakout-v1` made runs/titan_rl.minatar_envs:MinAtar/ a folder of its own."""
+    from titan_rl.config import RUN_NAME, default_run_name
+
+    name = default_run_name(load_config(path))
+    assert RUN_NAME.fullmatch(name) and "/" not in name and ":" not in name, name
+    assert load_config(path, [f"logging.run_name={name}"]).logging.run_name == name
+
+
+def test_resume_refuses_a_checkpoint_whose_run_name_leads_out_of_the_run_folder(tmp_path):
+    import torch
+
+    from titan_rl.checkpoint import FORMAT, run_to_resume
+    from titan_rl.errors import TitanError
+
+    raw = config_to_dict(make_config())
+    raw["logging"]["run_name"] = str(tmp_path / "outside")
+    torch.save({"format": FORMAT, "config": raw, "policy": {}, "learner": {}, "counters": {}, "eval_returns": []}, tmp_path / "c_last.pth")
+    with pytest.raises(TitanError, match=f"{tmp_path / 'c_last.pth'} names the run '{tmp_path / 'outside'}', which is not one folder name"):
+        run_to_resume(tmp_path / "c.pth")

@@ -544,7 +544,7 @@ def test_checkpoint_writes_only_checkpoints_inside_the_run_or_refuses_the_path(t
     checkpoints = (trainer.run / "checkpoints").resolve()
     if code == OK:
         written = Path(reply.path)
-        assert written.name.endswith(".pth") and written.is_file() and written.resolve().is_relative_to(checkpoints)
+        assert written.name.endswith(".pth") and written.is_file() and written.resolve().parent == checkpoints, "a file, in no new folder"
     else:
         assert details.startswith("path: ")
     assert sorted(trainer.run.parent.iterdir()) == outside and {p.name for p in trainer.run.iterdir()} <= {"logs", "checkpoints"}
@@ -626,7 +626,7 @@ def test_a_checkpoint_name_too_long_for_the_file_system_is_invalid_argument(trai
     with pytest.raises(grpc.RpcError) as e:
         trainer.stub.Checkpoint(trainer_pb2.CheckpointRequest(path="a" * 300 + ".pth"), timeout=TIMEOUT_S)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert e.value.details() == f"path: {'a' * 300 + '.pth'!r} cannot name a file: File name too long"
+    assert e.value.details().startswith(f"path: {'a' * 300 + '.pth'!r} must be a file name ending in .pth")
 
 
 # ---- last: Stop ----------------------------------------------------------------------------------------------------

@@ -81,7 +81,7 @@ def test_get_policy_status_checkpoint_and_stop(trainer_server, tmp_path):
     assert loop.run().stop_reason == "stop requested"
 
 
-def test_a_checkpoint_call_writes_only_checkpoints_inside_the_checkpoint_directory(trainer_server, tmp_path):
+def test_a_checkpoint_call_writes_only_checkpoints_by_file_name_beside_the_configured_one(trainer_server, tmp_path):
     address, _, _, _ = trainer_server
     client = TrainerClient(address)
     (tmp_path / "a_file").write_text("")
@@ -97,12 +97,16 @@ def test_a_checkpoint_call_writes_only_checkpoints_inside_the_checkpoint_directo
         "notes.txt",
         "user.pth",
         "link.pth",
+        "new/folders/x.pth",  # once created any folder below the checkpoint's: a .pth in .venv's site-packages broke Python
+        ".venv.pth",
+        "a\\b.pth",
     ):
         with pytest.raises(grpc.RpcError) as e:
             client.checkpoint(bad)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and e.value.details().startswith("path: "), bad
     assert (tmp_path / "user.pth").read_text() == "my notes"
     assert not outside.exists() and not (tmp_path.parent / "escape.pth").exists() and not (tmp_path / "abs.pth").exists()
+    assert not (tmp_path / "new").exists() and not (tmp_path / ".venv.pth").exists()
     assert not list(tmp_path.glob(".*tmp*")), "a failed write left its temp file behind"
 
 

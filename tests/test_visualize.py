@@ -157,6 +157,59 @@ def test_a_crafted_checkpoint_naming_any_other_callable_is_refused_and_runs_noth
     assert not marker.exists()
 
 
+def test_a_crafted_checkpoint_whose_env_id_names_a_module_imports_it_only_when_allowed(tmp_path: Path):
+    """Gymnasium imports `module` of an env id `module:EnvId`: from a checkpoint that ran the module's code unsaid."""
+    import torch
+
+    from titan_rl.checkpoint import FORMAT, policy_from_checkpoint
+    from titan_rl.config import config_to_dict, load_config
+    from titan_rl.errors import TitanError
+
+    marker = tmp_path / "ran"
+    (tmp_path / "planted_env.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    raw = config_to_dict(load_config(DEFAULT_CONFIG))
+    raw["rollout_server"]["env_name"] = "planted_env:CartPole-v1"
+    weights = torch.load(_fresh_checkpoint(tmp_path), weights_only=True)["policy"]
+    payload = {"format": FORMAT, "config": raw, "policy": weights, "learner": {}, "counters": {}, "eval_returns": []}
+    sys.path.insert(0, str(tmp_path))
+    try:
+        with pytest.raises(TitanError, match="rollout_server.env_name='planted_env:CartPole-v1' imports module 'planted_env'"):
+            policy_from_checkpoint(payload)
+        assert not marker.exists() and "planted_env" not in sys.modules
+        policy_from_checkpoint(payload, extra_modules=("planted_env",))  # what --allow-module planted_env does
+        assert marker.exists()
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("planted_env", None)
+    raw["rollout_server"]["env_name"] = "titan_rl.minatar_envs:MinAtar/Breakout-v1"
+    assert policy_from_checkpoint(payload)[1].rollout_server.env_name == raw["rollout_server"]["env_name"], "the shipped module is allowed"
+
+
+def _fresh_checkpoint(tmp_path: Path) -> Path:
+    from titan_rl.checkpoint import save_checkpoint
+    from titan_rl.config import load_config
+    from titan_rl.registry import build_algorithm, build_policy
+
+    cfg = load_config(DEFAULT_CONFIG)
+    learner = build_algorithm(cfg).make_learner(build_policy(cfg))
+    counters = {"updates": 0, "env_steps": 0, "policy_version": 0, "wall_s": 0.0}
+    return save_checkpoint(tmp_path / "fresh.pth", cfg, learner.state_dict(), counters, None)
+
+
+def test_a_checkpoint_never_holds_the_runs_token(tmp_path: Path):
+    import torch
+
+    from titan_rl.checkpoint import save_checkpoint
+    from titan_rl.config import load_config
+    from titan_rl.registry import build_algorithm, build_policy
+
+    cfg = load_config(DEFAULT_CONFIG, ["security.token=s3cret-run-token"])
+    learner = build_algorithm(cfg).make_learner(build_policy(cfg))
+    path = save_checkpoint(tmp_path / "ck.pth", cfg, learner.state_dict(), {"updates": 0}, None)
+    assert b"s3cret-run-token" not in path.read_bytes()
+    assert torch.load(path, weights_only=True)["config"]["security"]["token"] == "<redacted>"
+
+
 def test_a_policy_class_of_the_users_own_package_loads_only_when_named_on_the_command_line(tmp_path: Path):
     from titan_rl.checkpoint import save_checkpoint
     from titan_rl.config import load_config

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ import torch
 from torch import nn
 
 from titan_rl.algorithm import Algorithm, cpu_state
-from titan_rl.config import Config, config_from_dict, config_to_dict
+from titan_rl.config import RUN_NAME, Config, config_from_dict, shareable_config_dict
 from titan_rl.errors import TitanError
 from titan_rl.registry import CHECKPOINT_MODULES, build_algorithm, build_policy
 
@@ -32,7 +33,7 @@ def save_checkpoint(
     learner_state = cpu_state(learner_state)  # loads on any host, GPU or not
     payload = {
         "format": FORMAT,
-        "config": config_to_dict(cfg),
+        "config": shareable_config_dict(cfg),  # a checkpoint is handed around: never with the run's token
         "policy": learner_state["policy"],
         "learner": learner_state,
         "counters": dict(counters),
@@ -52,26 +53,29 @@ def save_checkpoint(
     return path
 
 
-def requested_path(requested: str, checkpoint_path: str | Path) -> Path:
-    """Where a Checkpoint call may write: a relative `.pth` name inside the run's checkpoint directory.
+CHECKPOINT_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,250}\.pth")
+"""A name a Checkpoint call may give: one file, no folder, nothing hidden."""
 
-    The call comes over the network, so the path is data: no absolute paths, no `..`, no links out,
-    and an existing file is replaced only if it is a TITAN-RL checkpoint.
+
+def requested_path(requested: str, checkpoint_path: str | Path) -> Path:
+    """Where a Checkpoint call may write: a `.pth` file name (letters, digits, `.`, `_`, `-`) beside
+    the configured checkpoint.
+
+    The call comes over the network, so the name is data: no folders (a name with a `/` could reach
+    any folder below the checkpoint's, the project's `.venv` among them), no links, and an existing
+    file is replaced only if it is a TITAN-RL checkpoint.
     """
-    directory = Path(checkpoint_path).resolve().parent
     if not requested:
         return Path(checkpoint_path)
-    if "\0" in requested or Path(requested).is_absolute() or ".." in Path(requested).parts:
-        raise TitanError(f"{requested!r} must be a relative path inside the checkpoint directory, without '..'")
-    if not requested.endswith(".pth"):
-        raise TitanError(f"{requested!r} must end in .pth")
+    if not CHECKPOINT_NAME.fullmatch(requested):
+        raise TitanError(f"{requested!r} must be a file name ending in .pth, of letters, digits, '.', '_' and '-' (no folders)")
+    target = Path(checkpoint_path).resolve().parent / requested
     try:
-        target = (directory / requested).resolve()
-        exists, is_dir = target.exists(), target.is_dir()
-    except (OSError, RuntimeError) as e:  # a name longer than the file system takes; a symlink loop (RuntimeError before 3.13)
-        raise TitanError(f"{requested!r} cannot name a file: {getattr(e, 'strerror', None) or e}") from None
-    if not target.is_relative_to(directory):
-        raise TitanError(f"{requested!r} leads outside the checkpoint directory {directory}")
+        link, exists, is_dir = target.is_symlink(), target.exists(), target.is_dir()
+    except OSError as e:  # a file system that takes shorter names
+        raise TitanError(f"{requested!r} cannot name a file: {e.strerror or e}") from None
+    if link:
+        raise TitanError(f"{requested!r} cannot name a file: it is a symbolic link")
     if exists:
         if is_dir:
             raise TitanError(f"{requested!r} is a directory")
@@ -138,4 +142,6 @@ def run_to_resume(checkpoint_path: str | Path) -> str:
     name = run_name_of(load_checkpoint(path))
     if not name:
         raise TitanError(f"--resume: {path} names no run")
+    if not RUN_NAME.fullmatch(name):  # a checkpoint is data: its run name must not lead the run's files elsewhere
+        raise TitanError(f"--resume: {path} names the run {name!r}, which is not one folder name: refusing to resume it")
     return name

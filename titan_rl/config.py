@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
+import time
 import types
 import typing
 from dataclasses import dataclass, field
@@ -158,7 +160,7 @@ class LoggingConfig:
     run_dir: str = "runs"
     """Each run writes runs/<run_name>/metrics.jsonl."""
     run_name: str = ""
-    """Empty: <env>-<seed>-<timestamp>."""
+    """Empty: <env>-seed<seed>-<timestamp>. One folder name (RUN_NAME): every file of the run goes under <run_dir>/<run_name>."""
     checkpoint_path: str = "checkpoint.pth"
     """Best-evaluated policy; the last one goes beside it as <stem>_last.pth."""
     console: bool = True
@@ -383,11 +385,12 @@ def config_from_dict(raw: dict[str, Any], where: str = "<config>", allowed_modul
     """
     cfg = _build(Config, raw, where, "")
     _check_cross_fields(cfg, where)
-    from titan_rl.registry import algorithm_class, check_module_allowed  # the registry imports this module
+    from titan_rl.registry import algorithm_class, check_env_module_allowed, check_module_allowed  # the registry imports this module
 
     if allowed_modules is not None:
         for name in ("policy", "algorithm"):
             check_module_allowed(getattr(cfg, name).path, f"{where}: {name}.path", allowed_modules)
+        check_env_module_allowed(cfg.rollout_server.env_name, f"{where}: rollout_server.env_name", allowed_modules)
     cls = algorithm_class(cfg.algorithm.path, where)
     section = cfg.algorithm.config
     if not isinstance(section, cls.Config):
@@ -402,7 +405,22 @@ def build_section(cls: type, data: Any, where: str, prefix: str) -> Any:
     return _build(cls, data, where, prefix)
 
 
+RUN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._=+,@-]{0,199}")
+"""A run name: one folder under `logging.run_dir`, never a path (it may come from a checkpoint, with `--resume`)."""
+
+
+def default_run_name(cfg: Config) -> str:
+    """<env>-seed<seed>-<timestamp>, the env id made a folder name (`module:Space/Game-v1` -> `Space-Game-v1`)."""
+    env = re.sub(r"[^A-Za-z0-9._-]", "-", cfg.rollout_server.env_name.rpartition(":")[2])
+    return f"{env}-seed{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
 def _check_cross_fields(cfg: Config, where: str) -> None:
+    if cfg.logging.run_name and not RUN_NAME.fullmatch(cfg.logging.run_name):
+        raise ConfigError(
+            f"{where}: logging.run_name={cfg.logging.run_name!r} must be one folder name: letters, digits and ._=+,@- "
+            "(not first), at most 200"
+        )
     for name in ("policy", "algorithm"):
         spec = getattr(cfg, name)
         if "." not in spec.path:

@@ -20,7 +20,7 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 
 from titan_rl.auth import current_token
-from titan_rl.config import Config, load_config, resolve_config_path
+from titan_rl.config import Config, default_run_name, load_config, resolve_config_path
 from titan_rl.errors import TitanError
 from titan_rl.preload import SERVICES, service_context
 from titan_rl.rpc import is_serving
@@ -82,7 +82,7 @@ class Launcher:
 
             extra.append(f"logging.run_name={run_to_resume(cfg.logging.checkpoint_path)}")
         elif not cfg.logging.run_name:
-            extra.append(f"logging.run_name={cfg.rollout_server.env_name}-seed{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
+            extra.append(f"logging.run_name={default_run_name(cfg)}")
         self.overrides = overrides + extra
         self.cfg: Config = load_config(config_path, self.overrides)
         self.run_dir = Path(self.cfg.logging.run_dir) / self.cfg.logging.run_name

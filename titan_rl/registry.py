@@ -30,6 +30,21 @@ def check_module_allowed(path: str, what: str, allowed_modules: tuple[str, ...])
         raise ConfigError(f"{what}={path!r} is not allowed here: only classes under {', '.join(f'{m}.' for m in allowed_modules)}")
 
 
+ENV_MODULES = ("titan_rl.minatar_envs",)
+"""Modules an env id read from a checkpoint may name besides CHECKPOINT_MODULES' (`module:EnvId` imports `module`)."""
+
+
+def check_env_module_allowed(env_name: str, what: str, allowed_modules: tuple[str, ...]) -> None:
+    """Refuse an env id `module:EnvId` (which Gymnasium's make imports) whose module is neither one of
+    ENV_MODULES nor under `allowed_modules`, before anything is imported."""
+    module, colon, _ = env_name.partition(":")
+    if not colon or module in ENV_MODULES:
+        return
+    if module.split(".", 1)[0] not in allowed_modules or not all(part.isidentifier() for part in module.split(".")):
+        allowed = ", ".join([*ENV_MODULES, *(f"{m}." for m in allowed_modules)])
+        raise ConfigError(f"{what}={env_name!r} imports module {module!r}, which is not allowed here: only {allowed}")
+
+
 def import_object(path: str, what: str) -> Any:
     """`package.module.Name` -> the object. The working directory is importable, so a user's own module works."""
     if os.getcwd() not in sys.path:

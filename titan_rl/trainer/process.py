@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from titan_rl.algorithm import Learner
 from titan_rl.clients.buffer import BatchPrefetcher, BufferClient, PriorityUpdater
-from titan_rl.config import Config
+from titan_rl.config import Config, default_run_name
 from titan_rl.errors import ConfigError, TitanError
 from titan_rl.evaluation import Evaluator, VideoJob
 from titan_rl.metrics import MetricsLogger
@@ -35,10 +35,6 @@ log = logging.getLogger("titan_rl.trainer")
 VIDEO_TIMEOUT_S = 300.0
 
 END_RUN_GRACE_S = 1.0
-
-
-def run_name(cfg: Config) -> str:
-    return cfg.logging.run_name or f"{cfg.rollout_server.env_name}-seed{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def check_writable(checkpoint_path: str) -> None:
@@ -127,7 +123,7 @@ def run(cfg: Config) -> Summary:
     check_writable(cfg.logging.checkpoint_path)
     if not cfg.logging.run_name:
         log.warning("logging.run_name is not set: a restarted trainer starts a new run instead of resuming this one")
-        cfg = dataclasses.replace(cfg, logging=dataclasses.replace(cfg.logging, run_name=run_name(cfg)))
+        cfg = dataclasses.replace(cfg, logging=dataclasses.replace(cfg.logging, run_name=default_run_name(cfg)))
     name = cfg.logging.run_name
     counters = resume_learner(cfg, learner)
     logger = MetricsLogger(cfg, Path(cfg.logging.run_dir) / name, name)
