@@ -114,6 +114,22 @@ def _counted(response: buffer_pb2.SourcesResponse) -> list:
     return [per_replica, response.episodes, response.mean_return, response.mean_length, response.window]
 
 
+def test_the_statistics_keep_a_bounded_number_of_replicas_and_workers_forgetting_the_longest_silent(monkeypatch):
+    from titan_rl.buffer import sources
+
+    monkeypatch.setattr(sources, "MAX_REPLICAS", 3)
+    monkeypatch.setattr(sources, "MAX_WORKERS_PER_REPLICA", 2)
+    stats = SourceStats()
+    for replica_id, now in ((0, 5.0), (1, 1.0), (2, 3.0), (0, 6.0), (7, 7.0)):  # replica 1 has been silent longest
+        stats.record(replica_id, 0, 1, 1, 0, [], [], now=now)
+    for worker_id in (1, 2, 3):
+        stats.record(7, worker_id, 1, 1, worker_id, [], [], now=8.0)
+    response = stats.response(now=8.0)
+    assert [s.replica_id for s in response.sources] == [0, 2, 7]
+    assert (response.sources[2].workers, response.sources[2].policy_version) == (2, 2), "workers 2 and 3 kept"
+    assert sum(s.env_steps for s in response.sources) < 8 and stats.state_dict()["env_steps"] == 8, "the totals count everything"
+
+
 def test_statistics_round_trip_through_json_and_restart_their_clocks():
     stats = SourceStats()
     stats.record(0, 0, 100, 90, 3, [10.0, 20.0], [10, 20], now=0.0)

@@ -22,6 +22,8 @@ from titan_rl.recent_rate import RecentRate
 from titan_rl.v1 import buffer_pb2
 
 EPISODE_WINDOW = 100  # the means cover this many of the latest finished episodes
+MAX_REPLICAS = 4096  # replicas remembered (the longest silent is forgotten first): the statistics stay small, snapshots too
+MAX_WORKERS_PER_REPLICA = 4096  # a replica's workers whose policy version it keeps (the earliest seen is forgotten first)
 RATE_WINDOW_S = 5.0  # env steps/s over about this long
 
 
@@ -80,7 +82,10 @@ class SourceStats:
     ) -> None:
         now = time.monotonic() if now is None else now
         with self._lock:
-            replica = self._replicas.setdefault(replica_id, _Replica())
+            if (replica := self._replicas.get(replica_id)) is None:
+                if len(self._replicas) >= MAX_REPLICAS:
+                    del self._replicas[min(self._replicas, key=lambda i: self._replicas[i].last_seen)]
+                replica = self._replicas[replica_id] = _Replica()
             replica.env_steps += env_steps
             replica.records += records
             replica.chunks += 1
@@ -88,6 +93,8 @@ class SourceStats:
             replica.returns.extend(episode_returns)
             replica.lengths.extend(episode_lengths)
             replica.worker_versions[worker_id] = policy_version
+            if len(replica.worker_versions) > MAX_WORKERS_PER_REPLICA:
+                del replica.worker_versions[next(iter(replica.worker_versions))]
             replica.last_seen = now
             self._episodes += len(episode_returns)
             self._returns.extend(episode_returns)
@@ -158,9 +165,11 @@ class SourceStats:
         now = time.monotonic() if now is None else now
         try:
             replicas = {}
+            if len(state["replicas"]) > MAX_REPLICAS:
+                raise ValueError(f"{len(state['replicas'])} replicas, more than the {MAX_REPLICAS} a buffer keeps")
             for replica_id, r in state["replicas"].items():
                 versions = r["worker_versions"]
-                if not versions or not all(type(v) is int for v in versions.values()):
+                if not versions or len(versions) > MAX_WORKERS_PER_REPLICA or not all(type(v) is int for v in versions.values()):
                     raise TypeError(f"replica {replica_id}: worker_versions is {versions!r}")
                 replicas[int(replica_id)] = _Replica(
                     env_steps=_count(r, "env_steps"),
