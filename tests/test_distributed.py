@@ -3,7 +3,6 @@ batch end where one learner on the whole batch ends, and a two-learner run solve
 
 from __future__ import annotations
 
-import datetime
 import json
 import multiprocessing as mp
 import os
@@ -15,7 +14,6 @@ import torch
 
 from tests.helpers import make_config
 from tests.test_algorithms import fixed_batch
-from titan_rl.auth import TOKEN_ENV
 from titan_rl.launcher import free_port
 
 UPDATES = 3
@@ -130,30 +128,6 @@ def test_a_waiting_rank_learns_whether_the_run_ended_or_only_the_trainer_stopped
         proc.join(120)
         assert proc.exitcode == 0
     assert (tmp_path / "rank1.txt").read_text() == str(run_ended)
-
-
-def _group_beside_a_stranger(out_dir: str) -> None:
-    import torch.distributed as dist
-
-    from titan_rl.trainer.distributed import BACKEND_KEY, END, STOP_KEY, LearnerGroup, group_store
-
-    store = group_store("127.0.0.1:0", 0, 1, timeout_s=10)
-    group = LearnerGroup(0, 1, store, timeout_s=10)
-    stranger = dist.TCPStore("127.0.0.1", store.port, is_master=False, timeout=datetime.timedelta(seconds=10))
-    stranger.set(STOP_KEY, END)  # what rank 0 sets to end the group
-    seen = {"stopping": group.stopping(), "backend visible": stranger.check([BACKEND_KEY])}
-    group.close(run_ended=True)
-    Path(out_dir, "seen.json").write_text(json.dumps(seen))
-
-
-def test_a_stranger_on_the_learner_groups_store_cannot_stop_the_group_or_read_its_keys(tmp_path, monkeypatch):
-    """A TCPStore takes anyone: with the run's token, the group's keys are named under a prefix only the token gives."""
-    monkeypatch.setenv(TOKEN_ENV, "the-run-token")  # the spawned rank's; the stranger dials the store without it
-    proc = mp.get_context("spawn").Process(target=_group_beside_a_stranger, args=(str(tmp_path),))
-    proc.start()
-    proc.join(120)
-    assert proc.exitcode == 0
-    assert json.loads((tmp_path / "seen.json").read_text()) == {"stopping": False, "backend visible": False}
 
 
 @pytest.mark.e2e

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import hashlib
 import io
 import logging
 import socket
@@ -26,7 +25,6 @@ import torch.distributed as dist
 from torch import nn
 
 from titan_rl.algorithm import Learner, cpu_state
-from titan_rl.auth import current_token
 from titan_rl.errors import ConfigError
 from titan_rl.trainer.device import distributed_backend
 
@@ -57,15 +55,6 @@ def group_store(address: str, rank: int, world_size: int, timeout_s: float = GRO
     )  # rank 0's own client dials its server on loopback
 
 
-def run_scoped(store: dist.Store) -> dist.Store:
-    """`store` under a prefix derived from the run's token (titan_rl.auth), where there is one. A
-    TCPStore has no authentication: on a network, anyone could join the group or set its stop key.
-    Every rank has the token (the buffer asks it for their batches); a stranger cannot name a key."""
-    if not (token := current_token()):
-        return store
-    return dist.PrefixStore(f"titan_rl/{hashlib.sha256(token.encode()).hexdigest()[:32]}", store)
-
-
 class LearnerGroup:
     """This process's place in the group of data-parallel learners.
 
@@ -75,7 +64,6 @@ class LearnerGroup:
 
     def __init__(self, rank: int, world_size: int, store: dist.Store, device: torch.device = CPU, timeout_s: float = GROUP_TIMEOUT_S):
         backend = distributed_backend(device)
-        store = run_scoped(store)
         if rank == 0:
             store.set(BACKEND_KEY, backend)
         elif (expected := store.get(BACKEND_KEY).decode()) != backend:
