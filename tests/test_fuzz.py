@@ -620,13 +620,17 @@ def test_a_replay_batch_larger_than_the_table_is_refused_instead_of_waited_for_f
     assert e.value.details() == "batch_size=1001 is over the table's capacity of 1000 items"
 
 
-def test_a_checkpoint_name_too_long_for_the_file_system_is_invalid_argument(trainer):
-    """Was UNKNOWN: the OSError (ENAMETOOLONG) of looking for an existing file escaped the servicer."""
+def test_a_checkpoint_name_too_long_for_the_file_system_is_invalid_argument_and_the_longest_taken_is_written(trainer):
+    """Was UNKNOWN: the OSError (ENAMETOOLONG) of looking for an existing file escaped the servicer. The
+    longest name taken leaves room for the checkpoint's temporary name (`.<name>.tmp<pid>`)."""
     trainer.stub.Checkpoint(trainer_pb2.CheckpointRequest(), timeout=TIMEOUT_S)  # the directory exists: the name is looked up
-    with pytest.raises(grpc.RpcError) as e:
-        trainer.stub.Checkpoint(trainer_pb2.CheckpointRequest(path="a" * 300 + ".pth"), timeout=TIMEOUT_S)
-    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert e.value.details().startswith(f"path: {'a' * 300 + '.pth'!r} must be a file name ending in .pth")
+    for length in (256, 241):
+        with pytest.raises(grpc.RpcError) as e:
+            trainer.stub.Checkpoint(trainer_pb2.CheckpointRequest(path="a" * (length - 4) + ".pth"), timeout=TIMEOUT_S)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert e.value.details().startswith(f"path: {'a' * (length - 4) + '.pth'!r} must be a file name ending in .pth")
+    written = trainer.stub.Checkpoint(trainer_pb2.CheckpointRequest(path="a" * 236 + ".pth"), timeout=TIMEOUT_S).path
+    assert Path(written).name == "a" * 236 + ".pth" and Path(written).is_file()
 
 
 # ---- last: Stop ----------------------------------------------------------------------------------------------------

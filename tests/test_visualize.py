@@ -182,6 +182,7 @@ def test_a_crafted_checkpoint_whose_env_id_names_a_module_imports_it_only_when_a
         sys.path.remove(str(tmp_path))
         sys.modules.pop("planted_env", None)
     raw["rollout_server"]["env_name"] = "titan_rl.minatar_envs:MinAtar/Breakout-v1"
+    raw["logging"]["run_name"] = "titan_rl.minatar_envs:MinAtar/Breakout-v1-seed0-20261203-120000"  # an older default: a path
     assert policy_from_checkpoint(payload)[1].rollout_server.env_name == raw["rollout_server"]["env_name"], "the shipped module is allowed"
 
 

@@ -53,8 +53,9 @@ def save_checkpoint(
     return path
 
 
-CHECKPOINT_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,250}\.pth")
-"""A name a Checkpoint call may give: one file, no folder, nothing hidden."""
+CHECKPOINT_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,235}\.pth")
+"""A name a Checkpoint call may give: one file, no folder, nothing hidden, with room left for
+`save_checkpoint`'s temporary name in a file system's 255 bytes."""
 
 
 def requested_path(requested: str, checkpoint_path: str | Path) -> Path:
@@ -117,7 +118,10 @@ def policy_from_checkpoint(payload: dict[str, Any], extra_modules: tuple[str, ..
     kind (titan_rl.registry), checked before anything is imported or called.
     """
     try:
-        cfg = config_from_dict(payload["config"], "checkpoint config", allowed_modules=(*CHECKPOINT_MODULES, *extra_modules))
+        config = payload["config"]
+        if isinstance(config, dict) and isinstance(config.get("logging"), dict):  # the run's folder plays no part in a policy
+            config = {**config, "logging": {**config["logging"], "run_name": ""}}  # (and MinAtar's default names were paths)
+        cfg = config_from_dict(config, "checkpoint config", allowed_modules=(*CHECKPOINT_MODULES, *extra_modules))
         algorithm = build_algorithm(cfg)
         policy = build_policy(cfg)
         policy.load_state_dict(payload["policy"])
