@@ -155,6 +155,9 @@ def test_statistics_round_trip_through_json_and_restart_their_clocks():
         lambda s: s["replicas"]["0"].update(chunks=1.5),
         lambda s: s.update(replicas={"zero": s["replicas"]["0"]}),
         lambda s: s.update(replicas=[]),
+        lambda s: s.update(env_steps=2**64),  # taken, then every Sources answer failed
+        lambda s: s.update(replicas={"4294967296": s["replicas"]["0"]}),
+        lambda s: s["replicas"]["0"].update(worker_versions={"0": 2**64}),
     ],
 )
 def test_a_damaged_state_is_refused_and_changes_nothing(damage):

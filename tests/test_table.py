@@ -542,6 +542,8 @@ def test_a_table_state_does_not_load_into_another_signature_or_kind():
         lambda state: state["counters"].pop("read_key"),
         lambda state: state["counters"].update(env_steps_total="many"),
         lambda state: state["counters"].update(sampled_rows_total=-1),
+        lambda state: state["counters"].update(env_steps_total=float("inf")),  # JSON's Infinity: an OverflowError escaped
+        lambda state: state["counters"].update(env_steps_total=2**64),  # taken, then every response carrying it failed
         lambda state: state["sampler"].update(max_priority=1e300),
         lambda state: state["sampler"].update(tree_leaves=np.full(10, 1e308)),  # finite leaves, an infinite sum
     ],

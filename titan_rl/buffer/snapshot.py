@@ -148,7 +148,7 @@ def restore(tables: Mapping[str, Table], path: Path) -> dict[str, Any] | None:
     for name, table in tables.items():
         try:
             table.load_state_dict(states[name])
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, OverflowError) as e:
             raise TitanError(f"{path}: table {name!r} does not fit this buffer's config ({e}); move it away to start empty") from e
     return extra
 

@@ -22,8 +22,9 @@ from titan_rl.recent_rate import RecentRate
 from titan_rl.v1 import buffer_pb2
 
 EPISODE_WINDOW = 100  # the means cover this many of the latest finished episodes
-MAX_REPLICAS = 4096  # replicas remembered (the longest silent is forgotten first): the statistics stay small, snapshots too
-MAX_WORKERS_PER_REPLICA = 4096  # a replica's workers whose policy version it keeps (the earliest seen is forgotten first)
+MAX_REPLICAS = 1024  # replicas remembered (the longest silent is forgotten first): the statistics stay small, snapshots too
+MAX_WORKERS_PER_REPLICA = 256  # a replica's workers whose policy version it keeps (the earliest seen is forgotten first)
+INT32_MIN, INT32_MAX, INT64_MIN, INT64_MAX = -(2**31), 2**31 - 1, -(2**63), 2**63 - 1  # the response's field types
 RATE_WINDOW_S = 5.0  # env steps/s over about this long
 
 
@@ -43,11 +44,17 @@ def _mean(values: deque) -> float:
     return sum(values) / len(values) if values else 0.0
 
 
-def _count(state: Mapping[str, Any], key: str) -> int:
-    value = state[key]
-    if type(value) is not int or value < 0:
-        raise TypeError(f"{key} is {value!r}, not a count")
+def _int(value: Any, what: str, lo: int, hi: int) -> int:
+    """`value` (from JSON, where a key is a string) as an int in [lo, hi], what the response's fields hold."""
+    if isinstance(value, str) and value.lstrip("-").isdigit():
+        value = int(value)
+    if type(value) is not int or not lo <= value <= hi:
+        raise TypeError(f"{what} is {value!r}, not an integer in [{lo}, {hi}]")
     return value
+
+
+def _count(state: Mapping[str, Any], key: str) -> int:
+    return _int(state[key], key, 0, INT64_MAX)
 
 
 def _window(values: Any, kind: type, key: str) -> deque:
@@ -169,16 +176,19 @@ class SourceStats:
                 raise ValueError(f"{len(state['replicas'])} replicas, more than the {MAX_REPLICAS} a buffer keeps")
             for replica_id, r in state["replicas"].items():
                 versions = r["worker_versions"]
-                if not versions or len(versions) > MAX_WORKERS_PER_REPLICA or not all(type(v) is int for v in versions.values()):
-                    raise TypeError(f"replica {replica_id}: worker_versions is {versions!r}")
-                replicas[int(replica_id)] = _Replica(
+                if not versions or len(versions) > MAX_WORKERS_PER_REPLICA:
+                    raise TypeError(f"replica {replica_id}: {len(versions)} workers")
+                replicas[_int(replica_id, "a replica id", 0, INT32_MAX)] = _Replica(
                     env_steps=_count(r, "env_steps"),
                     records=_count(r, "records"),
                     chunks=_count(r, "chunks"),
                     episodes=_count(r, "episodes"),
                     returns=_window(r["returns"], float, "returns"),
                     lengths=_window(r["lengths"], int, "lengths"),
-                    worker_versions={int(w): v for w, v in versions.items()},
+                    worker_versions={
+                        _int(w, "a worker id", INT32_MIN, INT32_MAX): _int(v, "a policy version", INT64_MIN, INT64_MAX)
+                        for w, v in versions.items()
+                    },
                     last_seen=now,
                 )
             episodes, env_steps = _count(state, "episodes"), _count(state, "env_steps")

@@ -384,10 +384,10 @@ class Table:
             c = state["counters"]
             try:
                 counters = [int(c[key]) for key in COUNTERS]
-            except (TypeError, ValueError, KeyError) as e:
+            except (TypeError, ValueError, KeyError, OverflowError) as e:  # OverflowError: an infinity
                 raise ValueError(f"counters: not {', '.join(COUNTERS)}: {e!r}") from None
-            if min(counters) < 0:
-                raise ValueError(f"counters: must be >= 0, got {dict(zip(COUNTERS, counters, strict=True))}")
+            if not all(0 <= count <= MAX_COUNT for count in counters):
+                raise ValueError(f"counters: must be in [0, {MAX_COUNT}], got {dict(zip(COUNTERS, counters, strict=True))}")
             sampler = self._make_sampler()
             sampler.load_state_dict(state["sampler"])  # validates before anything of this table changes
             self.storage.load_state_dict(state["storage"])
