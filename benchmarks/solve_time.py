@@ -144,6 +144,7 @@ def work_dir(keep: Path | None) -> Iterator[Path]:
         with tempfile.TemporaryDirectory(prefix="solve_time-") as tmp:
             yield Path(tmp)
         return
+    keep = keep.resolve()  # the runs start in the repository's root, wherever this was started
     keep.mkdir(parents=True, exist_ok=True)
     if any(keep.iterdir()):
         raise SystemExit(f"--keep {keep}: not empty; name a new folder")

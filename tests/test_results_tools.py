@@ -4,6 +4,7 @@ curve plotter (titan_rl/plot.py) draws one run or averages many evaluated at dif
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import imageio.v3 as iio
 import numpy as np
@@ -135,7 +136,7 @@ def test_the_one_process_twin_trains_evaluates_and_scores_its_final_policy(tmp_p
     assert len(final["final_returns"]) == 3 and final["wall_s"] > 0
 
 
-def test_solve_time_keeps_the_runs_files_only_where_asked_and_only_in_an_empty_folder(tmp_path):
+def test_solve_time_keeps_the_runs_files_only_where_asked_and_only_in_an_empty_folder(tmp_path, monkeypatch):
     from benchmarks.solve_time import work_dir
 
     with work_dir(None) as temporary:
@@ -147,3 +148,6 @@ def test_solve_time_keeps_the_runs_files_only_where_asked_and_only_in_an_empty_f
     assert (kept / "metrics.jsonl").exists()
     with pytest.raises(SystemExit, match="not empty"), work_dir(kept):
         pass
+    monkeypatch.chdir(tmp_path)
+    with work_dir(Path("relative")) as work:
+        assert work == tmp_path / "relative", "absolute: the runs start in the repository's root"
