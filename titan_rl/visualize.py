@@ -20,16 +20,17 @@ import sys
 from collections.abc import Callable, Sequence
 from contextlib import closing
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-import gymnasium as gym
-import imageio.v2 as imageio
 import numpy as np
-from torch import nn
 
-from titan_rl.algorithm import Algorithm
-from titan_rl.checkpoint import load_checkpoint, policy_from_checkpoint
 from titan_rl.errors import TitanError
+
+if TYPE_CHECKING:  # torch, Gymnasium and imageio load where they are used: `--help` answers at once
+    import gymnasium as gym
+    from torch import nn
+
+    from titan_rl.algorithm import Algorithm
 
 VIDEO_FORMATS = (".mp4", ".gif")
 DEFAULT_FPS = 30
@@ -113,11 +114,15 @@ def choose_mode(args: argparse.Namespace) -> tuple[str | None, Path | None]:
 
 def load_policy(path: Path, extra_modules: Sequence[str] = ()) -> tuple[nn.Module, Algorithm, str]:
     """The policy stored in a checkpoint, its algorithm and the name of the env it was trained on."""
+    from titan_rl.checkpoint import load_checkpoint, policy_from_checkpoint
+
     policy, cfg, algorithm = policy_from_checkpoint(load_checkpoint(path), tuple(extra_modules))
     return policy, algorithm, cfg.rollout_server.env_name
 
 
 def make_env(env_name: str, render_mode: str | None) -> gym.Env:
+    import gymnasium as gym
+
     try:
         return gym.make(env_name, render_mode=render_mode)
     except gym.error.Error as e:
@@ -125,6 +130,8 @@ def make_env(env_name: str, render_mode: str | None) -> gym.Env:
 
 
 def open_video(path: Path, fps: float) -> VideoWriter:
+    import imageio.v2 as imageio
+
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix.lower() == ".gif":
         # bits=8 stores each frame as a 256-colour palette image (a third of RGB) until the GIF is written on close
