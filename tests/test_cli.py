@@ -43,6 +43,7 @@ def test_every_command_answers_help_from_another_directory(tmp_path, command):
         ("titan_rl.rollout", "usage: python -m titan_rl.rollout"),
         ("titan_rl.trainer", "usage: python -m titan_rl.trainer"),
         ("titan_rl.visualize", "usage: titan-rl visualize"),
+        ("titan_rl.trainer.learner", "usage: python -m titan_rl.trainer.learner"),
     ],
 )
 def test_help_and_a_mistyped_option_answer_without_importing_torch(module, usage):
@@ -54,8 +55,8 @@ def test_help_and_a_mistyped_option_answer_without_importing_torch(module, usage
         "except SystemExit as e:\n"
         "    print('exit', e.code, [m for m in ('torch', 'gymnasium') if m in sys.modules], file=sys.stderr)\n"
     )
-    for option, code in (("--help", 0), ("--prot=1", 2)):
-        result = subprocess.run([sys.executable, "-c", probe, option], cwd=REPO, capture_output=True, text=True, timeout=60)
+    for options, code in ((["--help"], 0), (["--rank=1", "--prot=1"] if module.endswith("learner") else ["--prot=1"], 2)):
+        result = subprocess.run([sys.executable, "-c", probe, *options], cwd=REPO, capture_output=True, text=True, timeout=60)
         assert result.stderr.strip().endswith(f"exit {code} []"), result.stderr
     assert result.stderr.startswith(usage) and "unrecognized arguments: --prot=1" in result.stderr
 

@@ -70,7 +70,7 @@ def _rank_of_a_group_that_loses_one(rank: int, address: str, dying_rank: int, ou
     from types import SimpleNamespace
 
     from titan_rl.trainer.distributed import LearnerGroup, average_gradients, group_store
-    from titan_rl.trainer.learner import train_rank
+    from titan_rl.trainer.ranks import train_rank
 
     learner = _learner("train.learners=2")
     group = LearnerGroup(rank, 2, group_store(address, rank, 2, timeout_s=60), timeout_s=60)
@@ -104,7 +104,7 @@ def test_a_learner_whose_peer_dies_mid_run_stops_with_the_reason_instead_of_cras
 
 def _rank_told_how_the_run_ends(rank: int, address: str, run_ended: bool, out_dir: str) -> None:
     from titan_rl.trainer.distributed import LearnerGroup, group_store
-    from titan_rl.trainer.learner import train_rank
+    from titan_rl.trainer.ranks import train_rank
 
     learner = _learner("train.learners=2")
     group = LearnerGroup(rank, 2, group_store(address, rank, 2, timeout_s=60), timeout_s=60)

@@ -1,7 +1,7 @@
 """Data-parallel learners on torch.distributed: `train.learners` processes, each with its own
 sample stream from the buffer, averaging gradients so that every optimizer step sees the combined
 batch. Rank 0 is the trainer service (it publishes weights, evaluates and checkpoints); ranks 1..N-1
-are learner processes (titan_rl.trainer.learner), on the trainer's host or on hosts of their own.
+are learner processes (titan_rl.trainer.ranks), on the trainer's host or on hosts of their own.
 gloo carries the gradients between CPU learners, NCCL between GPU ones (`train.device`).
 
 The ranks meet at rank 0's TCPStore (`train.learner_group_address`, or a free local port). Every

@@ -23,9 +23,9 @@ from titan_rl.registry import build_algorithm, build_policy
 from titan_rl.rpc import make_server, set_serving
 from titan_rl.trainer.device import distributed_backend, resolve_device, use_device
 from titan_rl.trainer.distributed import LearnerGroup, average_gradients, group_store
-from titan_rl.trainer.learner import LearnerRanks
 from titan_rl.trainer.loop import LEARNER_LOST, Summary, TrainingLoop
 from titan_rl.trainer.policy_store import PolicyStore
+from titan_rl.trainer.ranks import LearnerRanks
 from titan_rl.trainer.resume import best_of_run, resume_learner
 from titan_rl.trainer.service import TrainerServicer
 from titan_rl.v1 import trainer_pb2, trainer_pb2_grpc
