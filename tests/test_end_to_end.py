@@ -90,10 +90,15 @@ def maps_torch(pid: int) -> bool:
 
 
 def launch(
-    tmp_path: Path, *overrides: str, config: str = "config/cartpole.yaml", token: str | None = TOKEN, new_session: bool = False
+    tmp_path: Path,
+    *overrides: str,
+    config: str = "config/cartpole.yaml",
+    token: str | None = TOKEN,
+    new_session: bool = False,
+    env: dict[str, str] | None = None,
 ) -> tuple[subprocess.Popen, dict[str, str]]:
     """The launcher as `bash run.sh` runs it; with `token` None, none in its environment (it makes its own);
-    with `new_session`, in a process group of its own, as a shell job is."""
+    with `new_session`, in a process group of its own, as a shell job is; `env` is added to its environment."""
     sections = ("buffer_server", "rollout_server", "trainer_server")
     ports = dict(zip(sections, free_ports(["127.0.0.1"] * len(sections)), strict=True))
     args = [f"{name}.port={port}" for name, port in ports.items()]
@@ -105,7 +110,10 @@ def launch(
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env={k: v for k, v in os.environ.items() if k != TOKEN_ENV} | {"WANDB_MODE": "disabled"} | ({TOKEN_ENV: token} if token else {}),
+        env={k: v for k, v in os.environ.items() if k != TOKEN_ENV}
+        | {"WANDB_MODE": "disabled"}
+        | ({TOKEN_ENV: token} if token else {})
+        | (env or {}),
         start_new_session=new_session,
     )
     return proc, {name: f"127.0.0.1:{port}" for name, port in ports.items()}
@@ -314,6 +322,22 @@ def test_killing_the_launcher_outright_takes_every_service_with_it(tmp_path):
     assert not (left := left_alive(tree)), f"left behind: {left}"
 
 
+def test_a_run_writes_only_in_its_run_folder_and_its_checkpoints(tmp_path):
+    """W&B (its media and artifact folders, wandb-core's debug logs) and torch's compiler cache are
+    written to a temporary folder the launcher removes at the end (`titan_rl.scratch`), not left in
+    $TMPDIR and ~/.cache: the services it forks leave through os._exit, which runs no clean-up hook."""
+    outside = {"TMPDIR": tmp_path / "tmp", "HOME": tmp_path / "home"}
+    for folder in outside.values():
+        folder.mkdir()
+    env = {name: str(folder) for name, folder in outside.items()} | {"WANDB_MODE": "offline"}
+    proc, _ = launch(tmp_path, "budget.max_env_steps=3000", "budget.target_eval_return=null", env=env)
+    output = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, output
+    assert (tmp_path / "runs" / "test" / "wandb").is_dir(), "the W&B run itself is kept in the run folder"
+    for name, folder in outside.items():
+        assert not (left := sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))), f"left in ${name}: {left}"
+
+
 def test_the_launcher_locks_its_services_with_a_fresh_token(tmp_path, monkeypatch):
     import grpc
 
@@ -367,6 +391,7 @@ def test_each_service_runs_alone_with_host_and_port_flags(service, tmp_path):
     port = free_port("127.0.0.1")
     # its files go to tmp_path: the defaults (runs/, checkpoint.pth) would land in, and clobber, the user's
     files = [f"logging.run_dir={tmp_path}/runs", f"logging.checkpoint_path={tmp_path}/checkpoint.pth"]
+    (tmp_path / "tmp").mkdir()  # its $TMPDIR: left empty
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -384,7 +409,7 @@ def test_each_service_runs_alone_with_host_and_port_flags(service, tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env={**os.environ, "WANDB_MODE": "disabled"},
+        env={**os.environ, "WANDB_MODE": "disabled", "TMPDIR": str(tmp_path / "tmp")},
     )
     from titan_rl.rpc import is_serving
 
@@ -395,6 +420,7 @@ def test_each_service_runs_alone_with_host_and_port_flags(service, tmp_path):
         proc.send_signal(signal.SIGTERM)
         output = proc.communicate(timeout=30)[0]
     assert proc.returncode == 0 and "Traceback" not in output, output
+    assert not (left := sorted(str(p) for p in (tmp_path / "tmp").rglob("*"))), f"left in $TMPDIR: {left}"
 
 
 def test_rollout_workers_share_one_import_of_torch(tmp_path):

@@ -13,6 +13,7 @@ import sys
 
 from titan_rl.errors import TitanError
 from titan_rl.preload import start_preloading, stop_preloading
+from titan_rl.scratch import run_scratch_dir
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,16 +26,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_intermixed_args(argv)
     overrides = list(args.overrides) + ([f"seed={args.seed}"] if args.seed is not None else [])
-    start_preloading()
-    from titan_rl.launcher import Launcher  # after the forkserver has started: see the module's docstring
+    with run_scratch_dir():  # before the forkserver starts: every service inherits it
+        start_preloading()
+        from titan_rl.launcher import Launcher  # after the forkserver has started: see the module's docstring
 
-    try:
-        launcher = Launcher(args.config, overrides, resume=args.resume)
-    except TitanError as e:
-        stop_preloading()
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return launcher.run()
+        try:
+            launcher = Launcher(args.config, overrides, resume=args.resume)
+        except TitanError as e:
+            stop_preloading()
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return launcher.run()
 
 
 if __name__ == "__main__":

@@ -7,14 +7,16 @@ at once (checking the config then imports its algorithm, and torch with it); the
 
 from __future__ import annotations
 
+from titan_rl.scratch import run_scratch_dir
 from titan_rl.service import parse_service_args
 
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_service_args("trainer", "trainer_server", resumable=True, argv=argv)
-    from titan_rl.trainer.process import run_service  # torch: only once the options are good
+    with run_scratch_dir():  # before torch's import, which makes its compiler's cache folder
+        from titan_rl.trainer.process import run_service  # torch: only once the options are good
 
-    run_service(cfg)
+        run_service(cfg)
 
 
 if __name__ == "__main__":

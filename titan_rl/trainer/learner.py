@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from titan_rl.scratch import run_scratch_dir
 from titan_rl.service import load_service_config
 
 
@@ -30,9 +31,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"error: {args.config}: train.learner_group_address is empty: a learner on a host of its own dials the trainer there")
     if not 1 <= args.rank < t.learners:
         sys.exit(f"error: --rank {args.rank}: must be in 1..{t.learners - 1} (train.learners={t.learners}; the trainer is rank 0)")
-    from titan_rl.trainer.ranks import run_remote_rank  # torch: only once the options are good
+    with run_scratch_dir():  # before torch's import, which makes its compiler's cache folder
+        from titan_rl.trainer.ranks import run_remote_rank  # torch: only once the options are good
 
-    run_remote_rank(cfg, args.rank, args.local_rank)
+        run_remote_rank(cfg, args.rank, args.local_rank)
 
 
 if __name__ == "__main__":
