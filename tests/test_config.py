@@ -48,6 +48,12 @@ def test_default_config_has_the_seed_keys():
         ("logging.run_name=runs/a", "logging.run_name='runs/a' must be one folder name"),
         ("logging.run_name=..", "logging.run_name='..' must be one folder name"),
         ("logging.run_name=.hidden", "logging.run_name='.hidden' must be one folder name"),
+        ("seed=-1", "cartpole.yaml: seed=-1 must be in [0, 4294967295]"),
+        ("durability.snapshot_interval_s=.inf", "durability.snapshot_interval_s=inf must be a finite number"),
+        ("algorithm.config.max_grad_norm=.nan", "algorithm.config.max_grad_norm=nan must be a finite number"),
+        ("rollout_server.replica_id=3000000000", "replica_id=3000000000 with num_workers=2 gives worker ids past 2147483647"),
+        ("security.token=héhé", "security.token must be 1 to 4096 printable ASCII characters without spaces"),
+        ("security.token='a b'", "security.token must be 1 to 4096 printable ASCII characters"),
     ],
 )
 def test_bad_values_name_the_file_the_key_and_the_reason(override, message):
@@ -70,6 +76,15 @@ def test_missing_file_and_bad_yaml_are_config_errors(tmp_path):
     bad.write_text("train: [unclosed\n")
     with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
         load_config(bad)
+
+
+def test_a_config_that_is_a_folder_or_not_text_is_a_config_error(tmp_path):
+    (tmp_path / "folder.yaml").mkdir()
+    with pytest.raises(ConfigError, match="folder.yaml: a folder, not a config file"):
+        load_config(tmp_path / "folder.yaml")
+    (tmp_path / "binary.yaml").write_bytes(b"\xff\xfe\x00junk")
+    with pytest.raises(ConfigError, match="binary.yaml: not a UTF-8 text file"):
+        load_config(tmp_path / "binary.yaml")
 
 
 def test_overrides_parse_yaml_values_and_partial_sections_keep_defaults():

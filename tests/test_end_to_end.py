@@ -372,17 +372,24 @@ def preloading_forkservers() -> set[int]:
     return found
 
 
-def test_a_bad_config_key_fails_before_anything_starts(tmp_path):
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("algorithm.config.gama=0.9", "config/cartpole.yaml: unknown key algorithm.config.gama (did you mean algorithm.config.gamma?)"),
+        ("policy.kwargs.hidden_sizes=[-1]", "config/cartpole.yaml: policy: cannot build models.simple_policy.SimplePolicy with kwargs"),
+    ],
+)
+def test_a_bad_config_key_fails_before_anything_starts(tmp_path, override, message):
     """Nothing left behind either: the forkserver the launcher started is gone with it, not a few
     seconds later once its imports are done (holding the launcher's stdout open until then)."""
     before = preloading_forkservers()
     with open(tmp_path / "stderr", "w+") as stderr:
-        proc = subprocess.Popen([sys.executable, "-m", "titan_rl.launch", "algorithm.config.gama=0.9"], cwd=REPO, stderr=stderr)
+        proc = subprocess.Popen([sys.executable, "-m", "titan_rl.launch", override], cwd=REPO, stderr=stderr)
         assert proc.wait(timeout=60) == 2
         assert not (preloading_forkservers() - before)
         stderr.seek(0)
         output = stderr.read()
-    assert "config/cartpole.yaml: unknown key algorithm.config.gama (did you mean algorithm.config.gamma?)" in output
+    assert message in output
     assert "Traceback" not in output
 
 

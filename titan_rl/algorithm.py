@@ -300,3 +300,5 @@ class Algorithm(ABC):
             ) from e
         if np.shape(actions) != (2,):
             raise ConfigError(f"policy.path={self.cfg.policy.path!r}: {type(self).__name__} got actions of shape {np.shape(actions)}")
+        if not any(p.requires_grad for p in network.parameters()):
+            raise ConfigError(f"policy.path={self.cfg.policy.path!r} has no trainable parameters: {type(self).__name__} cannot learn it")

@@ -17,6 +17,9 @@ from typing import Any
 
 import grpc
 
+from titan_rl.config import TOKEN, TOKEN_RULE
+from titan_rl.errors import ConfigError
+
 TOKEN_ENV = "TITAN_RL_TOKEN"
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 """Probes (Kubernetes, the launcher) check health without a token: it says nothing worth hiding."""
@@ -24,6 +27,13 @@ HEALTH_PREFIX = "/grpc.health.v1.Health/"
 
 def current_token() -> str:
     return os.environ.get(TOKEN_ENV, "")
+
+
+def check_token_env() -> None:
+    """ConfigError unless $TITAN_RL_TOKEN, where set, is a token that gRPC metadata can carry."""
+    token = current_token()
+    if token and not TOKEN.fullmatch(token):
+        raise ConfigError(f"${TOKEN_ENV} {TOKEN_RULE}")
 
 
 def use_token(token: str) -> None:

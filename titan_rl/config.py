@@ -1,6 +1,6 @@
 """YAML -> frozen, validated dataclasses.
 
-Every section is a dataclass; a field's `metadata` may carry `range=(lo, hi)` (inclusive),
+Every section is a dataclass; a field's `metadata` may carry `range=(lo, hi)` (inclusive, finite),
 `choices=(...)` or `excludes="..."` (characters a string may not hold). Loading rejects unknown
 keys (suggesting the closest name), wrong types and out-of-range values with messages that name
 the file and the dotted key, for example
@@ -58,7 +58,8 @@ class RolloutConfig(ServerConfig):
     env_name: str = "CartPole-v1"
     """Any registered Gymnasium id with a Box observation and a Discrete action space."""
     replica_id: int = field(default=0, metadata=range_metadata(0))
-    """Which rollout replica this is, when several feed one buffer: seeds and worker ids differ per replica."""
+    """Which rollout replica this is, when several feed one buffer: seeds and worker ids differ per replica
+    (a worker's id, replica_id x num_workers + its index, must fit the wire's int32)."""
     vector_steps_per_chunk: int = field(default=32, metadata=range_metadata(1))
     """Vector-env steps a worker gathers into one message to the buffer: a chunk holds this many steps of
     each of its envs, so messages grow with envs_per_worker (fewer, bigger messages cost less per
@@ -206,7 +207,7 @@ class SecurityConfig:
 
 @dataclass(frozen=True)
 class Config:
-    seed: int = 0
+    seed: int = field(default=0, metadata=range_metadata(0, 2**32 - 1))
     rollout_server: RolloutConfig = field(default_factory=lambda: RolloutConfig(port=50051))
     buffer_server: BufferConfig = field(default_factory=lambda: BufferConfig(port=50052))
     trainer_server: ServerConfig = field(default_factory=lambda: ServerConfig(port=50053))
@@ -252,6 +253,10 @@ def _type_name(hint: Any) -> str:
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 
+def _number(bound: float) -> str:
+    return str(bound) if isinstance(bound, int) else f"{bound:g}"
+
+
 def _check_value(where: str, key: str, value: Any, f: dataclasses.Field, hint: Any) -> Any:
     if not _type_ok(value, hint):
         raise ConfigError(f"{where}: {key}={value!r} must be of type {_type_name(hint)}")
@@ -260,8 +265,10 @@ def _check_value(where: str, key: str, value: Any, f: dataclasses.Field, hint: A
     lo, hi = f.metadata.get("range", (-INF, INF))
     numbers = value if isinstance(value, list) else [value]
     for number in numbers:
+        if "range" in f.metadata and isinstance(number, float) and not math.isfinite(number):
+            raise ConfigError(f"{where}: {key}={value!r} must be a finite number")
         if isinstance(number, (int, float)) and not isinstance(number, bool) and not lo <= number <= hi:
-            bound = f"[{lo:g}, {hi:g}]" if hi != INF else f">= {lo:g}"
+            bound = f"[{_number(lo)}, {_number(hi)}]" if hi != INF else f">= {_number(lo)}"
             raise ConfigError(f"{where}: {key}={value!r} must be {'in ' if hi != INF else ''}{bound}")
     choices = f.metadata.get("choices")
     if choices and value not in choices:
@@ -364,9 +371,15 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     """
     path = resolve_config_path(path)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except FileNotFoundError as e:
         raise ConfigError(f"{path}: no such config file") from e
+    except IsADirectoryError as e:
+        raise ConfigError(f"{path}: a folder, not a config file") from e
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read it: {e.strerror or e}") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a UTF-8 text file (byte {e.start}): not a YAML config") from e
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from e
     if not isinstance(raw, dict):
@@ -405,6 +418,10 @@ def build_section(cls: type, data: Any, where: str, prefix: str) -> Any:
     return _build(cls, data, where, prefix)
 
 
+MAX_WORKER_ID = 2**31 - 1
+"""A worker's id over every replica travels as an int32."""
+TOKEN = re.compile(r"[!-~]{1,4096}")
+TOKEN_RULE = "must be 1 to 4096 printable ASCII characters without spaces, as gRPC metadata carries it"
 RUN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._=+,@-]{0,199}")
 """A run name: one folder under `logging.run_dir`, never a path (it may come from a checkpoint, with `--resume`)."""
 
@@ -420,6 +437,14 @@ def _check_cross_fields(cfg: Config, where: str) -> None:
         raise ConfigError(
             f"{where}: logging.run_name={cfg.logging.run_name!r} must be one folder name: letters, digits and ._=+,@- "
             "(not first), at most 200"
+        )
+    if cfg.security.token and not TOKEN.fullmatch(cfg.security.token):
+        raise ConfigError(f"{where}: security.token {TOKEN_RULE}")
+    r = cfg.rollout_server
+    if (r.replica_id + 1) * r.num_workers - 1 > MAX_WORKER_ID:
+        raise ConfigError(
+            f"{where}: rollout_server.replica_id={r.replica_id} with num_workers={r.num_workers} gives worker ids past {MAX_WORKER_ID} "
+            "(they travel as int32)"
         )
     for name in ("policy", "algorithm"):
         spec = getattr(cfg, name)

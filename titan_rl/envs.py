@@ -31,7 +31,7 @@ def check_env_spaces(cfg: Config) -> tuple[tuple[int, ...], np.dtype, int]:
     name = cfg.rollout_server.env_name
     try:
         env = gym.make(name)
-    except gym.error.Error as e:
+    except (gym.error.Error, ImportError) as e:  # ImportError: the module of a `module:EnvId`
         raise ConfigError(f"rollout_server.env_name={name!r}: {e}") from e
     try:
         obs_space, act_space = env.observation_space, env.action_space

@@ -32,8 +32,10 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             launcher = Launcher(args.config, overrides, resume=args.resume)
-        except TitanError as e:
+        except BaseException as e:
             stop_preloading()
+            if not isinstance(e, TitanError):
+                raise
             print(f"error: {e}", file=sys.stderr)
             return 2
         return launcher.run()

@@ -19,9 +19,9 @@ import time
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 
-from titan_rl.auth import current_token
+from titan_rl.auth import check_token_env, current_token
 from titan_rl.config import Config, default_run_name, load_config, resolve_config_path
-from titan_rl.errors import TitanError
+from titan_rl.errors import ConfigError, TitanError
 from titan_rl.preload import SERVICES, service_context
 from titan_rl.rpc import is_serving
 from titan_rl.service import run_forked_service
@@ -55,16 +55,65 @@ def free_port(host: str) -> int:
     return free_ports([host])[0]
 
 
+def service_ports(cfg: Config, where: str) -> dict[str, int]:
+    """Each service section's port: its own, checked free, or a free one picked here for a 0; all
+    different. Each is held listening until all are checked, so two sections cannot share one;
+    a host this machine cannot bind, or a port in use, is a ConfigError naming the section."""
+    with contextlib.ExitStack() as probes:
+        ports = {}
+        for _, section in SERVICES:
+            server = getattr(cfg, section)
+            try:
+                family, kind, _, _, address = socket.getaddrinfo(server.host, server.port, type=socket.SOCK_STREAM)[0]
+                probe = probes.enter_context(socket.socket(family, kind))
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds: a port in TIME_WAIT is free
+                probe.bind(address)
+                probe.listen()
+            except OSError as e:
+                taken = [other for other, port in ports.items() if port == server.port]
+                why = f"the port of {taken[0]} too" if taken else (e.strerror or str(e))
+                raise ConfigError(f"{where}: cannot listen on {section}.host={server.host!r} {section}.port={server.port}: {why}") from e
+            ports[section] = probe.getsockname()[1]
+        return ports
+
+
+def check_can_write(folder: Path, key: str) -> None:
+    """ConfigError unless `folder` is a writable folder or can be made one: its nearest existing
+    parent is a writable folder. Nothing is created."""
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{key}: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}: {existing} is not writable")
+
+
+def physical_memory_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def preflight(cfg: Config, config_path: str) -> None:
     """Build what the services will build from `cfg` (the env's spaces, the algorithm, the policy and
-    one forward pass of it, the learner's device) so that a mistake stops the launch before any process or run folder exists,
+    one forward pass of it, the learner's device), and check where the run writes and that its table
+    fits in memory, so that a mistake stops the launch before any process or run folder exists,
     with the file and the key named."""
-    from titan_rl.registry import build_algorithm, build_policy  # imports torch: only once the YAML itself is valid
+    from titan_rl.buffer.service import table_records_bytes, table_size_problem  # imports torch: only once the YAML is valid
+    from titan_rl.registry import build_algorithm, build_policy
     from titan_rl.trainer.device import resolve_device
 
+    log = cfg.logging
     try:
+        check_can_write(Path(log.run_dir) / log.run_name, f"logging.run_dir={log.run_dir!r}")
+        check_can_write(Path(log.checkpoint_path).parent, f"logging.checkpoint_path={log.checkpoint_path!r}")
+        if Path(log.checkpoint_path).is_dir():
+            raise ConfigError(f"logging.checkpoint_path={log.checkpoint_path!r} is a folder, not a file")
+        if cfg.durability.snapshot_path:
+            check_can_write(Path(cfg.durability.snapshot_path).parent, f"durability.snapshot_path={cfg.durability.snapshot_path!r}")
         algorithm = build_algorithm(cfg)
         algorithm.check_network(build_policy(cfg))
+        if table_records_bytes(algorithm) > (memory := physical_memory_bytes()):
+            raise ConfigError(f"{table_size_problem(algorithm)}, more than this machine's {memory / 2**30:,.1f} GiB")
         resolve_device(cfg.train.device)  # the trainer runs on this host too
     except TitanError as e:
         raise TitanError(f"{config_path}: {e}") from e
@@ -74,9 +123,8 @@ class Launcher:
     def __init__(self, config_path: str, overrides: list[str], resume: bool = False):
         self.config_path = str(resolve_config_path(config_path))  # the services may start in another directory
         cfg = load_config(self.config_path, overrides)
-        unset = [section for _, section in SERVICES if getattr(cfg, section).port == 0]
-        ports = free_ports([getattr(cfg, section).host for section in unset])
-        extra = [f"{section}.port={port}" for section, port in zip(unset, ports, strict=True)]
+        ports = service_ports(cfg, self.config_path)
+        extra = [f"{section}.port={port}" for section, port in ports.items() if getattr(cfg, section).port == 0]
         if resume:  # the same run name: the trainer resumes its last checkpoint, the buffer restores its snapshot
             from titan_rl.checkpoint import run_to_resume
 
@@ -87,6 +135,7 @@ class Launcher:
         self.cfg: Config = load_config(config_path, self.overrides)
         self.run_dir = Path(self.cfg.logging.run_dir) / self.cfg.logging.run_name
         preflight(self.cfg, self.config_path)
+        check_token_env()
         use_tls(load_tls(self.cfg.security, config_path))  # the health checks speak what the services serve
         # the services answer only calls with this run's token (titan_rl.auth): a fresh one unless one is set
         self.token = current_token() or self.cfg.security.token or secrets.token_urlsafe(32)

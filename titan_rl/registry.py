@@ -72,7 +72,7 @@ def build(spec: ClassSpec, what: str, base: type, *args: Any, **extra: Any) -> A
     cls = import_class(spec.path, what, base)
     try:
         return cls(*args, **spec.kwargs, **extra)
-    except TypeError as e:
+    except (TypeError, ValueError, RuntimeError) as e:  # a wrong or out-of-range kwarg, e.g. a negative layer size in torch
         raise ConfigError(f"{what}: cannot build {spec.path} with kwargs {spec.kwargs}: {e}") from e
 
 

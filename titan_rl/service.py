@@ -17,7 +17,7 @@ from multiprocessing import forkserver
 
 import grpc
 
-from titan_rl.auth import TOKEN_ENV, use_token
+from titan_rl.auth import TOKEN_ENV, check_token_env, use_token
 from titan_rl.config import Config, load_config
 from titan_rl.errors import TitanError
 from titan_rl.tls import load_tls, use_tls
@@ -160,6 +160,7 @@ def load_service_config(config_path: str, overrides: list[str], resume: bool = F
 
             cfg = load_config(config_path, [*overrides, f"logging.run_name={run_to_resume(cfg.logging.checkpoint_path)}"])
         tls = load_tls(cfg.security, config_path)
+        check_token_env()
     except TitanError as e:
         sys.exit(f"error: {e}")
     use_token(cfg.security.token)

@@ -17,7 +17,8 @@ from titan_rl.algorithm import Algorithm
 from titan_rl.buffer.samplers import MAX_PRIORITY
 from titan_rl.buffer.sources import SourceStats
 from titan_rl.buffer.table import Closed, SampledRows, Table
-from titan_rl.errors import NotEnoughDataError, SampleTooLargeError, ShapeMismatchError, WireError
+from titan_rl.errors import ConfigError, NotEnoughDataError, SampleTooLargeError, ShapeMismatchError, WireError
+from titan_rl.records import RecordLayout
 from titan_rl.rpc import MAX_MESSAGE_BYTES
 from titan_rl.v1 import buffer_pb2, buffer_pb2_grpc, common_pb2
 
@@ -36,10 +37,26 @@ class _NoSuchTable(_BadRequest):
     code = grpc.StatusCode.NOT_FOUND
 
 
+def table_records_bytes(algorithm: Algorithm) -> int:
+    """What the records of `algorithm`'s table take once it is full (its sampler's state comes on top)."""
+    return algorithm.table().capacity_items * RecordLayout.for_spec(algorithm.record_spec()).record_size
+
+
+def table_size_problem(algorithm: Algorithm) -> str:
+    """The table's size and the keys that set it, for an error that it does not fit in memory."""
+    spec = algorithm.table()
+    gib = table_records_bytes(algorithm) / 2**30
+    keys = "buffer_server.capacity_items" if spec.kind != "fifo" else "the algorithm's queue size"
+    return f"table {spec.name!r} of {spec.capacity_items:,} records needs {gib:,.1f} GiB ({keys})"
+
+
 def tables_for(algorithm: Algorithm, seed: int) -> dict[str, Table]:
     """The tables `algorithm` learns from, with its record spec as every table's signature."""
     spec = algorithm.table()
-    return {spec.name: Table(spec, algorithm.record_spec(), seed=seed, max_sample_bytes=MAX_MESSAGE_BYTES)}
+    try:
+        return {spec.name: Table(spec, algorithm.record_spec(), seed=seed, max_sample_bytes=MAX_MESSAGE_BYTES)}
+    except MemoryError as e:
+        raise ConfigError(f"{table_size_problem(algorithm)}: more than this process can allocate") from e
 
 
 def _sample_request_problem(request: buffer_pb2.SampleRequest | buffer_pb2.SampleStreamRequest) -> str | None:

@@ -1,0 +1,78 @@
+"""The launcher's checks before any process starts: a mistake in the config names the file and the
+key, whatever part of the run it would have broken (a service at start, or one after it was up)."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import DEFAULT_CONFIG
+from titan_rl.auth import TOKEN_ENV
+from titan_rl.errors import TitanError
+from titan_rl.launcher import Launcher
+
+
+def launcher(tmp_path: Path, *overrides: str) -> Launcher:
+    files = [f"logging.run_dir={tmp_path}/runs", f"logging.checkpoint_path={tmp_path}/checkpoint.pth"]
+    return Launcher(str(DEFAULT_CONFIG), [*files, *overrides])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["policy.kwargs.hidden_sizes=[-1]"], "policy: cannot build models.simple_policy.SimplePolicy with kwargs"),
+        (["policy.path=torch.nn.Identity"], "policy.path='torch.nn.Identity' has no trainable parameters"),
+        (["rollout_server.env_name=nosuchmod:Foo-v0"], "rollout_server.env_name='nosuchmod:Foo-v0': No module named 'nosuchmod'"),
+        (["buffer_server.host=192.0.2.1"], "cannot listen on buffer_server.host='192.0.2.1' buffer_server.port=0"),
+        (["buffer_server.host=nosuch.invalid"], "cannot listen on buffer_server.host='nosuch.invalid'"),
+        (["logging.run_dir=/dev/null/x"], "logging.run_dir='/dev/null/x': /dev/null is not a folder"),
+        (["logging.checkpoint_path=/dev/null/x.pth"], "logging.checkpoint_path='/dev/null/x.pth': /dev/null is not a folder"),
+        (["durability.snapshot_path=/dev/null/s.npz"], "durability.snapshot_path='/dev/null/s.npz': /dev/null is not a folder"),
+        (["buffer_server.capacity_items=100000000000000"], "(buffer_server.capacity_items), more than this machine's"),
+    ],
+)
+def test_a_config_that_would_break_a_service_fails_the_launch_naming_file_and_key(tmp_path, overrides, message):
+    with pytest.raises(TitanError) as e:
+        launcher(tmp_path, *overrides)
+    assert str(e.value).startswith(f"{DEFAULT_CONFIG}: ") and message in str(e.value)
+    assert not (tmp_path / "runs").exists(), "nothing is created before the checks pass"
+
+
+def test_qr_dqn_atoms_out_of_range_is_a_config_error(tmp_path):
+    with pytest.raises(TitanError, match="num_atoms must be >= 1, got 0"):
+        Launcher("config/cartpole_qrdqn.yaml", [f"logging.run_dir={tmp_path}/runs", "policy.kwargs.num_atoms=0"])
+
+
+def test_two_services_on_one_port_or_a_port_in_use_are_refused(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(TitanError, match=f"cannot listen on trainer_server.host='127.0.0.1' trainer_server.port={port}: "):
+            launcher(tmp_path, f"trainer_server.port={port}")
+    with pytest.raises(TitanError, match=f"trainer_server.port={port}: the port of buffer_server too"):
+        launcher(tmp_path, f"buffer_server.port={port}", f"trainer_server.port={port}")
+
+
+def test_a_token_in_the_environment_that_grpc_cannot_carry_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv(TOKEN_ENV, "naïve")
+    with pytest.raises(TitanError, match=f"\\${TOKEN_ENV} must be 1 to 4096 printable ASCII"):
+        launcher(tmp_path)
+
+
+def test_a_good_config_passes_and_creates_nothing_yet(tmp_path):
+    launched = launcher(tmp_path)
+    assert launched.cfg.buffer_server.port > 0 and not (tmp_path / "runs").exists()
+
+
+def test_a_buffer_started_on_its_own_names_the_capacity_its_table_cannot_get():
+    from tests.helpers import make_config
+    from titan_rl.buffer.service import tables_for
+    from titan_rl.errors import ConfigError
+    from titan_rl.registry import build_algorithm
+
+    algorithm = build_algorithm(make_config("buffer_server.capacity_items=100000000000000"))
+    with pytest.raises(ConfigError, match=r"GiB \(buffer_server.capacity_items\): more than this process can allocate"):
+        tables_for(algorithm, seed=0)
