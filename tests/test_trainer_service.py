@@ -301,3 +301,23 @@ def test_closing_the_evaluator_while_a_job_sits_unread_does_not_raise():
         evaluator.close()
     finally:
         os.kill(pid, signal.SIGKILL)
+
+
+def test_status_reads_the_metrics_while_the_learner_adds_new_ones(trainer_server):
+    """Status ran on a server thread over the dict the learner thread grows (new keys appear as
+    replicas and evaluations do): 'dictionary changed size during iteration' came back as UNKNOWN."""
+    _, loop, _, _ = trainer_server
+    done = threading.Event()
+
+    def log_new_keys() -> None:
+        for i in range(1000):
+            loop._log({f"replicas/{i}/episodes": float(i)})
+        done.set()
+
+    writer = threading.Thread(target=log_new_keys)
+    writer.start()
+    try:
+        while not done.is_set():
+            loop.status()
+    finally:
+        writer.join()

@@ -293,7 +293,7 @@ class TrainingLoop:
                 "charts/time": time.time(),
             }
         )
-        self.last_metrics.update(metrics)
+        self.last_metrics = {**self.last_metrics, **metrics}  # replaced, not changed: Status reads it from a server thread
         self.logger.log(metrics, self.env_steps if env_steps is None else max(env_steps, 0))
         m = self.last_metrics
         ev = "-" if self.last_eval is None else f"{self.last_eval:.1f} (best {self.best_eval:.1f})"
