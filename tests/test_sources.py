@@ -144,6 +144,28 @@ def test_statistics_round_trip_through_json_and_restart_their_clocks():
     assert (restored.response(now=52.0).sources[0].env_steps, restored.episodes) == (110, 2 + EPISODE_WINDOW + 3 + 1)
 
 
+def test_a_worker_gone_for_good_stops_holding_its_replicas_acting_version_back():
+    """After a restart with fewer workers (or a restore), the workers that no longer send kept the
+    replica's acting version, and so the trainer's chart and lag, at their last version forever."""
+    from titan_rl.buffer.sources import LIVE_WORKER_S
+
+    stats = SourceStats()
+    for worker_id in (0, 1, 2):
+        stats.record(0, worker_id, 1, 1, 3, [], [], now=0.0)
+    restored = SourceStats()
+    restored.load_state_dict(stats.state_dict(), now=10.0)
+    assert (restored.response(now=10.0).sources[0].policy_version, restored.response(now=10.0).sources[0].workers) == (3, 3)
+    restored.record(0, 0, 1, 1, 9, [], [], now=11.0)  # the replica came back with one worker
+    assert (restored.response(now=11.0).sources[0].policy_version, restored.response(now=11.0).sources[0].workers) == (9, 1)
+    stats.record(0, 0, 1, 1, 7, [], [], now=LIVE_WORKER_S + 1)  # workers 1 and 2 fell silent at 0
+    assert (stats.response(now=LIVE_WORKER_S + 1).sources[0].policy_version, stats.response(now=LIVE_WORKER_S + 1).sources[0].workers) == (
+        7,
+        1,
+    )
+    stats.record(0, 1, 1, 1, 8, [], [], now=LIVE_WORKER_S + 2)
+    assert stats.response(now=LIVE_WORKER_S + 2).sources[0].policy_version == 7, "the oldest version any acting worker acts with"
+
+
 @pytest.mark.parametrize(
     "damage",
     [

@@ -26,6 +26,7 @@ MAX_REPLICAS = 1024  # replicas remembered (the longest silent is forgotten firs
 MAX_WORKERS_PER_REPLICA = 256  # a replica's workers whose policy version it keeps (the earliest seen is forgotten first)
 INT32_MIN, INT32_MAX, INT64_MIN, INT64_MAX = -(2**31), 2**31 - 1, -(2**63), 2**63 - 1  # the response's field types
 RATE_WINDOW_S = 5.0  # env steps/s over about this long
+LIVE_WORKER_S = 30.0  # a worker silent this much longer than its replica's latest chunk no longer holds its acting version back
 
 
 @dataclass
@@ -36,8 +37,16 @@ class _Replica:
     episodes: int = 0
     returns: deque[float] = field(default_factory=lambda: deque(maxlen=EPISODE_WINDOW))
     lengths: deque[int] = field(default_factory=lambda: deque(maxlen=EPISODE_WINDOW))
-    worker_versions: dict[int, int] = field(default_factory=dict)  # each worker's version in its latest chunk
+    workers: dict[int, tuple[int, float]] = field(default_factory=dict)
+    """Each worker's policy version in its latest chunk, and when that came (-inf: restored from a snapshot)."""
     last_seen: float = 0.0
+
+    def acting_workers(self) -> list[int]:
+        """The versions of the workers that still act: those heard from lately, or, before any has
+        been since a restore, every one restored. A worker gone for good (one fewer after a restart
+        with fewer workers) would hold the replica's acting version back forever."""
+        live = [version for version, seen in self.workers.values() if seen >= self.last_seen - LIVE_WORKER_S]
+        return live or [version for version, _ in self.workers.values()]
 
 
 def _mean(values: deque) -> float:
@@ -99,9 +108,9 @@ class SourceStats:
             replica.episodes += len(episode_returns)
             replica.returns.extend(episode_returns)
             replica.lengths.extend(episode_lengths)
-            replica.worker_versions[worker_id] = policy_version
-            if len(replica.worker_versions) > MAX_WORKERS_PER_REPLICA:
-                del replica.worker_versions[next(iter(replica.worker_versions))]
+            replica.workers[worker_id] = (policy_version, now)
+            if len(replica.workers) > MAX_WORKERS_PER_REPLICA:
+                del replica.workers[min(replica.workers, key=lambda w: replica.workers[w][1])]
             replica.last_seen = now
             self._episodes += len(episode_returns)
             self._returns.extend(episode_returns)
@@ -122,8 +131,8 @@ class SourceStats:
                     mean_return=_mean(r.returns),
                     mean_length=_mean(r.lengths),
                     window=len(r.returns),
-                    policy_version=min(r.worker_versions.values()),
-                    workers=len(r.worker_versions),
+                    policy_version=min(acting := r.acting_workers()),
+                    workers=len(acting),
                     seconds_since_last_chunk=now - r.last_seen,
                 )
                 for replica_id, r in sorted(self._replicas.items())
@@ -156,7 +165,7 @@ class SourceStats:
                         "episodes": r.episodes,
                         "returns": list(r.returns),
                         "lengths": list(r.lengths),
-                        "worker_versions": {str(w): v for w, v in r.worker_versions.items()},
+                        "worker_versions": {str(w): version for w, (version, _) in r.workers.items()},
                     }
                     for replica_id, r in self._replicas.items()
                 },
@@ -185,8 +194,8 @@ class SourceStats:
                     episodes=_count(r, "episodes"),
                     returns=_window(r["returns"], float, "returns"),
                     lengths=_window(r["lengths"], int, "lengths"),
-                    worker_versions={
-                        _int(w, "a worker id", INT32_MIN, INT32_MAX): _int(v, "a policy version", INT64_MIN, INT64_MAX)
+                    workers={
+                        _int(w, "a worker id", INT32_MIN, INT32_MAX): (_int(v, "a policy version", INT64_MIN, INT64_MAX), -math.inf)
                         for w, v in versions.items()
                     },
                     last_seen=now,
