@@ -44,6 +44,7 @@ import numpy as np
 
 from titan_rl.checkpoint import load_checkpoint, policy_from_checkpoint
 from titan_rl.evaluation import evaluate
+from titan_rl.scratch import run_scratch_dir
 
 SOLVED = 475.0
 REPO = Path(__file__).resolve().parent.parent
@@ -161,7 +162,7 @@ def main() -> None:
     args = parser.parse_args()
     results: dict[str, list[dict]] = {"titan": [], "twin": [], "sb3": []}
     runners = {"titan": run_titan, "twin": run_twin, "sb3": run_sb3}
-    with work_dir(args.keep) as work:
+    with work_dir(args.keep) as work, run_scratch_dir():  # the twin's and SB3's W&B and torch files too
         for i, seed in enumerate(args.seeds):
             sides = list(runners)
             for side in sides[i % 3 :] + sides[: i % 3]:
