@@ -52,8 +52,8 @@ def test_default_config_has_the_seed_keys():
         ("durability.snapshot_interval_s=.inf", "durability.snapshot_interval_s=inf must be a finite number"),
         ("algorithm.config.max_grad_norm=.nan", "algorithm.config.max_grad_norm=nan must be a finite number"),
         ("rollout_server.replica_id=3000000000", "replica_id=3000000000 with num_workers=2 gives worker ids past 2147483647"),
-        ("security.token=héhé", "security.token must be 1 to 4096 printable ASCII characters without spaces"),
-        ("security.token='a b'", "security.token must be 1 to 4096 printable ASCII characters"),
+        ("security.token=héhé", "security.token must be 1 to 4096 printable ASCII characters, not starting or ending with a space"),
+        ("security.token='a b '", "security.token must be 1 to 4096 printable ASCII characters"),
     ],
 )
 def test_bad_values_name_the_file_the_key_and_the_reason(override, message):

@@ -326,7 +326,7 @@ def test_a_run_writes_only_in_its_run_folder_and_its_checkpoints(tmp_path):
     """W&B (its media and artifact folders, wandb-core's debug logs) and torch's compiler cache are
     written to a temporary folder the launcher removes at the end (`titan_rl.scratch`), not left in
     $TMPDIR and ~/.cache: the services it forks leave through os._exit, which runs no clean-up hook."""
-    outside = {"TMPDIR": tmp_path / "tmp", "HOME": tmp_path / "home"}
+    outside = {"TMPDIR": tmp_path / "tmp", "HOME": tmp_path / "home", "XDG_CACHE_HOME": tmp_path / "cache"}
     for folder in outside.values():
         folder.mkdir()
     env = {name: str(folder) for name, folder in outside.items()} | {"WANDB_MODE": "offline"}

@@ -27,6 +27,7 @@ def launcher(tmp_path: Path, *overrides: str) -> Launcher:
         (["rollout_server.env_name=nosuchmod:Foo-v0"], "rollout_server.env_name='nosuchmod:Foo-v0': No module named 'nosuchmod'"),
         (["buffer_server.host=192.0.2.1"], "cannot listen on buffer_server.host='192.0.2.1' buffer_server.port=0"),
         (["buffer_server.host=nosuch.invalid"], "cannot listen on buffer_server.host='nosuch.invalid'"),
+        (["buffer_server.host='::1'"], "buffer_server.host='::1': write an IPv6 address in brackets, as gRPC reads it: [::1]"),
         (["logging.run_dir=/dev/null/x"], "logging.run_dir='/dev/null/x': /dev/null is not a folder"),
         (["logging.checkpoint_path=/dev/null/x.pth"], "logging.checkpoint_path='/dev/null/x.pth': /dev/null is not a folder"),
         (["durability.snapshot_path=/dev/null/s.npz"], "durability.snapshot_path='/dev/null/s.npz': /dev/null is not a folder"),
@@ -76,3 +77,20 @@ def test_a_buffer_started_on_its_own_names_the_capacity_its_table_cannot_get():
     algorithm = build_algorithm(make_config("buffer_server.capacity_items=100000000000000"))
     with pytest.raises(ConfigError, match=r"GiB \(buffer_server.capacity_items\): more than this process can allocate"):
         tables_for(algorithm, seed=0)
+
+
+def test_a_token_with_spaces_inside_is_a_token(tmp_path):
+    from tests.helpers import make_config
+
+    assert make_config("security.token='pass phrase'").security.token == "pass phrase"
+
+
+def test_an_ipv6_host_in_brackets_is_probed_as_grpc_binds_it(tmp_path):
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 on this machine")
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback on this machine")
+    assert launcher(tmp_path, "buffer_server.host='[::1]'").cfg.buffer_server.dial_address.startswith("[::1]:")

@@ -420,8 +420,8 @@ def build_section(cls: type, data: Any, where: str, prefix: str) -> Any:
 
 MAX_WORKER_ID = 2**31 - 1
 """A worker's id over every replica travels as an int32."""
-TOKEN = re.compile(r"[!-~]{1,4096}")
-TOKEN_RULE = "must be 1 to 4096 printable ASCII characters without spaces, as gRPC metadata carries it"
+TOKEN = re.compile(r"[!-~]([ -~]{0,4094}[!-~])?")
+TOKEN_RULE = "must be 1 to 4096 printable ASCII characters, not starting or ending with a space, as gRPC metadata carries it"
 RUN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._=+,@-]{0,199}")
 """A run name: one folder under `logging.run_dir`, never a path (it may come from a checkpoint, with `--resume`)."""
 

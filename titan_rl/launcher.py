@@ -63,8 +63,12 @@ def service_ports(cfg: Config, where: str) -> dict[str, int]:
         ports = {}
         for _, section in SERVICES:
             server = getattr(cfg, section)
+            if ":" in server.host and not server.host.startswith("["):
+                key = f"{section}.host={server.host!r}"
+                raise ConfigError(f"{where}: {key}: write an IPv6 address in brackets, as gRPC reads it: [{server.host}]")
             try:
-                family, kind, _, _, address = socket.getaddrinfo(server.host, server.port, type=socket.SOCK_STREAM)[0]
+                host = server.host.removeprefix("[").removesuffix("]")
+                family, kind, _, _, address = socket.getaddrinfo(host, server.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
                 probe = probes.enter_context(socket.socket(family, kind))
                 probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds: a port in TIME_WAIT is free
                 probe.bind(address)
@@ -81,9 +85,13 @@ def check_can_write(folder: Path, key: str) -> None:
     """ConfigError unless `folder` is a writable folder or can be made one: its nearest existing
     parent is a writable folder. Nothing is created."""
     existing = folder
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
+    try:
+        while not existing.exists():
+            existing = existing.parent
+        is_folder = existing.is_dir()
+    except OSError as e:  # a parent this user may not search
+        raise ConfigError(f"{key}: cannot look into {existing}: {e.strerror or e}") from e
+    if not is_folder:
         raise ConfigError(f"{key}: {existing} is not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"{key}: {existing} is not writable")
@@ -123,6 +131,7 @@ class Launcher:
     def __init__(self, config_path: str, overrides: list[str], resume: bool = False):
         self.config_path = str(resolve_config_path(config_path))  # the services may start in another directory
         cfg = load_config(self.config_path, overrides)
+        check_token_env()
         ports = service_ports(cfg, self.config_path)
         extra = [f"{section}.port={port}" for section, port in ports.items() if getattr(cfg, section).port == 0]
         if resume:  # the same run name: the trainer resumes its last checkpoint, the buffer restores its snapshot
@@ -135,7 +144,6 @@ class Launcher:
         self.cfg: Config = load_config(config_path, self.overrides)
         self.run_dir = Path(self.cfg.logging.run_dir) / self.cfg.logging.run_name
         preflight(self.cfg, self.config_path)
-        check_token_env()
         use_tls(load_tls(self.cfg.security, config_path))  # the health checks speak what the services serve
         # the services answer only calls with this run's token (titan_rl.auth): a fresh one unless one is set
         self.token = current_token() or self.cfg.security.token or secrets.token_urlsafe(32)

@@ -73,7 +73,7 @@ def build(spec: ClassSpec, what: str, base: type, *args: Any, **extra: Any) -> A
     try:
         return cls(*args, **spec.kwargs, **extra)
     except (TypeError, ValueError, RuntimeError) as e:  # a wrong or out-of-range kwarg, e.g. a negative layer size in torch
-        raise ConfigError(f"{what}: cannot build {spec.path} with kwargs {spec.kwargs}: {e}") from e
+        raise ConfigError(f"{what}: cannot build {spec.path} with kwargs {spec.kwargs}: {type(e).__name__}: {e}") from e
 
 
 def build_policy(cfg: Config) -> nn.Module:
