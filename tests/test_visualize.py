@@ -106,11 +106,27 @@ def test_without_a_display_it_records_instead_of_opening_a_window(checkpoint: Pa
     assert result.stdout.splitlines()[-1].startswith("mean_return=")
 
 
-@pytest.mark.parametrize("name, content", [("missing.pth", None), ("notes.txt", "not a checkpoint\n")])
-def test_bad_checkpoint_is_a_one_line_error(tmp_path: Path, capsys, name: str, content: str | None):
+def _truncated_torch_file(path: Path) -> None:
+    """A torch file cut short past its first 4 KiB: torch's reader fails with OSError EINVAL there."""
+    import torch
+
+    torch.save({"a": torch.zeros(1000)}, path)
+    path.write_bytes(path.read_bytes()[:5000])
+
+
+@pytest.mark.parametrize(
+    "name, make",
+    [
+        ("missing.pth", lambda path: None),
+        ("notes.txt", lambda path: path.write_text("not a checkpoint\n")),
+        ("hello.txt", lambda path: path.write_text("hello\n")),  # torch's legacy reader raised KeyError
+        ("folder.pth", lambda path: path.mkdir()),
+        ("truncated.pth", _truncated_torch_file),
+    ],
+)
+def test_bad_checkpoint_is_a_one_line_error(tmp_path: Path, capsys, name: str, make):
     path = tmp_path / name
-    if content is not None:
-        path.write_text(content)
+    make(path)
     code, stderr = visualize_here(capsys, "--model_path", path, "--no-render")
     assert code == 1
     assert stderr.startswith("error: ") and str(path) in stderr

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import pickle
 import re
 from pathlib import Path
 from typing import Any
@@ -99,7 +98,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError as e:
         raise TitanError(f"{path}: no such checkpoint") from e
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
+    except (IsADirectoryError, PermissionError) as e:
+        raise TitanError(f"{path}: cannot read a checkpoint there: {e.strerror}") from e
+    except Exception as e:  # damaged bytes surface as many types: KeyError, IndexError, OSError EINVAL, ...
         # torch's own message suggests weights_only=False, which is exactly what must not happen
         raise TitanError(f"{path}: not a TITAN-RL checkpoint (not a torch file of tensors and plain values)") from e
     found = payload.get("format") if isinstance(payload, dict) else None
