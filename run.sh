@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # TITAN-RL entry point.
 #   bash run.sh [--config FILE] [--seed N] [section.key=value ...]   train (default: config/cartpole.yaml)
+#   bash run.sh --resume [--config FILE] [section.key=value ...]      continue the run of the last checkpoint_last.pth
 #   bash run.sh test [pytest args ...]                                lint and format check, then the test suite
 # Sets itself up on first use: .venv with the project installed in it (pip install -e .[test], which
 # also gives the `titan-rl` command), protobuf code from proto/.

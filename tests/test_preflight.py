@@ -94,3 +94,47 @@ def test_an_ipv6_host_in_brackets_is_probed_as_grpc_binds_it(tmp_path):
     except OSError:
         pytest.skip("no IPv6 loopback on this machine")
     assert launcher(tmp_path, "buffer_server.host='[::1]'").cfg.buffer_server.dial_address.startswith("[::1]:")
+
+
+def _last_checkpoint_of(tmp_path: Path, config: str, run_name: str, *overrides: str) -> None:
+    """`checkpoint_last.pth` of a run of `config`, written the way the trainer writes it."""
+    from titan_rl.checkpoint import last_path, save_checkpoint
+    from titan_rl.config import load_config
+    from titan_rl.registry import build_algorithm, build_policy
+
+    cfg = load_config(config, [f"logging.run_name={run_name}", *overrides])
+    learner = build_algorithm(cfg).make_learner(build_policy(cfg))
+    counters = {"updates": 10, "env_steps": 1000, "policy_version": 1, "wall_s": 1.0}
+    save_checkpoint(last_path(tmp_path / "checkpoint.pth"), cfg, learner.state_dict(), counters, None)
+
+
+def test_resume_with_a_config_other_than_the_runs_is_refused_before_anything_starts(tmp_path):
+    """Before, `bash run.sh --resume` (the default CartPole config) after an Acrobot run started every
+    service, then failed in the trainer with torch's size mismatch."""
+    _last_checkpoint_of(tmp_path, "config/acrobot.yaml", "acro")
+    files = [f"logging.run_dir={tmp_path}/runs", f"logging.checkpoint_path={tmp_path}/checkpoint.pth"]
+    with pytest.raises(TitanError, match=r"--resume: .*checkpoint_last.pth holds run 'acro' with rollout_server.env_name='Acrobot-v1', "):
+        Launcher(str(DEFAULT_CONFIG), files, resume=True)
+    with pytest.raises(TitanError, match=r"cannot resume run 'acro' from .*checkpoint_last.pth: .*size mismatch"):
+        Launcher("config/acrobot.yaml", [*files, "policy.kwargs.hidden_sizes=[32]"], resume=True)
+    assert not (tmp_path / "runs").exists()
+    resumed = Launcher("config/acrobot.yaml", files, resume=True)
+    assert resumed.cfg.logging.run_name == "acro"
+
+
+def test_the_summary_shown_is_only_one_this_launch_wrote(tmp_path):
+    """A resumed run's folder holds its earlier part's summary.json: when the trainer ends without
+    writing one, that old summary was printed as this launch's."""
+    import json
+    import os
+    import time
+
+    from titan_rl.launcher import summary_text
+
+    summary = {"stop_reason": "budget", "env_steps": 4000, "updates": 900, "best_eval_return": 120.0}
+    summary |= {"checkpoint": "c", "last_checkpoint": "l"}
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    os.utime(tmp_path / "summary.json", (time.time() - 60, time.time() - 60))
+    assert summary_text(tmp_path, time.time() - 5, 3.0).startswith("no summary: training did not finish")
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    assert summary_text(tmp_path, time.time() - 5, 3.0).startswith("done: budget\n  env steps 4,000  updates 900  wall 3.0s")

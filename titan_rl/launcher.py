@@ -101,14 +101,16 @@ def physical_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def preflight(cfg: Config, config_path: str) -> None:
+def preflight(cfg: Config, config_path: str, resume: bool = False) -> None:
     """Build what the services will build from `cfg` (the env's spaces, the algorithm, the policy and
     one forward pass of it, the learner's device), and check where the run writes and that its table
     fits in memory, so that a mistake stops the launch before any process or run folder exists,
-    with the file and the key named."""
+    with the file and the key named. With `resume`, also that the checkpoint continued is a run of
+    this config (`titan_rl.trainer.resume.check_resumable`)."""
     from titan_rl.buffer.service import table_records_bytes, table_size_problem  # imports torch: only once the YAML is valid
     from titan_rl.registry import build_algorithm, build_policy
     from titan_rl.trainer.device import resolve_device
+    from titan_rl.trainer.resume import check_resumable
 
     log = cfg.logging
     try:
@@ -119,7 +121,10 @@ def preflight(cfg: Config, config_path: str) -> None:
         if cfg.durability.snapshot_path:
             check_can_write(Path(cfg.durability.snapshot_path).parent, f"durability.snapshot_path={cfg.durability.snapshot_path!r}")
         algorithm = build_algorithm(cfg)
-        algorithm.check_network(build_policy(cfg))
+        policy = build_policy(cfg)
+        algorithm.check_network(policy)
+        if resume:
+            check_resumable(cfg, algorithm.make_learner(policy))
         if table_records_bytes(algorithm) > (memory := physical_memory_bytes()):
             raise ConfigError(f"{table_size_problem(algorithm)}, more than this machine's {memory / 2**30:,.1f} GiB")
         resolve_device(cfg.train.device)  # the trainer runs on this host too
@@ -143,7 +148,7 @@ class Launcher:
         self.overrides = overrides + extra
         self.cfg: Config = load_config(config_path, self.overrides)
         self.run_dir = Path(self.cfg.logging.run_dir) / self.cfg.logging.run_name
-        preflight(self.cfg, self.config_path)
+        preflight(self.cfg, self.config_path, resume)
         use_tls(load_tls(self.cfg.security, config_path))  # the health checks speak what the services serve
         # the services answer only calls with this run's token (titan_rl.auth): a fresh one unless one is set
         self.token = current_token() or self.cfg.security.token or secrets.token_urlsafe(32)
@@ -203,7 +208,7 @@ class Launcher:
             proc.join()
 
     def run(self) -> int:
-        started = time.monotonic()
+        started, launched_at_s = time.monotonic(), time.time()
         signal.signal(signal.SIGINT, self.stop)
         signal.signal(signal.SIGTERM, self.stop)
         try:
@@ -228,19 +233,24 @@ class Launcher:
             self._terminate("trainer", TRAINER_GRACE_S)
             for service in ("rollout", "buffer"):
                 self._terminate(service, OTHERS_GRACE_S)
-        self._print_summary(time.monotonic() - started)
+        self._print_summary(launched_at_s, time.monotonic() - started)
         return code
 
-    def _print_summary(self, wall_s: float) -> None:
-        path = self.run_dir / "summary.json"
-        if not path.exists():
-            print(f"no summary: training did not finish (logs in {self.run_dir})", flush=True)
-            return
-        s = json.loads(path.read_text())
-        best = "-" if s["best_eval_return"] is None else f"{s['best_eval_return']:.1f}"
-        print(
-            f"done: {s['stop_reason']}\n"
-            f"  env steps {s['env_steps']:,}  updates {s['updates']:,}  wall {wall_s:.1f}s (launch to exit)\n"
-            f"  best eval return {best}  checkpoint {s['checkpoint']}  (last: {s['last_checkpoint']})",
-            flush=True,
-        )
+    def _print_summary(self, launched_at_s: float, wall_s: float) -> None:
+        print(summary_text(self.run_dir, launched_at_s, wall_s), flush=True)
+
+
+def summary_text(run_dir: Path, launched_at_s: float, wall_s: float) -> str:
+    """What the run's `summary.json` says, if this launch wrote it (its time is after
+    `launched_at_s`, a `time.time()`): a resumed run's folder holds the summary of its earlier part,
+    which must not be shown as this launch's when the trainer ended without writing one."""
+    path = run_dir / "summary.json"
+    if not path.exists() or path.stat().st_mtime < launched_at_s:
+        return f"no summary: training did not finish (logs in {run_dir})"
+    s = json.loads(path.read_text())
+    best = "-" if s["best_eval_return"] is None else f"{s['best_eval_return']:.1f}"
+    return (
+        f"done: {s['stop_reason']}\n"
+        f"  env steps {s['env_steps']:,}  updates {s['updates']:,}  wall {wall_s:.1f}s (launch to exit)\n"
+        f"  best eval return {best}  checkpoint {s['checkpoint']}  (last: {s['last_checkpoint']})"
+    )

@@ -53,15 +53,43 @@ def best_of_run(cfg: Config) -> float | None:
     return float(np.mean(returns))
 
 
+RESUMED_KEYS = (("rollout_server", "env_name"), ("algorithm", "path"), ("policy", "path"))
+"""What a run is: the config keys `--resume` must find unchanged in the checkpoint it continues."""
+
+
+def _load_learner(cfg: Config, learner: Learner, payload: dict[str, Any]) -> None:
+    try:
+        learner.load_state_dict(payload["learner"])
+    except (KeyError, RuntimeError, ValueError, TypeError) as e:
+        first_lines = " ".join(str(e).split())[:400]  # torch lists every mismatched tensor over many lines
+        raise TitanError(f"cannot resume run {cfg.logging.run_name!r} from {last_path(cfg.logging.checkpoint_path)}: {first_lines}") from e
+
+
+def check_resumable(cfg: Config, learner: Learner) -> None:
+    """For `--resume`, before any service starts: the run in `<stem>_last.pth` trained what `cfg`
+    trains (`RESUMED_KEYS`), and its learner state loads into `learner` as the trainer will load it.
+    Another config (the default one, say, for a run started with --config config/acrobot.yaml)
+    would otherwise start every service and fail in the trainer."""
+    path = last_path(cfg.logging.checkpoint_path)
+    payload = load_checkpoint(path)
+    stored = payload.get("config") if isinstance(payload.get("config"), dict) else {}
+    for section, key in RESUMED_KEYS:
+        then = stored.get(section, {}).get(key) if isinstance(stored.get(section), dict) else None
+        now = getattr(getattr(cfg, section), key)
+        if then != now:
+            raise TitanError(
+                f"--resume: {path} holds run {run_name_of(payload)!r} with {section}.{key}={then!r}, "
+                f"not {now!r}: resume with the config that started it (--config)"
+            )
+    _load_learner(cfg, learner, payload)
+
+
 def resume_learner(cfg: Config, learner: Learner) -> dict[str, Any]:
     """Load this run's last checkpoint into `learner` and return its counters; {} for a new run."""
     resumed = resume_point(cfg)
     if resumed is None:
         return {}
-    try:
-        learner.load_state_dict(resumed["learner"])
-    except (KeyError, RuntimeError, ValueError, TypeError) as e:
-        raise TitanError(f"cannot resume run {cfg.logging.run_name!r} from {last_path(cfg.logging.checkpoint_path)}: {e}") from e
+    _load_learner(cfg, learner, resumed)
     counters = resumed["counters"]
     log.info(
         "resuming run %s: %d updates, %d env steps, policy v%d",
