@@ -29,6 +29,7 @@ def launcher(tmp_path: Path, *overrides: str) -> Launcher:
         (["buffer_server.host=nosuch.invalid"], "cannot listen on buffer_server.host='nosuch.invalid'"),
         (["buffer_server.host='::1'"], "buffer_server.host='::1': write an IPv6 address in brackets, as gRPC reads it: [::1]"),
         (["logging.run_dir=/dev/null/x"], "logging.run_dir='/dev/null/x': /dev/null is not a folder"),
+        (["logging.run_dir=/proc/x"], "logging.run_dir='/proc/x': /proc is not writable"),  # os.access says yes to root
         (["logging.checkpoint_path=/dev/null/x.pth"], "logging.checkpoint_path='/dev/null/x.pth': /dev/null is not a folder"),
         (["durability.snapshot_path=/dev/null/s.npz"], "durability.snapshot_path='/dev/null/s.npz': /dev/null is not a folder"),
         (["buffer_server.capacity_items=100000000000000"], "(buffer_server.capacity_items), more than this machine's"),

@@ -15,6 +15,7 @@ import secrets
 import signal
 import socket
 import sys
+import tempfile
 import time
 from multiprocessing.process import BaseProcess
 from pathlib import Path
@@ -83,7 +84,7 @@ def service_ports(cfg: Config, where: str) -> dict[str, int]:
 
 def check_can_write(folder: Path, key: str) -> None:
     """ConfigError unless `folder` is a writable folder or can be made one: its nearest existing
-    parent is a writable folder. Nothing is created."""
+    parent is a writable folder. Nothing is left behind."""
     existing = folder
     try:
         while not existing.exists():
@@ -93,8 +94,11 @@ def check_can_write(folder: Path, key: str) -> None:
         raise ConfigError(f"{key}: cannot look into {existing}: {e.strerror or e}") from e
     if not is_folder:
         raise ConfigError(f"{key}: {existing} is not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"{key}: {existing} is not writable")
+    try:  # os.access says yes to root anywhere, /proc included: only writing tells
+        with tempfile.TemporaryFile(dir=existing):  # O_TMPFILE: no name ever appears
+            pass
+    except OSError as e:
+        raise ConfigError(f"{key}: {existing} is not writable ({e.strerror or e})") from e
 
 
 def physical_memory_bytes() -> int:
@@ -156,7 +160,10 @@ class Launcher:
         self._stopping = False
 
     def _start(self, service: str) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # preflight found it writable: changed since, or a file system that lies
+            raise TitanError(f"cannot create the run folder {self.run_dir}: {e.strerror or e}") from e
         argv = ["--config", self.config_path, *self.overrides]
         # the trainer's progress is what the user watches
         log_path = None if service == "trainer" else str((self.run_dir / f"{service}.log").resolve())
