@@ -64,7 +64,7 @@ def test_bad_values_name_the_file_the_key_and_the_reason(override, message):
 
 def test_unknown_key_in_a_file_names_the_file(tmp_path):
     path = tmp_path / "mine.yaml"
-    path.write_text(DEFAULT_CONFIG.read_text() + "\nbudget:\n  max_env_step: 10\n")
+    path.write_text("seed: 1\nbudget:\n  max_env_step: 10\n")
     with pytest.raises(ConfigError, match=r"mine.yaml: unknown key budget.max_env_step \(did you mean budget.max_env_steps\?\)"):
         load_config(path)
 
@@ -76,6 +76,17 @@ def test_missing_file_and_bad_yaml_are_config_errors(tmp_path):
     bad.write_text("train: [unclosed\n")
     with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
         load_config(bad)
+
+
+def test_a_key_written_twice_in_one_section_is_a_config_error_naming_it(tmp_path):
+    """YAML keeps the last of two equal keys without a word: an edit of the first did nothing."""
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("train:\n  batch_size: 32\n  min_buffer_size: 100\n  batch_size: 64\n")
+    with pytest.raises(ConfigError, match=r"twice.yaml: not valid YAML: (.|\n)*found the key 'batch_size' twice(.|\n)*line 4"):
+        load_config(twice)
+    merged = tmp_path / "merged.yaml"  # a merge key and an own key of the same name are not a repeat
+    merged.write_text("train:\n  <<: {batch_size: 16, min_buffer_size: 100}\n  batch_size: 32\n")
+    assert (load_config(merged).train.batch_size, load_config(merged).train.min_buffer_size) == (32, 100)
 
 
 def test_a_config_that_is_a_folder_or_not_text_is_a_config_error(tmp_path):
