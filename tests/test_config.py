@@ -1,7 +1,7 @@
 import pytest
 import yaml
 
-from tests.helpers import DEFAULT_CONFIG, REPO, make_config
+from tests.helpers import REPO, make_config
 from titan_rl.config import config_from_dict, config_to_dict, load_config
 from titan_rl.errors import ConfigError
 from titan_rl.registry import build_algorithm, build_policy

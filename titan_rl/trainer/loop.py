@@ -172,7 +172,11 @@ class TrainingLoop:
         save_every_s = self.cfg.durability.checkpoint_interval_s
         next_save = self._start + save_every_s
         window: dict[str, list[float]] = defaultdict(list)
-        updates_at_log, steps_at_log, time_at_log = 0, 0, self._start
+        updates_at_log, steps_at_log, time_at_log = (
+            self.learner.updates,
+            self.env_steps,
+            self._start,
+        )  # a resumed run's counts are not this start's
         device = self.learner.device
         while (reason := self._budget_reason()) is None:
             for result in self.evaluator.results():
