@@ -81,6 +81,31 @@ def test_folders_with_nothing_to_draw_exit_2_naming_them(tmp_path, capsys):
     assert not (tmp_path / "empty" / "curves.png").exists()
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["{missing}"], "no such folder: {missing}"),  # said "no rows" as if the folder held runs
+        (["{run}", "--out", "{tmp}/x.xyz"], "x.xyz: xyz file type; one of "),  # was matplotlib's traceback
+        (["{run}", "--out", "{tmp}/x"], "x: no file type; one of "),
+    ],
+)
+def test_a_missing_folder_or_an_image_type_matplotlib_cannot_write_is_refused_by_name(tmp_path, capsys, args, message):
+    run = tmp_path / "run"
+    write_metrics(run / "metrics.jsonl", [(1000, 100.0)])
+    names = {"missing": tmp_path / "nope", "run": run, "tmp": tmp_path}
+    with pytest.raises(SystemExit) as e:
+        plot.main([a.format(**names) for a in args])
+    assert e.value.code == 2 and message.format(**names) in capsys.readouterr().err
+    assert not list(tmp_path.glob("x*"))
+
+
+def test_an_unwritable_image_path_is_an_error_not_a_traceback(tmp_path, capsys):
+    run = tmp_path / "run"
+    write_metrics(run / "metrics.jsonl", [(1000, 100.0)])
+    assert plot.main([str(run), "--out", "/dev/null/x.png"]) == 1
+    assert "cannot write /dev/null/x.png" in capsys.readouterr().err
+
+
 def test_a_run_without_evaluations_falls_back_to_the_training_return(tmp_path, capsys):
     run = tmp_path / "run"
     write_metrics(run / "metrics.jsonl", [(1000, 12.0), (2000, 30.0)], key="charts/episodic_return")

@@ -136,13 +136,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, metavar="PNG", help="image to write (default: <first RUN_DIR>/curves.png)")
     parser.add_argument("--title", metavar="T", help="default: the env name from the runs' config.yaml, else the folder name")
     args = parser.parse_args(argv)
+    if missing := [str(d) for d in args.run_dirs if not d.is_dir()]:
+        parser.error(f"no such folder: {', '.join(missing)}")
+    if args.out is not None:
+        from matplotlib.backend_bases import FigureCanvasBase
+
+        if (kind := args.out.suffix.lower().lstrip(".")) not in (kinds := FigureCanvasBase.get_supported_filetypes()):
+            parser.error(f"--out {args.out}: {kind or 'no'} file type; one of {', '.join('.' + k for k in sorted(kinds))}")
     files = metrics_files(args.run_dirs)
     if not any(run_metric(f) for f in files):
         folders = ", ".join(str(d) for d in args.run_dirs)
         print(f"titan-rl plot: no {EVAL} or {TRAIN} rows in any metrics.jsonl of {folders}", file=sys.stderr)
         return 2
     out = args.out or args.run_dirs[0] / "curves.png"
-    plot(files, out, args.title or default_title(args.run_dirs, files))
+    try:
+        plot(files, out, args.title or default_title(args.run_dirs, files))
+    except OSError as e:
+        print(f"titan-rl plot: cannot write {out}: {e.strerror or e}", file=sys.stderr)
+        return 1
     print(out)
     return 0
 
