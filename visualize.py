@@ -6,4 +6,4 @@ import sys
 from titan_rl.visualize import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(prog="python visualize.py"))

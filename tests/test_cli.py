@@ -98,3 +98,9 @@ def test_eta_is_the_time_left_at_the_rate_so_far():
     assert eta_s(30_000, 100_000, 10.0, start_env_steps=20_000) == pytest.approx(70.0)  # a resumed run: its own rate
     assert eta_s(120_000, 100_000, 10.0) == 0.0
     assert [format_duration(s) for s in (None, 59.6, 61, 3725)] == ["-:--", "1:00", "1:01", "1:02:05"]
+
+
+def test_visualize_py_names_itself_in_its_usage():
+    """`python visualize.py --help` showed the usage of `titan-rl visualize`, a command that may not be installed."""
+    result = subprocess.run([sys.executable, "visualize.py", "--help"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout.startswith("usage: python visualize.py "), result.stdout

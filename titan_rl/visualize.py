@@ -62,9 +62,9 @@ def _video_path(text: str) -> Path:
     return path
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None = None, prog: str = "titan-rl visualize") -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="titan-rl visualize", description="Play greedy episodes of a TITAN-RL checkpoint: in a window, on video, or only scored."
+        prog=prog, description="Play greedy episodes of a TITAN-RL checkpoint: in a window, on video, or only scored."
     )
     parser.add_argument("--model_path", "--model-path", type=Path, default=Path("checkpoint.pth"), help="checkpoint (default: %(default)s)")
     parser.add_argument("--episodes", type=_positive_int, default=5, help="episodes to play (default: %(default)s)")
@@ -81,7 +81,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     mode.add_argument(
         "--output",
         type=_video_path,
-        help="record to this .mp4 or .gif instead of opening a window (a GIF is kept in memory until written: prefer .mp4 for long runs)",
+        help=(
+            "record to this .mp4 or .gif instead of opening a window (a GIF is kept in memory until written: prefer .mp4 for long runs);"
+            " with no display and no --output: <checkpoint stem>.mp4 in the current folder"
+        ),
     )
     return parser.parse_args(argv)
 
@@ -204,8 +207,9 @@ def run(args: argparse.Namespace) -> list[float]:
         env.close()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
+def main(argv: Sequence[str] | None = None, prog: str = "titan-rl visualize") -> int:
+    """`prog`: the command its --help and errors name (visualize.py passes its own)."""
+    args = parse_args(argv, prog)
     try:
         returns = run(args)
     except TitanError as e:
