@@ -76,8 +76,58 @@ def test_a_buffer_started_on_its_own_names_the_capacity_its_table_cannot_get():
     from titan_rl.registry import build_algorithm
 
     algorithm = build_algorithm(make_config("buffer_server.capacity_items=100000000000000"))
-    with pytest.raises(ConfigError, match=r"GiB \(buffer_server.capacity_items\): more than this process can allocate"):
+    with pytest.raises(ConfigError, match=r"GiB \(buffer_server.capacity_items\), more than this machine's [\d,.]+ GiB"):
         tables_for(algorithm, seed=0)
+
+
+CGROUP_V1_MEMORY = Path("/sys/fs/cgroup/memory")
+
+
+@pytest.fixture
+def cgroup_of_1_gib(tmp_path: Path):
+    """A real cgroup (v1's memory controller) capped at 1 GiB, removed after the test; skipped where
+    this user cannot make one (not root, or cgroup v2 only: its controllers must be delegated)."""
+    folder = CGROUP_V1_MEMORY / f"titan-test-{tmp_path.name}"
+    try:
+        folder.mkdir()
+        (folder / "memory.limit_in_bytes").write_text(str(2**30))
+    except OSError as e:
+        pytest.skip(f"cannot make a memory cgroup here: {e}")
+    yield folder
+    folder.rmdir()
+
+
+def test_a_buffer_in_a_container_refuses_a_table_larger_than_its_memory_limit(cgroup_of_1_gib: Path):
+    """A table that fits the machine but not the pod's memory limit started, and the kernel killed the
+    buffer once it had filled 1 GiB of it (numpy's zeros take pages only as they are written)."""
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO
+
+    buffer = f"exec {sys.executable} -m titan_rl.buffer --port 0 buffer_server.capacity_items=50000000"  # ~2.5 GiB of CartPole records
+    result = subprocess.run(
+        ["sh", "-c", f"echo $$ > {cgroup_of_1_gib}/cgroup.procs && {buffer}"], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode != 0
+    assert "(buffer_server.capacity_items), more than the 1.0 GiB this process's cgroup allows" in result.stderr, result.stderr
+
+
+def test_the_memory_limit_is_the_least_of_the_cgroups_above_this_process(tmp_path: Path):
+    """cgroup v2's layout (one hierarchy, `memory.max`, "max" for none) as the kernel writes it, read from files laid out the same way."""
+    from titan_rl.memory import cgroup_memory_limits_bytes
+
+    (pod := tmp_path / "kubepods" / "pod1" / "app").mkdir(parents=True)
+    (tmp_path / "memory.max").write_text("max\n")
+    (tmp_path / "kubepods" / "memory.max").write_text("8589934592\n")
+    (tmp_path / "kubepods" / "pod1" / "memory.max").write_text("2147483648\n")
+    (pod / "memory.max").write_text("max\n")
+    (proc_cgroup := tmp_path / "cgroup").write_text("0::/kubepods/pod1/app\n")
+    assert sorted(cgroup_memory_limits_bytes(proc_cgroup, tmp_path)) == [2**31, 2**33]
+    proc_cgroup.write_text("0::/\n")  # in the container's own cgroup namespace: its limit at the root
+    (tmp_path / "memory.max").write_text("1073741824\n")
+    assert cgroup_memory_limits_bytes(proc_cgroup, tmp_path) == [2**30]
+    assert cgroup_memory_limits_bytes(tmp_path / "missing", tmp_path) == []
 
 
 def test_a_token_with_spaces_inside_is_a_token(tmp_path):

@@ -101,17 +101,13 @@ def check_can_write(folder: Path, key: str) -> None:
         raise ConfigError(f"{key}: {existing} is not writable ({e.strerror or e})") from e
 
 
-def physical_memory_bytes() -> int:
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
 def preflight(cfg: Config, config_path: str, resume: bool = False) -> None:
     """Build what the services will build from `cfg` (the env's spaces, the algorithm, the policy and
     one forward pass of it, the learner's device), and check where the run writes and that its table
     fits in memory, so that a mistake stops the launch before any process or run folder exists,
     with the file and the key named. With `resume`, also that the checkpoint continued is a run of
     this config (`titan_rl.trainer.resume.check_resumable`)."""
-    from titan_rl.buffer.service import table_records_bytes, table_size_problem  # imports torch: only once the YAML is valid
+    from titan_rl.buffer.service import check_table_fits  # imports torch: only once the YAML is valid
     from titan_rl.registry import build_algorithm, build_policy
     from titan_rl.trainer.device import resolve_device
     from titan_rl.trainer.resume import check_resumable
@@ -129,8 +125,7 @@ def preflight(cfg: Config, config_path: str, resume: bool = False) -> None:
         algorithm.check_network(policy)
         if resume:
             check_resumable(cfg, algorithm.make_learner(policy))
-        if table_records_bytes(algorithm) > (memory := physical_memory_bytes()):
-            raise ConfigError(f"{table_size_problem(algorithm)}, more than this machine's {memory / 2**30:,.1f} GiB")
+        check_table_fits(algorithm)
         resolve_device(cfg.train.device)  # the trainer runs on this host too
     except TitanError as e:
         raise TitanError(f"{config_path}: {e}") from e

@@ -18,6 +18,7 @@ from titan_rl.buffer.samplers import MAX_PRIORITY
 from titan_rl.buffer.sources import SourceStats
 from titan_rl.buffer.table import Closed, SampledRows, Table
 from titan_rl.errors import ConfigError, NotEnoughDataError, SampleTooLargeError, ShapeMismatchError, WireError
+from titan_rl.memory import memory_limit_bytes, physical_memory_bytes
 from titan_rl.records import RecordLayout
 from titan_rl.rpc import MAX_MESSAGE_BYTES
 from titan_rl.v1 import buffer_pb2, buffer_pb2_grpc, common_pb2
@@ -50,9 +51,22 @@ def table_size_problem(algorithm: Algorithm) -> str:
     return f"table {spec.name!r} of {spec.capacity_items:,} records needs {gib:,.1f} GiB ({keys})"
 
 
+def check_table_fits(algorithm: Algorithm) -> None:
+    """ConfigError when the table's records alone take more than this process may use (`titan_rl.memory`)."""
+    if table_records_bytes(algorithm) > (limit := memory_limit_bytes()):
+        gib = f"{limit / 2**30:,.1f} GiB"
+        why = (
+            f"this machine's {gib}"
+            if limit == physical_memory_bytes()
+            else f"the {gib} this process's cgroup allows (its container's limit)"
+        )
+        raise ConfigError(f"{table_size_problem(algorithm)}, more than {why}")
+
+
 def tables_for(algorithm: Algorithm, seed: int) -> dict[str, Table]:
     """The tables `algorithm` learns from, with its record spec as every table's signature."""
     spec = algorithm.table()
+    check_table_fits(algorithm)
     try:
         return {spec.name: Table(spec, algorithm.record_spec(), seed=seed, max_sample_bytes=MAX_MESSAGE_BYTES)}
     except MemoryError as e:
