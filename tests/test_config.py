@@ -82,11 +82,28 @@ def test_a_key_written_twice_in_one_section_is_a_config_error_naming_it(tmp_path
     """YAML keeps the last of two equal keys without a word: an edit of the first did nothing."""
     twice = tmp_path / "twice.yaml"
     twice.write_text("train:\n  batch_size: 32\n  min_buffer_size: 100\n  batch_size: 64\n")
-    with pytest.raises(ConfigError, match=r"twice.yaml: not valid YAML: (.|\n)*found the key 'batch_size' twice(.|\n)*line 4"):
+    with pytest.raises(ConfigError) as e:
         load_config(twice)
-    merged = tmp_path / "merged.yaml"  # a merge key and an own key of the same name are not a repeat
+    assert f"twice.yaml: not valid YAML: the key 'batch_size' is written here\n  in \"{twice}\", line 2" in str(e.value)
+    assert f"and again as 'batch_size' here\n  in \"{twice}\", line 4" in str(e.value)
+    yes_and_on = tmp_path / "yes_and_on.yaml"  # one key to YAML 1.1: True
+    yes_and_on.write_text("algorithm:\n  config:\n    on: 1\n    yes: 2\n")
+    with pytest.raises(ConfigError, match="the key 'on' is written here(.|\n)*and again as 'yes' here"):
+        load_config(yes_and_on)
+
+
+def test_merge_keys_override_and_nest_as_yaml_means_them_to(tmp_path):
+    """A mapping's own key over a merged one is no repeat, also in a merged mapping that itself merges
+    (flattening rewrites it in place, before it is checked on its own)."""
+    from titan_rl.config import _read_yaml
+
+    merged = tmp_path / "merged.yaml"
     merged.write_text("train:\n  <<: {batch_size: 16, min_buffer_size: 100}\n  batch_size: 32\n")
     assert (load_config(merged).train.batch_size, load_config(merged).train.min_buffer_size) == (32, 100)
+    nested = "a:\n  inner: &mid\n    <<: {lr: 1, gamma: 0.5}\n    lr: 2\nb: {<<: *mid, gamma: 0.9}\n"
+    plain = yaml.load(nested, Loader=yaml.SafeLoader)
+    assert plain == {"a": {"inner": {"lr": 2, "gamma": 0.5}}, "b": {"lr": 2, "gamma": 0.9}}
+    assert _read_yaml(nested, "nested.yaml") == plain
 
 
 def test_a_config_that_is_a_folder_or_not_text_is_a_config_error(tmp_path):
@@ -232,3 +249,36 @@ def test_resume_refuses_a_checkpoint_whose_run_name_leads_out_of_the_run_folder(
     torch.save({"format": FORMAT, "config": raw, "policy": {}, "learner": {}, "counters": {}, "eval_returns": []}, tmp_path / "c_last.pth")
     with pytest.raises(TitanError, match=f"{tmp_path / 'c_last.pth'} names the run '{tmp_path / 'outside'}', which is not one folder name"):
         run_to_resume(tmp_path / "c.pth")
+
+
+def test_a_last_checkpoint_that_cannot_be_read_now_stops_the_resume_instead_of_starting_over(tmp_path):
+    """With no file handle left, torch's reader failed with EMFILE, which was taken for a damaged file:
+    the trainer logged a warning and started the run over from a fresh learner (and a worse first
+    evaluation could replace the kept checkpoint). A file that is really not a checkpoint still is."""
+    import resource
+
+    import torch
+
+    from titan_rl.checkpoint import FORMAT
+    from titan_rl.errors import TitanError
+    from titan_rl.trainer.resume import resume_point
+
+    cfg = make_config("logging.run_name=r", f"logging.checkpoint_path={tmp_path / 'c.pth'}")
+    raw = config_to_dict(cfg)
+    torch.save({"format": FORMAT, "config": raw, "policy": {}, "learner": {}, "counters": {}, "eval_returns": []}, tmp_path / "c_last.pth")
+    assert resume_point(cfg)["config"]["logging"]["run_name"] == "r"
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    held = []
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+    try:
+        with pytest.raises(OSError):
+            while True:
+                held.append(open(tmp_path / "c.pth.probe", "w"))  # held open on purpose
+        with pytest.raises(TitanError, match="cannot read a checkpoint there: Too many open files"):
+            resume_point(cfg)
+    finally:
+        for f in held:
+            f.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    (tmp_path / "c_last.pth").write_text("hello\n")
+    assert resume_point(cfg) is None

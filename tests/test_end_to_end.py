@@ -293,10 +293,10 @@ def test_run_sh_resume_continues_the_last_run_with_its_learner_counters_and_repl
     output = proc.communicate(timeout=180)[0]
     assert proc.returncode == 0, output
     rated = next(row for line in metrics.read_text().splitlines()[first_rows:] if "charts/updates_per_s" in (row := json.loads(line)))
-    # both rates of a log divide by the same seconds: the counts they grew by since the start are in the ratio of the rates
-    # (the first log's rates once counted the restored updates and env steps as this start's)
-    grown_updates, grown_steps = rated["charts/updates"] - restored["updates"], rated["env_steps"] - restored["env_steps"]
-    assert rated["charts/updates_per_s"] * grown_steps == pytest.approx(rated["charts/learner_env_steps_per_s"] * grown_updates, abs=1e-6)
+    # the first rates cover at least one log interval (1 s) of this start's own updates and env steps: they once
+    # counted the restored ones as this start's, over the seconds since the trainer started
+    assert rated["charts/updates_per_s"] <= rated["charts/updates"] - restored["updates"], rated
+    assert rated["charts/learner_env_steps_per_s"] <= rated["env_steps"] - restored["env_steps"], rated
     second = json.loads((tmp_path / "runs" / "test" / "summary.json").read_text())
     assert second["updates"] > first["updates"] > 100 and second["policy_version"] > first["policy_version"]
     assert 8000 <= second["env_steps"] < 8000 + 4000, "it went on from 4,000 steps, not from 0"

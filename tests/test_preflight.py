@@ -173,19 +173,37 @@ def test_resume_with_a_config_other_than_the_runs_is_refused_before_anything_sta
     assert resumed.cfg.logging.run_name == "acro"
 
 
+def test_a_trainer_started_on_its_own_with_another_config_refuses_the_runs_checkpoint(tmp_path):
+    """`python -m titan_rl.trainer` (a Kubernetes restart after the ConfigMap changed) resumes without
+    the launcher's check: the same check runs where it loads the run's learner."""
+    from titan_rl.config import load_config
+    from titan_rl.registry import build_algorithm, build_policy
+    from titan_rl.trainer.resume import resume_learner
+
+    _last_checkpoint_of(tmp_path, "config/acrobot.yaml", "acro")
+    cfg = load_config(DEFAULT_CONFIG, ["logging.run_name=acro", f"logging.checkpoint_path={tmp_path}/checkpoint.pth"])
+    algorithm = build_algorithm(cfg)
+    with pytest.raises(TitanError, match=r"holds run 'acro' with rollout_server.env_name='Acrobot-v1', not 'CartPole-v1'"):
+        resume_learner(cfg, algorithm.make_learner(build_policy(cfg)))
+
+
 def test_the_summary_shown_is_only_one_this_launch_wrote(tmp_path):
     """A resumed run's folder holds its earlier part's summary.json: when the trainer ends without
-    writing one, that old summary was printed as this launch's."""
+    writing one, that old summary was printed as this launch's. Told apart by the file's version,
+    not by the clock (a file server may set the time of a new one in the past)."""
     import json
     import os
-    import time
 
-    from titan_rl.launcher import summary_text
+    from titan_rl.launcher import file_version, summary_text
 
     summary = {"stop_reason": "budget", "env_steps": 4000, "updates": 900, "best_eval_return": 120.0}
     summary |= {"checkpoint": "c", "last_checkpoint": "l"}
-    (tmp_path / "summary.json").write_text(json.dumps(summary))
-    os.utime(tmp_path / "summary.json", (time.time() - 60, time.time() - 60))
-    assert summary_text(tmp_path, time.time() - 5, 3.0).startswith("no summary: training did not finish")
-    (tmp_path / "summary.json").write_text(json.dumps(summary))
-    assert summary_text(tmp_path, time.time() - 5, 3.0).startswith("done: budget\n  env steps 4,000  updates 900  wall 3.0s")
+    path = tmp_path / "summary.json"
+    assert summary_text(tmp_path, file_version(path), 3.0).startswith("no summary: training did not finish")
+    path.write_text(json.dumps(summary))
+    earlier = file_version(path)
+    assert summary_text(tmp_path, earlier, 3.0).startswith("no summary: training did not finish")
+    path.write_text(json.dumps(summary))
+    os.utime(path, ns=(earlier[1] - 120 * 10**9, earlier[1] - 120 * 10**9))  # written since, with an older time
+    assert summary_text(tmp_path, earlier, 3.0).startswith("done: budget\n  env steps 4,000  updates 900  wall 3.0s")
+    assert summary_text(tmp_path, None, 3.0).startswith("done: budget")

@@ -4,6 +4,7 @@ curve plotter (titan_rl/plot.py) draws one run or averages many evaluated at dif
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import imageio.v3 as iio
@@ -104,6 +105,9 @@ def test_an_unwritable_image_path_is_an_error_not_a_traceback(tmp_path, capsys):
     write_metrics(run / "metrics.jsonl", [(1000, 100.0)])
     assert plot.main([str(run), "--out", "/dev/null/x.png"]) == 1
     assert "cannot write /dev/null/x.png" in capsys.readouterr().err
+    if not shutil.which("xelatex"):  # a type matplotlib lists, whose writer runs LaTeX
+        assert plot.main([str(run), "--out", str(tmp_path / "x.pgf")]) == 1
+        assert f"cannot write {tmp_path / 'x.pgf'}: " in capsys.readouterr().err
 
 
 def test_a_run_without_evaluations_falls_back_to_the_training_return(tmp_path, capsys):

@@ -194,10 +194,16 @@ class Learner(ABC):
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Weights, update count and the optimizer's state (its moments) come from `state`; the
+        optimizer's settings (learning rate, betas, ...) stay this learner's, as its config made
+        them: a run resumed with another `lr` learns at that rate."""
         self.network.load_state_dict(state["policy"])
         self.updates = int(state["updates"])
         if self.optimizer is not None:
+            settings = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
             self.optimizer.load_state_dict(state["optimizer"])
+            for group, configured in zip(self.optimizer.param_groups, settings, strict=True):
+                group.update(configured)
 
 
 def cpu_state(tree: Any, copy: bool = False) -> Any:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import pickle
 import re
 from pathlib import Path
 from typing import Any
@@ -81,7 +83,7 @@ def requested_path(requested: str, checkpoint_path: str | Path) -> Path:
             raise TitanError(f"{requested!r} is a directory")
         try:
             load_checkpoint(target)
-        except TitanError:
+        except NotACheckpointError:
             raise TitanError(f"{requested!r} exists and is not a TITAN-RL checkpoint: refusing to overwrite it") from None
     return target
 
@@ -92,22 +94,36 @@ def last_path(best_path: str | Path) -> Path:
     return p.with_name(f"{p.stem}_last{p.suffix}")
 
 
+class NotACheckpointError(TitanError):
+    """The file was read, and it is not a TITAN-RL checkpoint (of this format): damaged, cut short, or something else."""
+
+
+DAMAGED_BYTES = (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, KeyError, IndexError, TypeError, AttributeError)
+"""What torch's weights-only reader raises on bytes that are not a torch file or are cut short."""
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load with weights_only=True: tensors and plain containers only, never pickled code."""
+    """Load with weights_only=True: tensors and plain containers only, never pickled code.
+
+    NotACheckpointError for a file that is not one; TitanError for one that cannot be read (no such
+    file, a folder, no permission, an I/O error, no file handles left): only the first may be taken
+    for the absence of a checkpoint, since the second may hold one."""
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError as e:
         raise TitanError(f"{path}: no such checkpoint") from e
-    except (IsADirectoryError, PermissionError) as e:
-        raise TitanError(f"{path}: cannot read a checkpoint there: {e.strerror}") from e
-    except Exception as e:  # damaged bytes surface as many types: KeyError, IndexError, OSError EINVAL, ...
+    except OSError as e:
+        if e.errno != errno.EINVAL:  # EINVAL: torch's zip reader on a file cut short
+            raise TitanError(f"{path}: cannot read a checkpoint there: {e.strerror or e}") from e
+        raise NotACheckpointError(f"{path}: not a TITAN-RL checkpoint (a torch file cut short)") from e
+    except DAMAGED_BYTES as e:
         # torch's own message suggests weights_only=False, which is exactly what must not happen
-        raise TitanError(f"{path}: not a TITAN-RL checkpoint (not a torch file of tensors and plain values)") from e
+        raise NotACheckpointError(f"{path}: not a TITAN-RL checkpoint (not a torch file of tensors and plain values)") from e
     found = payload.get("format") if isinstance(payload, dict) else None
     if found in OLD_FORMATS:
-        raise TitanError(f"{path}: checkpoint format {found!r} is {OLD_FORMATS[found]}")
+        raise NotACheckpointError(f"{path}: checkpoint format {found!r} is {OLD_FORMATS[found]}")
     if found != FORMAT:
-        raise TitanError(f"{path}: not a TITAN-RL checkpoint (format {found!r}, expected {FORMAT!r})")
+        raise NotACheckpointError(f"{path}: not a TITAN-RL checkpoint (format {found!r}, expected {FORMAT!r})")
     return payload
 
 

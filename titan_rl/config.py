@@ -365,19 +365,43 @@ def resolve_config_path(path: str | Path) -> Path:
 
 class _UniqueKeyLoader(yaml.SafeLoader):
     """`yaml.safe_load` that refuses a key written twice in one mapping: YAML keeps the last one
-    without a word, so an edit above a forgotten second line of the same key would do nothing."""
+    without a word, so an edit above a forgotten second line of the same key would do nothing.
 
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[tuple[str, str]] = set()
-        for key_node, _ in node.value:
-            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
-                key = (key_node.tag, key_node.value)
-                if key in seen:
+    Checked on each mapping as written, before its merge keys (`<<: *anchor`) are flattened into
+    it: a merged key that the mapping overrides is what merging is for."""
+
+    def __init__(self, stream: str):
+        super().__init__(stream)
+        self._checked: set[int] = set()
+
+    def flatten_mapping(self, node: yaml.MappingNode) -> None:
+        if id(node) not in self._checked:  # flattening rewrites the node in place, and a merged node is flattened again later
+            self._checked.add(id(node))
+            first_seen: dict[Any, yaml.Node] = {}
+            for key_node, _ in node.value:
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node)  # `on` and `yes`, `1` and `01`: one key once read
+                if key in first_seen:
+                    first = first_seen[key]
                     raise yaml.constructor.ConstructorError(
-                        "while reading a mapping", node.start_mark, f"found the key {key_node.value!r} twice", key_node.start_mark
+                        f"the key {first.value!r} is written here",
+                        first.start_mark,
+                        f"and again as {key_node.value!r} here",
+                        key_node.start_mark,
                     )
-                seen.add(key)
-        return super().construct_mapping(node, deep)
+                first_seen[key] = key_node
+        super().flatten_mapping(node)
+
+
+def _read_yaml(text: str, name: str) -> Any:
+    """The document in `text`, its errors pointing into the file `name`."""
+    loader = _UniqueKeyLoader(text)
+    loader.name = name  # "<unicode string>" otherwise
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -388,7 +412,7 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     """
     path = resolve_config_path(path)
     try:
-        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
+        raw = _read_yaml(path.read_text(encoding="utf-8"), str(path)) or {}
     except FileNotFoundError as e:
         raise ConfigError(f"{path}: no such config file") from e
     except IsADirectoryError as e:

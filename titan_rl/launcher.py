@@ -210,7 +210,7 @@ class Launcher:
             proc.join()
 
     def run(self) -> int:
-        started, launched_at_s = time.monotonic(), time.time()
+        started, earlier_summary = time.monotonic(), file_version(self.run_dir / "summary.json")
         signal.signal(signal.SIGINT, self.stop)
         signal.signal(signal.SIGTERM, self.stop)
         try:
@@ -235,19 +235,30 @@ class Launcher:
             self._terminate("trainer", TRAINER_GRACE_S)
             for service in ("rollout", "buffer"):
                 self._terminate(service, OTHERS_GRACE_S)
-        self._print_summary(launched_at_s, time.monotonic() - started)
+        self._print_summary(earlier_summary, time.monotonic() - started)
         return code
 
-    def _print_summary(self, launched_at_s: float, wall_s: float) -> None:
-        print(summary_text(self.run_dir, launched_at_s, wall_s), flush=True)
+    def _print_summary(self, earlier: tuple[int, int] | None, wall_s: float) -> None:
+        print(summary_text(self.run_dir, earlier, wall_s), flush=True)
 
 
-def summary_text(run_dir: Path, launched_at_s: float, wall_s: float) -> str:
-    """What the run's `summary.json` says, if this launch wrote it (its time is after
-    `launched_at_s`, a `time.time()`): a resumed run's folder holds the summary of its earlier part,
-    which must not be shown as this launch's when the trainer ended without writing one."""
+def file_version(path: Path) -> tuple[int, int] | None:
+    """(inode, modification time in ns) of `path`, None if it does not exist: which write of it is there."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
+def summary_text(run_dir: Path, earlier: tuple[int, int] | None, wall_s: float) -> str:
+    """What the run's `summary.json` says, unless it is still the one that was there at launch
+    (`earlier`, its `file_version` then): a resumed run's folder holds the summary of its earlier
+    part, which must not be shown as this launch's when the trainer ended without writing one.
+    Compared by version, not against the clock, which a network file system's server may set."""
     path = run_dir / "summary.json"
-    if not path.exists() or path.stat().st_mtime < launched_at_s:
+    version = file_version(path)
+    if version is None or version == earlier:
         return f"no summary: training did not finish (logs in {run_dir})"
     s = json.loads(path.read_text())
     best = "-" if s["best_eval_return"] is None else f"{s['best_eval_return']:.1f}"

@@ -151,8 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or args.run_dirs[0] / "curves.png"
     try:
         plot(files, out, args.title or default_title(args.run_dirs, files))
-    except OSError as e:
-        print(f"titan-rl plot: cannot write {out}: {e.strerror or e}", file=sys.stderr)
+    except (OSError, RuntimeError) as e:  # RuntimeError: a type whose writer needs a program missing here (.pgf: LaTeX)
+        print(f"titan-rl plot: cannot write {out}: {e.strerror if isinstance(e, OSError) and e.strerror else e}", file=sys.stderr)
         return 1
     print(out)
     return 0

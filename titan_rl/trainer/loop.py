@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 import time
 from collections import defaultdict
@@ -168,15 +169,12 @@ class TrainingLoop:
         if self.store.version < 0:
             self.publish()
         next_eval = self.cfg.eval.interval_env_steps
-        next_log = 0.0
         save_every_s = self.cfg.durability.checkpoint_interval_s
         next_save = self._start + save_every_s
         window: dict[str, list[float]] = defaultdict(list)
-        updates_at_log, steps_at_log, time_at_log = (
-            self.learner.updates,
-            self.env_steps,
-            self._start,
-        )  # a resumed run's counts are not this start's
+        # the rates count from the first batch, once the buffer's count is in: neither a resumed run's
+        # counts nor the wait for data (nor the actors' steps while the trainer was away) are this start's
+        updates_at_log, steps_at_log, time_at_log, next_log = 0, 0, None, math.inf
         device = self.learner.device
         while (reason := self._budget_reason()) is None:
             for result in self.evaluator.results():
@@ -190,6 +188,9 @@ class TrainingLoop:
             self.state = "training"
             batch = to_batch(sample.fields, sample.keys, sample.weights, device)
             self._count_env_steps(sample.env_steps_total)
+            if time_at_log is None:
+                updates_at_log, steps_at_log, time_at_log = self.learner.updates, self.env_steps, time.monotonic()
+                next_log = time_at_log + self.cfg.logging.log_interval_s
             self.learner.env_steps = self.env_steps  # rank 0's count: every learner rank's clock
             if self.group is not None and not self.group.agree(True, self.env_steps):
                 self._learner_lost()

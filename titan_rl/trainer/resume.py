@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from titan_rl.algorithm import Learner
-from titan_rl.checkpoint import last_path, load_checkpoint, run_name_of
+from titan_rl.checkpoint import NotACheckpointError, last_path, load_checkpoint, run_name_of
 from titan_rl.config import Config
 from titan_rl.errors import TitanError
 
@@ -30,7 +30,7 @@ def resume_point(cfg: Config) -> dict[str, Any] | None:
         return None
     try:
         payload = load_checkpoint(path)
-    except TitanError as e:
+    except NotACheckpointError as e:  # one that cannot be read now (an I/O error) stops the trainer: a restart may read it
         log.warning("not resuming from %s: %s", path, e)
         return None
     if run_name_of(payload) != cfg.logging.run_name:
@@ -45,7 +45,7 @@ def best_of_run(cfg: Config) -> float | None:
         return None
     try:
         payload = load_checkpoint(path)
-    except TitanError:
+    except NotACheckpointError:
         return None
     returns = payload.get("eval_returns") or []
     if run_name_of(payload) != cfg.logging.run_name or not returns:
@@ -65,22 +65,26 @@ def _load_learner(cfg: Config, learner: Learner, payload: dict[str, Any]) -> Non
         raise TitanError(f"cannot resume run {cfg.logging.run_name!r} from {last_path(cfg.logging.checkpoint_path)}: {first_lines}") from e
 
 
-def check_resumable(cfg: Config, learner: Learner) -> None:
-    """For `--resume`, before any service starts: the run in `<stem>_last.pth` trained what `cfg`
-    trains (`RESUMED_KEYS`), and its learner state loads into `learner` as the trainer will load it.
-    Another config (the default one, say, for a run started with --config config/acrobot.yaml)
-    would otherwise start every service and fail in the trainer."""
-    path = last_path(cfg.logging.checkpoint_path)
-    payload = load_checkpoint(path)
+def _check_same_run(cfg: Config, payload: dict[str, Any]) -> None:
+    """TitanError unless the checkpoint's run trained what `cfg` trains (`RESUMED_KEYS`)."""
     stored = payload.get("config") if isinstance(payload.get("config"), dict) else {}
     for section, key in RESUMED_KEYS:
         then = stored.get(section, {}).get(key) if isinstance(stored.get(section), dict) else None
         now = getattr(getattr(cfg, section), key)
         if then != now:
             raise TitanError(
-                f"--resume: {path} holds run {run_name_of(payload)!r} with {section}.{key}={then!r}, "
+                f"--resume: {last_path(cfg.logging.checkpoint_path)} holds run {run_name_of(payload)!r} with {section}.{key}={then!r}, "
                 f"not {now!r}: resume with the config that started it (--config)"
             )
+
+
+def check_resumable(cfg: Config, learner: Learner) -> None:
+    """For `--resume`, before any service starts: the run in `<stem>_last.pth` trained what `cfg`
+    trains, and its learner state loads into `learner` as the trainer will load it. Another config
+    (the default one, say, for a run started with --config config/acrobot.yaml) would otherwise
+    start every service and fail in the trainer."""
+    payload = load_checkpoint(last_path(cfg.logging.checkpoint_path))
+    _check_same_run(cfg, payload)
     _load_learner(cfg, learner, payload)
 
 
@@ -89,6 +93,7 @@ def resume_learner(cfg: Config, learner: Learner) -> dict[str, Any]:
     resumed = resume_point(cfg)
     if resumed is None:
         return {}
+    _check_same_run(cfg, resumed)  # a trainer started on its own, or restarted with a changed config
     _load_learner(cfg, learner, resumed)
     counters = resumed["counters"]
     log.info(
