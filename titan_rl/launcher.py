@@ -95,7 +95,7 @@ def check_can_write(folder: Path, key: str) -> None:
     if not is_folder:
         raise ConfigError(f"{key}: {existing} is not a folder")
     try:  # os.access says yes to root anywhere, /proc included: only writing tells
-        with tempfile.TemporaryFile(dir=existing):  # O_TMPFILE: no name ever appears
+        with tempfile.TemporaryFile(dir=existing):  # nameless (O_TMPFILE) where the file system can, else removed at once
             pass
     except OSError as e:
         raise ConfigError(f"{key}: {existing} is not writable ({e.strerror or e})") from e
