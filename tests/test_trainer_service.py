@@ -110,6 +110,19 @@ def test_a_checkpoint_call_writes_only_checkpoints_by_file_name_beside_the_confi
     assert not list(tmp_path.glob(".*tmp*")), "a failed write left its temp file behind"
 
 
+def test_a_checkpoint_call_never_replaces_the_kept_best_policy(trainer_server, tmp_path):
+    """With no name, a call wrote the current, unscored learner over ck.pth: the kept best policy was
+    lost, and a restarted trainer, finding no scores in it, took the run for one without a best."""
+    address, loop, _, _ = trainer_server
+    kept = loop.save(tmp_path / "ck.pth", eval_returns=[300.0] * 20)
+    client = TrainerClient(address)
+    assert Path(client.checkpoint()) == tmp_path / "ck_last.pth"  # the learner now: what --resume continues
+    with pytest.raises(grpc.RpcError) as e:
+        client.checkpoint("ck.pth")
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "is the kept checkpoint" in e.value.details()
+    assert load_checkpoint(kept)["eval_returns"] == [300.0] * 20
+
+
 def test_a_failed_write_removes_its_temp_file(tmp_path):
     from titan_rl.checkpoint import save_checkpoint
     from titan_rl.errors import TitanError

@@ -60,17 +60,21 @@ CHECKPOINT_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,235}\.pth")
 
 
 def requested_path(requested: str, checkpoint_path: str | Path) -> Path:
-    """Where a Checkpoint call may write: a `.pth` file name (letters, digits, `.`, `_`, `-`) beside
-    the configured checkpoint.
+    """Where a Checkpoint call may write: `<stem>_last.pth` (the learner now, what `--resume`
+    continues) for an empty name, else a `.pth` file name (letters, digits, `.`, `_`, `-`) beside
+    the configured checkpoint, other than the checkpoint itself: that one holds the best evaluated
+    policy and its scores, and only a better evaluation replaces it.
 
     The call comes over the network, so the name is data: no folders (a name with a `/` could reach
     any folder below the checkpoint's, the project's `.venv` among them), no links, and an existing
     file is replaced only if it is a TITAN-RL checkpoint.
     """
     if not requested:
-        return Path(checkpoint_path)
+        return last_path(checkpoint_path)
     if not CHECKPOINT_NAME.fullmatch(requested):
         raise TitanError(f"{requested!r} must be a file name ending in .pth, of letters, digits, '.', '_' and '-' (no folders)")
+    if requested == Path(checkpoint_path).name:
+        raise TitanError(f"{requested!r} is the kept checkpoint (the best evaluated policy): only a better evaluation replaces it")
     target = Path(checkpoint_path).resolve().parent / requested
     try:
         link, exists, is_dir = target.is_symlink(), target.exists(), target.is_dir()

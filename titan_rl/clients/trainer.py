@@ -119,6 +119,8 @@ class TrainerClient:
         self.stub.Stop(trainer_pb2.StopRequest(), timeout=self.timeout_s)
 
     def checkpoint(self, path: str = "") -> str:
+        """Write the learner now: to `<checkpoint stem>_last.pth`, or to the file name `path` beside the
+        configured checkpoint (never over the kept best one); returns where it went."""
         return self.stub.Checkpoint(trainer_pb2.CheckpointRequest(path=path), timeout=60).path
 
     def close(self) -> None:
