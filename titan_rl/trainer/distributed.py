@@ -18,6 +18,7 @@ import contextlib
 import datetime
 import io
 import logging
+import os
 import socket
 
 import torch
@@ -55,6 +56,21 @@ def group_store(address: str, rank: int, world_size: int, timeout_s: float = GRO
     )  # rank 0's own client dials its server on loopback
 
 
+LOOPBACK_INTERFACES = ("lo", "lo0")  # Linux, the BSDs and macOS
+
+
+def gloo_on_loopback() -> None:
+    """Make gloo's sockets in this process listen on loopback. By default gloo listens on the address
+    the host's name resolves to, which on most hosts is on the network, and it carries no token: a
+    group whose ranks all run on this host has no reason to be reachable from elsewhere."""
+    names = [name for _, name in socket.if_nameindex()]
+    loopback = next((name for name in LOOPBACK_INTERFACES if name in names), None)
+    if loopback is None:
+        log.warning("no loopback interface among %s: gloo listens on the address this host's name resolves to", names)
+        return
+    os.environ["GLOO_SOCKET_IFNAME"] = loopback
+
+
 class LearnerGroup:
     """This process's place in the group of data-parallel learners.
 
@@ -62,8 +78,19 @@ class LearnerGroup:
     agree before each update, rank 0's state at the start) over gloo on the CPU, where a rank that
     is gone shows as an error at once instead of a hang until the timeout."""
 
-    def __init__(self, rank: int, world_size: int, store: dist.Store, device: torch.device = CPU, timeout_s: float = GROUP_TIMEOUT_S):
+    def __init__(
+        self,
+        rank: int,
+        world_size: int,
+        store: dist.Store,
+        device: torch.device = CPU,
+        timeout_s: float = GROUP_TIMEOUT_S,
+        loopback: bool = False,
+    ):
+        """`loopback`: every rank runs on this host, so gloo listens on loopback only (`gloo_on_loopback`)."""
         backend = distributed_backend(device)
+        if loopback:
+            gloo_on_loopback()
         if rank == 0:
             store.set(BACKEND_KEY, backend)
         elif (expected := store.get(BACKEND_KEY).decode()) != backend:

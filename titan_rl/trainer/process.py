@@ -88,14 +88,15 @@ def start_learner_group(cfg: Config, learner: Learner) -> tuple[LearnerRanks | N
     if not remote:
         resolve_device(t.device, local_rank=t.learners - 1)  # every local rank has a GPU of its own
     try:
-        store = group_store(t.learner_group_address or "127.0.0.1:0", 0, t.learners)
+        address = t.learner_group_address or "127.0.0.1:0"
+        store = group_store(address, 0, t.learners)
         if remote:
             ranks = None
             log.info("learner group: waiting at %s for ranks 1..%d (python -m titan_rl.trainer.learner)", t.learner_group_address,
                      t.learners - 1)  # fmt: skip
         else:
             ranks = LearnerRanks(cfg, f"127.0.0.1:{store.port}")
-        group = LearnerGroup(0, t.learners, store, learner.device)
+        group = LearnerGroup(0, t.learners, store, learner.device, loopback=address.rpartition(":")[0] == "127.0.0.1")
         group.share_from_rank_0(learner)
     except dist.DistError as e:
         where = f"train.learner_group_address={t.learner_group_address}" if remote else "the local learner ranks"

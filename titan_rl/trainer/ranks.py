@@ -72,7 +72,10 @@ def run_learner_rank(cfg: Config, rank: int, local_rank: int, address: str) -> s
     device = resolve_device(cfg.train.device, local_rank)
     use_device(device)
     learner = algorithm.make_learner(build_policy(cfg).to(device))
-    group = LearnerGroup(rank, cfg.train.learners, group_store(address, rank, cfg.train.learners), device)
+    store = group_store(address, rank, cfg.train.learners)
+    group = LearnerGroup(
+        rank, cfg.train.learners, store, device, loopback=address.rpartition(":")[0] == "127.0.0.1"
+    )  # ranks started by the trainer
     t, table = cfg.train, algorithm.table()
     buffer = cfg.buffer_server.dial_address
     batches = BatchPrefetcher(
