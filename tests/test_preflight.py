@@ -207,3 +207,7 @@ def test_the_summary_shown_is_only_one_this_launch_wrote(tmp_path):
     os.utime(path, ns=(earlier[1] - 120 * 10**9, earlier[1] - 120 * 10**9))  # written since, with an older time
     assert summary_text(tmp_path, earlier, 3.0).startswith("done: budget\n  env steps 4,000  updates 900  wall 3.0s")
     assert summary_text(tmp_path, None, 3.0).startswith("done: budget")
+    path.write_text(json.dumps(summary)[:40])  # cut short: a traceback at the end of the run
+    assert summary_text(tmp_path, None, 3.0).startswith(f"no summary: {path} cannot be read (JSONDecodeError: ")
+    path.write_text("[1, 2]")
+    assert summary_text(tmp_path, None, 3.0).startswith(f"no summary: {path} cannot be read (TypeError: ")

@@ -260,10 +260,13 @@ def summary_text(run_dir: Path, earlier: tuple[int, int] | None, wall_s: float) 
     version = file_version(path)
     if version is None or version == earlier:
         return f"no summary: training did not finish (logs in {run_dir})"
-    s = json.loads(path.read_text())
-    best = "-" if s["best_eval_return"] is None else f"{s['best_eval_return']:.1f}"
-    return (
-        f"done: {s['stop_reason']}\n"
-        f"  env steps {s['env_steps']:,}  updates {s['updates']:,}  wall {wall_s:.1f}s (launch to exit)\n"
-        f"  best eval return {best}  checkpoint {s['checkpoint']}  (last: {s['last_checkpoint']})"
-    )
+    try:
+        s = json.loads(path.read_text())
+        best = "-" if s["best_eval_return"] is None else f"{s['best_eval_return']:.1f}"
+        return (
+            f"done: {s['stop_reason']}\n"
+            f"  env steps {s['env_steps']:,}  updates {s['updates']:,}  wall {wall_s:.1f}s (launch to exit)\n"
+            f"  best eval return {best}  checkpoint {s['checkpoint']}  (last: {s['last_checkpoint']})"
+        )
+    except (OSError, ValueError, KeyError, TypeError) as e:  # cut short by a trainer killed while writing it, or edited
+        return f"no summary: {path} cannot be read ({type(e).__name__}: {e}; logs in {run_dir})"

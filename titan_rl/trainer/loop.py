@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import threading
 import time
 from collections import defaultdict
@@ -242,7 +243,10 @@ class TrainingLoop:
             checkpoint=self.cfg.logging.checkpoint_path if self.best_eval is not None else str(last),
             last_checkpoint=str(last),
         )
-        (self.logger.run_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=2))
+        path = self.logger.run_dir / "summary.json"
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        tmp.write_text(json.dumps(asdict(summary), indent=2))
+        os.replace(tmp, path)  # whole or not at all, for the launcher and benchmarks that read it
         self.state = "done"
         return summary
 
