@@ -235,11 +235,8 @@ class Launcher:
             self._terminate("trainer", TRAINER_GRACE_S)
             for service in ("rollout", "buffer"):
                 self._terminate(service, OTHERS_GRACE_S)
-        self._print_summary(earlier_summary, time.monotonic() - started)
+        print(summary_text(self.run_dir, earlier_summary, time.monotonic() - started), flush=True)
         return code
-
-    def _print_summary(self, earlier: tuple[int, int] | None, wall_s: float) -> None:
-        print(summary_text(self.run_dir, earlier, wall_s), flush=True)
 
 
 def file_version(path: Path) -> tuple[int, int] | None:
