@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
+import select
 import signal
 import subprocess
 import sys
@@ -100,24 +103,72 @@ def launch(
 ) -> tuple[subprocess.Popen, dict[str, str]]:
     """The launcher as `bash run.sh` runs it; with `token` None, none in its environment (it makes its own);
     with `new_session`, in a process group of its own, as a shell job is; `env` is added to its environment."""
+    argv, addresses = launch_argv(tmp_path, overrides, config)
+    proc = subprocess.Popen(
+        argv,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=launch_env(token, env),
+        start_new_session=new_session,
+    )
+    return proc, addresses
+
+
+def launch_argv(tmp_path: Path, overrides: tuple[str, ...], config: str = "config/cartpole.yaml") -> tuple[list[str], dict[str, str]]:
+    """The launcher's command line, with free ports and files under `tmp_path`, and each service's address."""
     sections = ("buffer_server", "rollout_server", "trainer_server")
     ports = dict(zip(sections, free_ports(["127.0.0.1"] * len(sections)), strict=True))
     args = [f"{name}.port={port}" for name, port in ports.items()]
     args += [f"logging.run_dir={tmp_path}/runs", "logging.run_name=test", f"logging.checkpoint_path={tmp_path}/checkpoint.pth"]
     args += ["logging.console=true", "logging.video=false", *overrides]  # the video: recorded and checked once, below
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "titan_rl.launch", "--config", config, *args],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={k: v for k, v in os.environ.items() if k != TOKEN_ENV}
+    return [sys.executable, "-m", "titan_rl.launch", "--config", config, *args], {name: f"127.0.0.1:{port}" for name, port in ports.items()}
+
+
+def launch_env(token: str | None = TOKEN, env: dict[str, str] | None = None) -> dict[str, str]:
+    return (
+        {k: v for k, v in os.environ.items() if k != TOKEN_ENV}
         | {"WANDB_MODE": "disabled"}
         | ({TOKEN_ENV: token} if token else {})
-        | (env or {}),
-        start_new_session=new_session,
+        | (env or {})
     )
-    return proc, {name: f"127.0.0.1:{port}" for name, port in ports.items()}
+
+
+class Terminal:
+    """`argv` run in a terminal of its own (a pseudo-terminal it controls, as a login shell's job),
+    read through `until`; `hang_up` closes the terminal, as a dropped ssh session does."""
+
+    def __init__(self, argv: list[str], env: dict[str, str], cwd: Path = REPO):
+        self.master, slave = os.openpty()
+        # a new session whose controlling terminal the pty is (os.login_tty), then exec: the process is the pty's foreground job
+        start = "import os, sys; os.login_tty(0); os.execvp(sys.argv[1], sys.argv[1:])"
+        self.proc = subprocess.Popen([sys.executable, "-c", start, *argv], cwd=cwd, stdin=slave, stdout=slave, stderr=slave, env=env)
+        os.close(slave)
+        self.output = b""
+
+    def until(self, text: str, timeout_s: float = 120) -> None:
+        deadline = time.monotonic() + timeout_s
+        while text.encode() not in self.output and time.monotonic() < deadline:
+            if select.select([self.master], [], [], 0.5)[0]:
+                try:
+                    self.output += os.read(self.master, 65536)
+                except OSError:  # EIO: every process holding the terminal has closed it
+                    break
+        assert text.encode() in self.output, f"{text!r} never printed:\n{self.output.decode(errors='replace')}"
+
+    def hang_up(self) -> None:
+        os.close(self.master)
+
+    def __enter__(self) -> Terminal:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        with contextlib.suppress(OSError):
+            os.close(self.master)
 
 
 def visualize_mean_return(checkpoint: Path, episodes: int) -> float:
@@ -343,6 +394,81 @@ def test_a_run_writes_only_in_its_run_folder_and_its_checkpoints(tmp_path):
     assert (tmp_path / "runs" / "test" / "wandb").is_dir(), "the W&B run itself is kept in the run folder"
     for name, folder in outside.items():
         assert not (left := sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))), f"left in ${name}: {left}"
+
+
+NEVER_ENDS = ("budget.max_env_steps=10000000", "budget.target_eval_return=null")
+
+
+def test_closing_the_terminal_stops_the_run_as_ctrl_c_does(tmp_path):
+    """A dropped ssh session: the terminal hangs up and its foreground job, the launcher, gets
+    SIGHUP. It stops the run in order, though nothing can be written to the terminal any more, and
+    removes its temporary folder. It used to die on the spot, leaving that folder, with the services
+    stopped through their forkserver; and a first cut hung on writing to the dead terminal."""
+    (tmp_path / "tmp").mkdir()
+    argv, _ = launch_argv(tmp_path, NEVER_ENDS)
+    with Terminal(argv, launch_env(env={"TMPDIR": str(tmp_path / "tmp")})) as terminal:
+        terminal.until("services up")
+        time.sleep(3)  # let it train a little
+        tree = descendants(terminal.proc.pid)
+        assert len(tree) >= 5, tree
+        terminal.hang_up()
+        assert terminal.proc.wait(timeout=90) == 0
+    assert not (left := left_alive(tree)), f"left behind: {left}"
+    summary = json.loads((tmp_path / "runs" / "test" / "summary.json").read_text())
+    assert summary["stop_reason"] == "trainer stopped by a signal; the run can be resumed"
+    assert (tmp_path / "checkpoint_last.pth").exists() and (tmp_path / "runs" / "test" / "buffer_snapshot.npz").exists()
+    assert not (left := sorted(str(p) for p in (tmp_path / "tmp").rglob("*"))), f"left in $TMPDIR: {left}"
+
+
+def test_under_nohup_the_run_outlives_its_terminal(tmp_path):
+    argv, _ = launch_argv(tmp_path, NEVER_ENDS, config=str(REPO / "config" / "cartpole.yaml"))
+    with Terminal(["nohup", *argv], launch_env(env={"PYTHONPATH": str(REPO)}), cwd=tmp_path) as terminal:
+        terminal.until("nohup.out")  # nohup's own word, the last the terminal gets
+        wait_for_file_line(tmp_path / "nohup.out", "services up")
+        terminal.hang_up()
+        metrics = tmp_path / "runs" / "test" / "metrics.jsonl"
+        time.sleep(2)
+        rows = len(metrics.read_text().splitlines())
+        time.sleep(3)
+        assert terminal.proc.poll() is None and len(metrics.read_text().splitlines()) > rows, "it stopped training"
+        terminal.proc.send_signal(signal.SIGTERM)
+        assert terminal.proc.wait(timeout=90) == 0
+    assert "stopped by a signal" in (tmp_path / "nohup.out").read_text()
+
+
+@pytest.mark.parametrize("service", ["buffer", "rollout", "trainer"])
+def test_a_service_started_by_hand_stops_in_order_when_its_terminal_closes(service, tmp_path):
+    """`python -m titan_rl.<service>` in an ssh session on its host: each once died of the SIGHUP,
+    the trainer without its last checkpoint, the buffer without its snapshot. The rollout
+    service's workers, in its process group, get the SIGHUP too and leave their stop to it."""
+    port = free_port("127.0.0.1")
+    files = [f"logging.run_dir={tmp_path}/runs", "logging.run_name=alone", f"logging.checkpoint_path={tmp_path}/checkpoint.pth"]
+    argv = [sys.executable, "-m", f"titan_rl.{service}", "--config", "config/cartpole.yaml", "--port", str(port), *files]
+    with Terminal(argv, launch_env()) as terminal:
+        terminal.until(f"{service} serving on")
+        wait_until_caught(terminal.proc.pid, signal.SIGHUP)  # its handlers come a moment after its log line
+        tree = descendants(terminal.proc.pid)
+        terminal.hang_up()
+        assert terminal.proc.wait(timeout=60) == 0
+    assert not (left := left_alive(tree)), f"left behind: {left}"
+    if service == "trainer":
+        summary = json.loads((tmp_path / "runs" / "alone" / "summary.json").read_text())
+        assert summary["stop_reason"].startswith("trainer stopped by a signal")
+
+
+def wait_until_caught(pid: int, sig: signal.Signals, timeout_s: float = 30) -> None:
+    """Until process `pid` has a handler for `sig` (its SigCgt mask in /proc)."""
+    deadline = time.monotonic() + timeout_s
+    while not int(re.search(r"SigCgt:\s*([0-9a-f]+)", Path(f"/proc/{pid}/status").read_text())[1], 16) >> (sig - 1) & 1:
+        assert time.monotonic() < deadline, f"process {pid} never caught {sig.name}"
+        time.sleep(0.1)
+
+
+def wait_for_file_line(path: Path, text: str, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not (path.exists() and text in path.read_text()):
+        assert time.monotonic() < deadline, f"{text!r} never written to {path}"
+        time.sleep(0.2)
 
 
 def test_the_launcher_locks_its_services_with_a_fresh_token(tmp_path, monkeypatch):

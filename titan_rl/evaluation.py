@@ -7,7 +7,6 @@ import io
 import logging
 import multiprocessing as mp
 import queue
-import signal
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -199,9 +198,9 @@ class Evaluator:
 def _evaluator_main(raw_config: dict[str, Any], episodes: int, jobs: Any, results: Any) -> None:
     """The evaluator process: rebuild the network from the config, then score every job it is sent."""
     from titan_rl.registry import build_algorithm, build_policy
-    from titan_rl.service import exit_with_parent_process
+    from titan_rl.service import exit_with_parent_process, leave_stop_signals_to_parent
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the trainer stops it through `jobs`
+    leave_stop_signals_to_parent()  # the trainer stops it through `jobs`
     exit_with_parent_process()  # a trainer that dies without a word
     torch.set_num_threads(1)
     cfg = config_from_dict(raw_config, "evaluator config")

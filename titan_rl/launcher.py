@@ -1,7 +1,7 @@
 """Start buffer, trainer and rollout as three processes on this machine, train, and stop all three.
 
 Ports left at 0 in the config are picked free here and handed to every service, so all three
-agree. Ctrl-C or SIGTERM asks the trainer to finish (it writes its checkpoint), then stops the
+agree. Ctrl-C, SIGTERM or a closed terminal asks the trainer to finish (it writes its checkpoint), then stops the
 others; children also die with this process (see `titan_rl.service.run_forked_service`), so none
 is left behind. The services are forked from the forkserver `titan_rl.launch` started first.
 """
@@ -25,7 +25,7 @@ from titan_rl.config import Config, default_run_name, load_config, resolve_confi
 from titan_rl.errors import ConfigError, TitanError
 from titan_rl.preload import SERVICES, service_context
 from titan_rl.rpc import is_serving
-from titan_rl.service import run_forked_service
+from titan_rl.service import on_stop_signals, run_forked_service
 from titan_rl.tls import load_tls, use_tls
 
 HEALTH_TIMEOUT_S = 120.0
@@ -188,15 +188,16 @@ class Launcher:
             if pending:
                 time.sleep(0.1)
 
-    def stop(self, *_: object) -> None:
+    def stop(self, sig: signal.Signals = signal.SIGTERM) -> None:
         """Ask the trainer to finish (it saves its checkpoint); the rest is stopped once it exits.
-        Before the trainer has started, no more services are started."""
+        Before the trainer has started, no more services are started. A SIGHUP (the terminal is
+        gone) is passed on as it is: the trainer writes to the same terminal (`on_stop_signals`)."""
         if self._stopping:
             return
         self._stopping = True
         if "trainer" in self.procs:
             print("\nstopping: the trainer writes its checkpoint, the buffer its snapshot (bash run.sh --resume continues)", flush=True)
-            signal_process(self.procs["trainer"], signal.SIGTERM)
+            signal_process(self.procs["trainer"], signal.SIGHUP if sig == signal.SIGHUP else signal.SIGTERM)
 
     def _terminate(self, service: str, grace_s: float) -> None:
         proc = self.procs.get(service)
@@ -211,8 +212,7 @@ class Launcher:
 
     def run(self) -> int:
         started, earlier_summary = time.monotonic(), file_version(self.run_dir / "summary.json")
-        signal.signal(signal.SIGINT, self.stop)
-        signal.signal(signal.SIGTERM, self.stop)
+        on_stop_signals(self.stop)
         try:
             for service, _ in SERVICES:
                 if self._stopping:

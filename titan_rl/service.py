@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import dataclasses
 import importlib
@@ -10,6 +11,7 @@ import logging
 import multiprocessing as mp
 import os
 import signal
+import stat
 import sys
 import threading
 from collections.abc import Callable, Mapping
@@ -177,11 +179,48 @@ def setup_logging(level: int = logging.INFO) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s: %(message)s", datefmt="%H:%M:%S")
 
 
+def on_stop_signals(stop: Callable[[signal.Signals], object]) -> None:
+    """Call `stop(signal)` on SIGINT, SIGTERM and SIGHUP: the terminal is gone (an ssh session that
+    dropped), so SIGHUP first sends standard output and error that went to it to /dev/null, where
+    writes cannot fail, then stops as SIGTERM does, saving what that saves. Where SIGHUP is
+    ignored, as under `nohup`, it stays ignored: the process outlives its terminal."""
+
+    def hung_up(*_: object) -> None:
+        leave_terminal()
+        stop(signal.SIGHUP)
+
+    signal.signal(signal.SIGINT, lambda *_: stop(signal.SIGINT))
+    signal.signal(signal.SIGTERM, lambda *_: stop(signal.SIGTERM))
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+        signal.signal(signal.SIGHUP, hung_up)
+
+
+def leave_terminal() -> None:
+    """Point standard output and error at /dev/null unless they are files. A terminal that has hung
+    up fails every write (EIO) and no longer counts as one for `isatty`; a pipe to it (`| tee`)
+    lost its reader to the same SIGHUP."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        for stream in (sys.stdout, sys.stderr):
+            if not stat.S_ISREG(os.fstat(stream.fileno()).st_mode):
+                os.dup2(devnull, stream.fileno())
+            with contextlib.suppress(OSError, ValueError):  # what was left buffered for the terminal goes to /dev/null
+                stream.flush()
+    finally:
+        os.close(devnull)
+
+
+def leave_stop_signals_to_parent() -> None:
+    """In a process its parent stops (a rollout worker, the evaluator, a learner rank): Ctrl-C and a
+    closed terminal signal the whole foreground process group, and the parent stops this one in order."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+
 def wait_for_signal(extra_stop: threading.Event | None = None) -> None:
-    """Block until SIGINT/SIGTERM arrives or `extra_stop` is set."""
+    """Block until SIGINT, SIGTERM or SIGHUP arrives (see `on_stop_signals`) or `extra_stop` is set."""
     signalled = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: signalled.set())
+    on_stop_signals(lambda _: signalled.set())
     while not signalled.wait(0.2):
         if extra_stop is not None and extra_stop.is_set():
             return
@@ -190,7 +229,7 @@ def wait_for_signal(extra_stop: threading.Event | None = None) -> None:
 def serve_until_signal(
     server: grpc.Server, name: str, on_stop: Callable[[], None] = lambda: None, stop_event: threading.Event | None = None
 ) -> None:
-    """Serve until SIGINT/SIGTERM or `stop_event`, then `on_stop()` and stop the server."""
+    """Serve until SIGINT, SIGTERM, SIGHUP or `stop_event`, then `on_stop()` and stop the server."""
     wait_for_signal(stop_event)
     log.info("%s: stopping", name)
     on_stop()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
-import signal
 import sys
 import time
 
@@ -20,7 +19,7 @@ from titan_rl.registry import build_algorithm, build_policy
 from titan_rl.rollout.actor import VectorActor
 from titan_rl.rollout.service import CONFIG_ERROR_EXIT_CODE, PEER_GONE_EXIT_CODE, RUN_FINISHED_EXIT_CODE
 from titan_rl.rollout.stats import WorkerReport
-from titan_rl.service import exit_with_parent_process, keep_freed_memory, setup_logging
+from titan_rl.service import exit_with_parent_process, keep_freed_memory, leave_stop_signals_to_parent, setup_logging
 from titan_rl.tls import load_tls, use_tls
 
 log = logging.getLogger(__name__)
@@ -37,7 +36,7 @@ def worker_identity(cfg: Config, worker_id: int) -> tuple[int, int]:
 def run_worker(cfg: Config, worker_id: int, stop: mp.Event, reports: mp.Queue) -> None:
     """Process entry point; returns when `stop` is set, exits with a code the pool reads when the run
     has finished or a peer is gone, and at once when the rollout service dies."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the rollout service stops us through `stop`
+    leave_stop_signals_to_parent()  # the rollout service stops us through `stop`
     setup_logging()
     exit_with_parent_process()
     keep_freed_memory()

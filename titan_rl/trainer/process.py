@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import signal
 import time
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from titan_rl.evaluation import Evaluator, VideoJob
 from titan_rl.metrics import MetricsLogger
 from titan_rl.registry import build_algorithm, build_policy
 from titan_rl.rpc import make_server, set_serving
+from titan_rl.service import on_stop_signals
 from titan_rl.trainer.device import distributed_backend, resolve_device, use_device
 from titan_rl.trainer.distributed import LearnerGroup, average_gradients, group_store
 from titan_rl.trainer.loop import LEARNER_LOST, Summary, TrainingLoop
@@ -151,8 +151,7 @@ def run(cfg: Config) -> Summary:
     server.start()
     set_serving(health, [trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"].full_name])
     log.info("trainer serving on %s:%d, run %s, learning on %s", cfg.trainer_server.host, port, name, learner.device)
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: loop.stop(end_run=False))
+    on_stop_signals(lambda _: loop.stop(end_run=False))
     ranks: LearnerRanks | None = None
     try:
         if cfg.train.learners > 1:  # once serving: health checks answer while the other ranks come

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
-import signal
 import sys
 from collections.abc import Callable
 
@@ -46,10 +45,10 @@ class LearnerRanks:
 
 
 def _spawned_rank(cfg: Config, rank: int, address: str) -> None:
-    from titan_rl.service import setup_logging
+    from titan_rl.service import leave_stop_signals_to_parent, setup_logging
     from titan_rl.tls import load_tls, use_tls
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # rank 0 ends the group; Ctrl-C reaches it
+    leave_stop_signals_to_parent()  # rank 0 ends the group
     setup_logging()
     use_tls(load_tls(cfg.security))
     try:
