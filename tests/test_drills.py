@@ -218,6 +218,20 @@ def test_a_killed_rollout_worker_is_restarted(run_factory):
     wait_until(lambda: run.trainer_status().env_steps > steps + 2000, 60, "collection to go on")
 
 
+def test_a_replica_whose_records_the_buffer_refuses_stops_instead_of_restarting_its_workers(run_factory):
+    """A rollout replica started on its own with an algorithm whose records are not the buffer's (here
+    a field the buffer's table lacks): every chunk is refused as INVALID_ARGUMENT. Its workers used
+    to exit with a traceback and be started again every 2 s for as long as the run lasted."""
+    run = run_factory("budget.target_eval_return=null")
+    run.start("buffer")
+    run.start("trainer")
+    run.start("rollout", "algorithm.path=tests.broken_plugins.WritesAnUndeclaredField")
+    assert run.wait_exit("rollout", 90) != 0
+    log = run.log("rollout")
+    assert "rejected a chunk: INVALID_ARGUMENT: chunk.records.value: is not in the table's signature" in log, log[-3000:]
+    assert "cannot run with this config" in log and "restarting" not in log, log[-3000:]
+
+
 def test_services_started_in_any_order_find_each_other(run_factory):
     """Finding each other is the point, not solving (the other drills solve): a short run that
     learns from the actors' data through the buffer and ends every service."""

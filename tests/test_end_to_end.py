@@ -32,6 +32,7 @@ pytestmark = pytest.mark.e2e
 
 TOKEN = "e2e-token"
 """The launcher hands its services the token in its environment; clients in this process send it too."""
+NEVER_ENDS = ("budget.max_env_steps=10000000", "budget.target_eval_return=null")
 
 
 def descendants(pid: int) -> set[int]:
@@ -331,6 +332,19 @@ def test_ctrl_c_or_sigterm_stops_every_process_and_keeps_the_checkpoint_and_the_
     assert (tmp_path / "checkpoint_last.pth").exists() and (tmp_path / "runs" / "test" / "buffer_snapshot.npz").exists()
 
 
+def test_rollout_workers_that_fail_at_every_start_end_the_run_with_an_error(tmp_path):
+    """An actor that raises once training has started (which preflight, acting with the untrained
+    network, cannot see): the workers were started again every 2 s until the wall-clock budget, and
+    the run then ended with exit 0 and a kept checkpoint. Now the rollout service gives up after
+    five quick exits in a row, and the launcher stops the run and exits 1."""
+    proc, _ = launch(tmp_path, "algorithm.path=tests.broken_plugins.FailsOnceTraining", *NEVER_ENDS)
+    output = proc.communicate(timeout=240)[0]
+    assert proc.returncode == 1, output
+    assert "rollout died" in output and "the run stopped because rollout died" in output, output
+    log = (tmp_path / "runs" / "test" / "rollout.log").read_text()
+    assert "a bug in this actor" in log and "another start would fail the same way" in log, log[-3000:]
+
+
 def test_run_sh_resume_continues_the_last_run_with_its_learner_counters_and_replay(tmp_path):
     proc, _ = launch(tmp_path, "budget.max_env_steps=4000", "budget.target_eval_return=null")
     first_output = proc.communicate(timeout=180)[0]
@@ -395,9 +409,6 @@ def test_a_run_writes_only_in_its_run_folder_and_its_checkpoints(tmp_path):
     assert (tmp_path / "runs" / "test" / "wandb").is_dir(), "the W&B run itself is kept in the run folder"
     for name, folder in outside.items():
         assert not (left := sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))), f"left in ${name}: {left}"
-
-
-NEVER_ENDS = ("budget.max_env_steps=10000000", "budget.target_eval_return=null")
 
 
 def test_closing_the_terminal_stops_the_run_as_ctrl_c_does(tmp_path):

@@ -36,3 +36,8 @@ class NotEnoughDataError(TitanError):
 
 class PeerUnavailableError(TitanError):
     """Another service could not be reached within the retry budget."""
+
+
+class RejectedError(TitanError):
+    """Another service refused a call for good (INVALID_ARGUMENT, UNAUTHENTICATED, ...): sending it again, or
+    restarting the sender, would be refused the same way."""

@@ -212,6 +212,7 @@ class Launcher:
 
     def run(self) -> int:
         started, earlier_summary = time.monotonic(), file_version(self.run_dir / "summary.json")
+        died = None  # the service whose death stopped the run
         on_stop_signals(self.stop)
         try:
             for service, _ in SERVICES:
@@ -226,6 +227,7 @@ class Launcher:
                     # exit 0: the trainer ended the run and told it so (the trainer exits next)
                     if self.procs[service].exitcode not in (None, 0) and not self._stopping:
                         print(f"{service} died (code {self.procs[service].exitcode}):\n{self._log_tail(service)}", flush=True)
+                        died = service
                         self.stop()
                 time.sleep(0.2)
         except TitanError as e:
@@ -236,6 +238,9 @@ class Launcher:
             for service in ("rollout", "buffer"):
                 self._terminate(service, OTHERS_GRACE_S)
         print(summary_text(self.run_dir, earlier_summary, time.monotonic() - started), flush=True)
+        if died is not None and code == 0:
+            print(f"error: the run stopped because {died} died (its log: {self.run_dir / f'{died}.log'})", file=sys.stderr, flush=True)
+            return 1
         return code
 
 

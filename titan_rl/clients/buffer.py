@@ -15,7 +15,7 @@ import grpc
 import numpy as np
 
 from titan_rl import wire
-from titan_rl.errors import PeerUnavailableError, TitanError, WireError
+from titan_rl.errors import PeerUnavailableError, RejectedError, TitanError, WireError
 from titan_rl.rpc import RETRYABLE, Backoff, call_with_retry, make_channel, wait_until_ready
 from titan_rl.v1 import buffer_pb2, buffer_pb2_grpc
 
@@ -148,7 +148,8 @@ class ChunkSender:
     unacknowledged chunk is sent again; each carries this sender's random id and a sequence
     number, so the buffer stores a chunk once even when it got it before the break. After
     `give_up_after_s` without reaching the buffer, `send()` raises PeerUnavailableError.
-    INVALID_ARGUMENT is not retried: it is a bug in the sender, raised from the next `send()`.
+    INVALID_ARGUMENT (or another status that is not retried) is raised from the next `send()` as
+    RejectedError: a bug in what is sent, or a wrong token.
     `send()` is for one producer thread.
     """
 
@@ -320,7 +321,7 @@ class ChunkSender:
                     if self._closing.is_set():
                         return
                     if e.code() not in RETRYABLE:
-                        self._fail(TitanError(f"buffer {self.address} rejected a chunk: {e.code().name}: {e.details()}"))
+                        self._fail(RejectedError(f"buffer {self.address} rejected a chunk: {e.code().name}: {e.details()}"))
                         return
                     waiting = self._resend_unacked()  # on a new request queue: the old one belongs to the dead call
                     log.warning(

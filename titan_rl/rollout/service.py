@@ -18,6 +18,10 @@ from titan_rl.v1 import rollout_pb2, rollout_pb2_grpc
 log = logging.getLogger(__name__)
 
 RESTART_DELAY_S = 2.0
+QUICK_EXIT_S = 60.0
+CRASH_LOOP_EXITS = 5
+"""A worker that dies this many times in a row, each time sooner than QUICK_EXIT_S after its start
+(an error in the algorithm's actor or adder, or in the env), is not started again."""
 # titan_rl.rollout.worker exits with these when restarting it would not help
 CONFIG_ERROR_EXIT_CODE = 3  # the config cannot work
 RUN_FINISHED_EXIT_CODE = 4  # the trainer said training has ended
@@ -54,8 +58,8 @@ class WorkerPool:
     then, so no fork copies the live gRPC state or threads.
 
     A worker that exits because the config cannot work, or a peer is gone, sets `failed`
-    instead of restarting: it would fail the same way. One that exits because the run has
-    finished sets `finished`."""
+    instead of restarting: it would fail the same way; so does one caught in a crash loop
+    (CRASH_LOOP_EXITS). One that exits because the run has finished sets `finished`."""
 
     def __init__(self, cfg: Config, stats: TrajectoryStats):
         self.cfg = cfg
@@ -65,6 +69,8 @@ class WorkerPool:
         self._stop = self._ctx.Event()
         self._reports = self._ctx.Queue()
         self._procs: dict[int, mp.Process] = {}
+        self._started_at: dict[int, float] = {}
+        self._quick_exits: dict[int, int] = {}  # per worker, in a row
         self.failed = threading.Event()
         self.finished = threading.Event()
         self.ended = threading.Event()  # failed or finished: the service stops
@@ -76,6 +82,7 @@ class WorkerPool:
         )
         proc.start()
         self._procs[worker_id] = proc
+        self._started_at[worker_id] = time.monotonic()
 
     def start(self) -> None:
         """Fork the workers, then supervise them on a thread; call before this process starts any
@@ -104,6 +111,20 @@ class WorkerPool:
                     self.ended.set()
                     return
                 if not proc.is_alive() and not self._stop.is_set():
+                    quick = time.monotonic() - self._started_at[worker_id] < QUICK_EXIT_S
+                    self._quick_exits[worker_id] = self._quick_exits.get(worker_id, 0) + 1 if quick else 0
+                    if self._quick_exits[worker_id] >= CRASH_LOOP_EXITS:
+                        log.error(
+                            "rollout worker %d exited with code %s, %d times in a row within %.0fs of its start (see above): "
+                            "another start would fail the same way; stopping",
+                            worker_id,
+                            proc.exitcode,
+                            CRASH_LOOP_EXITS,
+                            QUICK_EXIT_S,
+                        )
+                        self.failed.set()
+                        self.ended.set()
+                        return
                     log.error("rollout worker %d exited with code %s; restarting in %.0fs", worker_id, proc.exitcode, RESTART_DELAY_S)
                     time.sleep(RESTART_DELAY_S)
                     self._spawn(worker_id)

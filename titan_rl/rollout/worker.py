@@ -14,7 +14,7 @@ from titan_rl.algorithm import Algorithm
 from titan_rl.clients.buffer import ChunkSender, chunks_in_flight
 from titan_rl.clients.trainer import PolicySubscriber
 from titan_rl.config import Config
-from titan_rl.errors import PeerUnavailableError, TitanError
+from titan_rl.errors import PeerUnavailableError, RejectedError, TitanError
 from titan_rl.registry import build_algorithm, build_policy
 from titan_rl.rollout.actor import VectorActor
 from titan_rl.rollout.service import CONFIG_ERROR_EXIT_CODE, PEER_GONE_EXIT_CODE, RUN_FINISHED_EXIT_CODE
@@ -66,6 +66,9 @@ def run_worker(cfg: Config, worker_id: int, stop: mp.Event, reports: mp.Queue) -
     except PeerUnavailableError as e:
         log.error("worker %d: %s", worker_id, e)
         sys.exit(PEER_GONE_EXIT_CODE)
+    except RejectedError as e:  # the records of this algorithm, or the token: a new worker would send the same
+        log.error("worker %d: %s", worker_id, e)
+        sys.exit(CONFIG_ERROR_EXIT_CODE)
     finally:
         subscriber.close()
         sender.close(flush_timeout_s=0.0)  # stopping: what is still in flight does not matter
