@@ -33,6 +33,13 @@ def launcher(tmp_path: Path, *overrides: str) -> Launcher:
         (["logging.checkpoint_path=/dev/null/x.pth"], "logging.checkpoint_path='/dev/null/x.pth': /dev/null is not a folder"),
         (["durability.snapshot_path=/dev/null/s.npz"], "durability.snapshot_path='/dev/null/s.npz': /dev/null is not a folder"),
         (["buffer_server.capacity_items=100000000000000"], "(buffer_server.capacity_items), more than this machine's"),
+        # a network or an algorithm plugin that does not fit: these once started the run, which then never trained
+        # (a restart loop of its workers until the wall-clock budget), or raised a traceback
+        (["policy.kwargs.action_dim=3"], "DQN reads action values of shape [3] per observation, but rollout_server.env_name="),
+        (["policy.path=models.actor_critic.ActorCriticMLP"], "policy.path='models.actor_critic.ActorCriticMLP' does not fit DQN"),
+        (["algorithm.path=tests.broken_plugins.WritesAnUndeclaredField"], "record_spec(): value: is not in the table's signature"),
+        (["algorithm.path=tests.broken_plugins.DeclaresAFieldItNeverWrites"], "do not fit its record_spec(): value: missing"),
+        (["algorithm.path=tests.broken_plugins.WritesActionsOfAnotherDtype"], "action: got rows of shape () int32, the table stores"),
     ],
 )
 def test_a_config_that_would_break_a_service_fails_the_launch_naming_file_and_key(tmp_path, overrides, message):

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -300,7 +300,7 @@ class Algorithm(ABC):
         obs = np.zeros((2, *self.env.obs_shape), self.env.obs_dtype)
         try:
             actions = self.greedy_actions(network, obs)
-        except (RuntimeError, ValueError, TypeError) as e:
+        except Exception as e:  # the network's and the algorithm's own code: whatever it raises, they do not fit
             raise ConfigError(
                 f"policy.path={self.cfg.policy.path!r} does not fit {type(self).__name__} on observations {obs.shape[1:]}: {e}"
             ) from e
@@ -308,3 +308,15 @@ class Algorithm(ABC):
             raise ConfigError(f"policy.path={self.cfg.policy.path!r}: {type(self).__name__} got actions of shape {np.shape(actions)}")
         if not any(p.requires_grad for p in network.parameters()):
             raise ConfigError(f"policy.path={self.cfg.policy.path!r} has no trainable parameters: {type(self).__name__} cannot learn it")
+
+    def check_action_scores(self, network: nn.Module, scores: Callable[[nn.Module, torch.Tensor], torch.Tensor], what: str) -> None:
+        """ConfigError unless `scores(network, obs)` (what the actions are the argmax of) is [B, n_actions]:
+        a network with more outputs than the env has actions would act outside its action space."""
+        obs = torch.as_tensor(np.zeros((2, *self.env.obs_shape), self.env.obs_dtype))
+        with torch.no_grad():
+            shape = tuple(scores(network, obs).shape)
+        if shape != (2, self.env.n_actions):
+            raise ConfigError(
+                f"policy.path={self.cfg.policy.path!r}: {type(self).__name__} reads {what} of shape {list(shape[1:])} per observation, "
+                f"but rollout_server.env_name={self.cfg.rollout_server.env_name!r} has {self.env.n_actions} actions"
+            )

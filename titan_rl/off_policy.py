@@ -98,6 +98,10 @@ class OffPolicyAlgorithm(Algorithm):
         with torch.no_grad():
             return self.q_values(network, torch.as_tensor(obs)).argmax(dim=1).numpy()
 
+    def check_network(self, network: nn.Module) -> None:
+        super().check_network(network)
+        self.check_action_scores(network, self.q_values, "action values")
+
     def record_spec(self) -> RecordSpec:
         return transition_spec(self.env.obs_shape, self.env.obs_dtype)
 

@@ -78,6 +78,10 @@ class OnPolicyAlgorithm(Algorithm):
         with torch.no_grad():
             return self.policy_logits(network, torch.as_tensor(obs)).argmax(dim=1).numpy()
 
+    def check_network(self, network: nn.Module) -> None:
+        super().check_network(network)
+        self.check_action_scores(network, self.policy_logits, "action logits")
+
     def record_spec(self) -> RecordSpec:
         return segment_spec(self.config.segment_length, self.env.obs_shape, self.env.obs_dtype, EXTRAS)
 

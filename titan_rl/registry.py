@@ -7,6 +7,7 @@ the kind of class expected before it is called.
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import sys
 from typing import TYPE_CHECKING, Any
@@ -65,6 +66,9 @@ def import_class(path: str, what: str, base: type) -> type:
     obj = import_object(path, what)
     if not (isinstance(obj, type) and issubclass(obj, base)):
         raise ConfigError(f"{what}.path={path!r} is not a subclass of {base.__module__}.{base.__qualname__}")
+    if inspect.isabstract(obj):  # a hook misspelled or missing: say which, rather than Python's "Can't instantiate"
+        missing = ", ".join(sorted(obj.__abstractmethods__))
+        raise ConfigError(f"{what}.path={path!r}: {obj.__name__} does not define {missing}, which {base.__name__} requires")
     return obj
 
 

@@ -71,6 +71,7 @@ class QRDQN(DQN):
                 f"policy.path={self.cfg.policy.path!r}: QR-DQN needs outputs of shape [B, {self.env.n_actions}, quantiles] "
                 f"(e.g. policy.kwargs.num_atoms: 32), got {tuple(out.shape)}"
             )
+        super().check_network(network)
 
     def tiny_network(self) -> nn.Module:
         return SimplePolicy(math.prod(self.env.obs_shape), self.env.n_actions, [32], num_atoms=8)
