@@ -8,8 +8,8 @@ from collections.abc import Callable
 import numpy as np
 from torch import nn
 
-from titan_rl.algorithm import Actor, Adder, EnvStep, RecordSpec
-from trainers.dqn import DQN
+from titan_rl.algorithm import Actor, Adder, Batch, EnvStep, RecordSpec
+from trainers.dqn import DQN, DQNLearner
 
 Records = dict[str, np.ndarray]
 
@@ -53,3 +53,14 @@ class FailsOnceTraining(DQN):
 
         actor.act = act_until_trained
         return actor
+
+
+class _NoPriorities(DQNLearner):
+    def _update(self, batch: Batch) -> dict[str, float]:
+        metrics = super()._update(batch)
+        batch.new_priorities = None  # as a learner written without prioritized replay in mind leaves them
+        return metrics
+
+
+class SetsNoPriorities(DQN):
+    learner_class = _NoPriorities

@@ -108,6 +108,16 @@ def collect(algorithm: Algorithm, network, rows: int) -> tuple[dict[str, np.ndar
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}, steps
 
 
+def test_a_learner_that_sets_no_priorities_on_a_prioritized_batch_is_stopped_at_its_first_update():
+    """It learned on from uniform replay without a word: every item kept the priority it was inserted with."""
+    cfg, algorithm, network = build("tests.broken_plugins.SetsNoPriorities", "algorithm.config.replay=prioritized")
+    records, _ = collect(algorithm, network, 16)
+    rows = len(records["reward"])
+    batch = to_batch(records, np.arange(rows), np.ones(rows, np.float32))
+    with pytest.raises(ConfigError, match=r"set no new priority per row \(batch.new_priorities: none, want shape \(\d+,\)\)"):
+        algorithm.make_learner(network).update(batch)
+
+
 @pytest.fixture
 def served():
     """Start a real buffer service with an algorithm's tables; yields a function (algorithm, seed) -> address."""

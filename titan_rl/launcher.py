@@ -103,13 +103,14 @@ def check_can_write(folder: Path, key: str) -> None:
 
 def preflight(cfg: Config, config_path: str, resume: bool = False) -> None:
     """Build what the services will build from `cfg` (the env's spaces, the algorithm, the policy and
-    one forward pass of it, the first records of an actor, the learner's device), and check where the run writes and that its table
-    fits in memory, so that a mistake stops the launch before any process or run folder exists,
-    with the file and the key named. With `resume`, also that the checkpoint continued is a run of
-    this config (`titan_rl.trainer.resume.check_resumable`)."""
+    one forward pass of it, its first records (`titan_rl.dry_run`), the learner's device), and
+    check where the run writes and that its table fits in memory, so that a mistake stops the
+    launch before any process or run folder exists, with the file and the key named. With
+    `resume`, also that the checkpoint continued is a run of this config
+    (`titan_rl.trainer.resume.check_resumable`)."""
     from titan_rl.buffer.service import check_table_fits  # imports torch: only once the YAML is valid
+    from titan_rl.dry_run import dry_run
     from titan_rl.registry import build_algorithm, build_policy
-    from titan_rl.rollout.first_records import check_first_records
     from titan_rl.trainer.device import resolve_device
     from titan_rl.trainer.resume import check_resumable
 
@@ -124,7 +125,7 @@ def preflight(cfg: Config, config_path: str, resume: bool = False) -> None:
         algorithm = build_algorithm(cfg)
         policy = build_policy(cfg)
         algorithm.check_network(policy)
-        check_first_records(cfg, algorithm, policy)
+        dry_run(cfg, algorithm, policy)
         if resume:
             check_resumable(cfg, algorithm.make_learner(policy))
         check_table_fits(algorithm)

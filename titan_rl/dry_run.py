@@ -1,8 +1,14 @@
-"""Act in the configured env before a run starts and check the first records the algorithm's adder
-writes against its own `record_spec()` and table, as the buffer will: an algorithm whose actor,
-adder and record spec disagree (a field written but not declared, or declared but not written, a
-wrong shape or dtype, a value outside its bounds) is refused by the launcher's preflight, naming
-the field, instead of every chunk being refused once the run is up."""
+"""Act with an algorithm before a run starts: in the configured env, with the untrained network,
+until its adder writes its first records, which are checked against its own `record_spec()` and
+table as the buffer will check them. A plugin whose actor, adder and record spec disagree (a field
+written but not declared, or declared but not written, a wrong shape or dtype, a value outside its
+bounds) is refused by the launcher's preflight naming the field, instead of every chunk being
+refused once the services are up.
+
+The learner is not tried here: building any torch optimizer imports torch._dynamo, 1.2 s more on
+the launch's path to the first update. A learner that fails stops the trainer at its first update
+with the error (`Learner.update` also refuses a prioritized batch left without new priorities).
+"""
 
 from __future__ import annotations
 
@@ -18,10 +24,18 @@ from titan_rl.rollout.actor import VectorActor
 MAX_VECTOR_STEPS = 4096
 """Steps of the vector env to wait for the adder's first records (a long on-policy segment); none by then: no verdict."""
 
+Records = dict[str, np.ndarray]
 
-def first_records(cfg: Config, algorithm: Algorithm, network: nn.Module) -> dict[str, np.ndarray] | None:
-    """The first non-empty records of worker 0 acting with `network`, or None if none came within MAX_VECTOR_STEPS.
-    ConfigError, naming `algorithm.path`, if acting or adding raises."""
+
+def dry_run(cfg: Config, algorithm: Algorithm, network: nn.Module) -> None:
+    """ConfigError, naming `algorithm.path`, unless the first records fit the algorithm's table."""
+    records = first_records(cfg, algorithm, network)
+    if records is not None:
+        check_records(cfg, algorithm, records)
+
+
+def first_records(cfg: Config, algorithm: Algorithm, network: nn.Module) -> Records | None:
+    """The first non-empty records of worker 0 acting with `network`, or None if none came within MAX_VECTOR_STEPS."""
     r, where = cfg.rollout_server, f"algorithm.path={cfg.algorithm.path!r}"
     try:
         actor = VectorActor(
@@ -45,11 +59,7 @@ def first_records(cfg: Config, algorithm: Algorithm, network: nn.Module) -> dict
         actor.close()
 
 
-def check_first_records(cfg: Config, algorithm: Algorithm, network: nn.Module) -> None:
-    """ConfigError unless the first records fit the algorithm's table as the buffer checks them."""
-    records = first_records(cfg, algorithm, network)
-    if records is None:
-        return
+def check_records(cfg: Config, algorithm: Algorithm, records: Records) -> None:
     table = algorithm.table()
     storage = RingStorage(1, algorithm.record_spec())
     try:
