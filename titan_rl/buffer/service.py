@@ -268,7 +268,9 @@ class BufferServicer(buffer_pb2_grpc.BufferServiceServicer):
         )
 
     def Sources(self, request: buffer_pb2.SourcesRequest, context: grpc.ServicerContext) -> buffer_pb2.SourcesResponse:
-        return self.sources.response()
+        response = self.sources.response()
+        response.dropped_stale_total = sum(table.info().dropped_stale_total for table in self.tables.values())
+        return response
 
     def EndRun(self, request: buffer_pb2.EndRunRequest, context: grpc.ServicerContext) -> buffer_pb2.EndRunResponse:
         log.info("run ended (%s), told by %s", request.reason or "no reason given", context.peer())

@@ -68,6 +68,7 @@ def source_metrics(stats: buffer_pb2.SourcesResponse) -> dict[str, float]:
         "charts/env_steps_per_s": stats.env_steps_per_s,
         "charts/policy_version_acting": float(min(s.policy_version for s in live)),
         "charts/rollout_replicas": float(len(live)),
+        "charts/dropped_stale_records": float(stats.dropped_stale_total),  # acted by weights too old to learn from
     }
     if stats.window:
         metrics.update({"charts/episodic_return": stats.mean_return, "charts/episodic_length": stats.mean_length})
