@@ -244,5 +244,6 @@ def test_a_policy_class_of_the_users_own_package_loads_only_when_named_on_the_co
 
     refused = visualize("--model_path", path, "--no-render", "--episodes", "1", cwd=tmp_path)
     assert refused.returncode == 1 and "not allowed here" in refused.stderr, refused.stderr
+    assert "add --allow-module mynets" in refused.stderr, "the way to allow it is named"
     played = visualize("--model_path", path, "--no-render", "--episodes", "1", "--allow-module", "mynets", cwd=tmp_path)
     assert played.returncode == 0 and len(episode_returns(played.stdout)) == 1, played.stderr

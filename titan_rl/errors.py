@@ -9,6 +9,14 @@ class ConfigError(TitanError, ValueError):
     """A YAML file or override names an unknown key or holds a bad value."""
 
 
+class ModuleNotAllowedError(ConfigError):
+    """A class path or env id read from data names a package not allowed to be imported there; `package` names it."""
+
+    def __init__(self, message: str, package: str):
+        super().__init__(message)
+        self.package = package
+
+
 class WireError(TitanError, ValueError):
     """A message on the wire does not decode: wrong dtype, shape or byte count."""
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from titan_rl.config import ClassSpec, Config
-from titan_rl.errors import ConfigError
+from titan_rl.errors import ConfigError, ModuleNotAllowedError
 
 if TYPE_CHECKING:
     from titan_rl.algorithm import Algorithm, EnvSpec
@@ -28,7 +28,8 @@ def check_module_allowed(path: str, what: str, allowed_modules: tuple[str, ...])
     """Refuse a dotted path outside `allowed_modules` (top-level package names) before anything is imported."""
     top = path.split(".", 1)[0]
     if top not in allowed_modules or not all(part.isidentifier() for part in path.split(".")):
-        raise ConfigError(f"{what}={path!r} is not allowed here: only classes under {', '.join(f'{m}.' for m in allowed_modules)}")
+        allowed = ", ".join(f"{m}." for m in allowed_modules)
+        raise ModuleNotAllowedError(f"{what}={path!r} is not allowed here: only classes under {allowed}", top)
 
 
 ENV_MODULES = ("titan_rl.minatar_envs",)
@@ -43,7 +44,9 @@ def check_env_module_allowed(env_name: str, what: str, allowed_modules: tuple[st
         return
     if module.split(".", 1)[0] not in allowed_modules or not all(part.isidentifier() for part in module.split(".")):
         allowed = ", ".join([*ENV_MODULES, *(f"{m}." for m in allowed_modules)])
-        raise ConfigError(f"{what}={env_name!r} imports module {module!r}, which is not allowed here: only {allowed}")
+        raise ModuleNotAllowedError(
+            f"{what}={env_name!r} imports module {module!r}, which is not allowed here: only {allowed}", module.split(".", 1)[0]
+        )
 
 
 def import_object(path: str, what: str) -> Any:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from titan_rl.errors import TitanError
+from titan_rl.errors import ModuleNotAllowedError, TitanError
 
 if TYPE_CHECKING:  # torch, Gymnasium and imageio load where they are used: `--help` answers at once
     import gymnasium as gym
@@ -119,7 +119,10 @@ def load_policy(path: Path, extra_modules: Sequence[str] = ()) -> tuple[nn.Modul
     """The policy stored in a checkpoint, its algorithm and the name of the env it was trained on."""
     from titan_rl.checkpoint import load_checkpoint, policy_from_checkpoint
 
-    policy, cfg, algorithm = policy_from_checkpoint(load_checkpoint(path), tuple(extra_modules))
+    try:
+        policy, cfg, algorithm = policy_from_checkpoint(load_checkpoint(path), tuple(extra_modules))
+    except ModuleNotAllowedError as e:  # importing a module runs its code: the user decides
+        raise TitanError(f"{e}; to run code from package {e.package!r} for this checkpoint, add --allow-module {e.package}") from e
     return policy, algorithm, cfg.rollout_server.env_name
 
 
