@@ -24,11 +24,14 @@ from tests.helpers import REPO, make_config
 from titan_rl.algorithm import Algorithm, to_batch
 from titan_rl.buffer.service import BufferServicer, tables_for
 from titan_rl.clients.buffer import BatchPrefetcher, BufferClient, ChunkSender
+from titan_rl.dry_run import check_records
 from titan_rl.errors import ConfigError
+from titan_rl.on_policy import SamplingActor
 from titan_rl.registry import build_algorithm
 from titan_rl.rollout.actor import VectorActor
 from titan_rl.rpc import make_server
 from titan_rl.v1 import buffer_pb2_grpc
+from trainers.impala import IMPALA
 
 
 def discover_algorithms(package_dir: Path, package: str) -> list[str]:
@@ -116,6 +119,28 @@ def test_a_learner_that_sets_no_priorities_on_a_prioritized_batch_is_stopped_at_
     batch = to_batch(records, np.arange(rows), np.ones(rows, np.float32))
     with pytest.raises(ConfigError, match=r"set no new priority per row \(batch.new_priorities: none, want shape \(\d+,\)\)"):
         algorithm.make_learner(network).update(batch)
+
+
+class _ValueRecordingActor(SamplingActor):
+    def act(self, obs: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        actions, extras = super().act(obs)
+        return actions, {**extras, "value": np.full(len(obs), 0.5, np.float32)}
+
+
+class RecordsValues(IMPALA):
+    extras = {**IMPALA.extras, "value": ((), np.dtype(np.float32))}
+
+    def make_actor(self, network, worker_index: int, seed: int) -> SamplingActor:
+        return _ValueRecordingActor(self, network, seed)
+
+
+def test_an_on_policy_algorithm_records_the_extras_it_declares_with_its_actor():
+    """A per-step field more (PPO's value at acting time) took overriding record_spec, make_adder and
+    make_actor around a module constant; now it is the class's `extras` and its actor."""
+    cfg, algorithm, network = build(f"{__name__}.RecordsValues")
+    records, _ = collect(algorithm, network, 4)
+    assert records["value"].shape[1:] == (cfg.algorithm.config.segment_length,) and (records["value"] == 0.5).all()
+    check_records(cfg, algorithm, records)  # as the buffer checks them
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ A subclass (trainers/impala.py) supplies its learner and, if its network does no
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -17,9 +18,6 @@ from titan_rl.adders import SegmentAdder, segment_spec
 from titan_rl.algorithm import Actor, Adder, Algorithm, RecordSpec, TableSpec
 from titan_rl.config import Config, range_metadata
 from titan_rl.errors import ConfigError
-
-EXTRAS: RecordSpec = {"log_prob": ((), np.dtype(np.float32))}
-"""Per-step extras an on-policy actor records: the behaviour policy's log-probability of its action."""
 
 
 @dataclass(frozen=True)
@@ -55,6 +53,10 @@ class OnPolicyAlgorithm(Algorithm):
     """Learns from a FIFO table of trajectory segments acted by a sampling policy."""
 
     Config = OnPolicyConfig
+    extras: ClassVar[RecordSpec] = {"log_prob": ((), np.dtype(np.float32))}
+    """Per-step extras its actor returns from `act` and each segment records ([segment_length, *shape]):
+    the behaviour policy's log-probability of its action. A subclass whose actor returns more (the
+    value at acting time, say) declares them here too."""
 
     @classmethod
     def check_config(cls, cfg: Config, where: str) -> None:
@@ -83,7 +85,7 @@ class OnPolicyAlgorithm(Algorithm):
         self.check_action_scores(network, self.policy_logits, "action logits")
 
     def record_spec(self) -> RecordSpec:
-        return segment_spec(self.config.segment_length, self.env.obs_shape, self.env.obs_dtype, EXTRAS)
+        return segment_spec(self.config.segment_length, self.env.obs_shape, self.env.obs_dtype, self.extras)
 
     def table(self) -> TableSpec:
         c = self.config
@@ -99,4 +101,4 @@ class OnPolicyAlgorithm(Algorithm):
 
     def make_adder(self, num_envs: int) -> Adder:
         c = self.config
-        return SegmentAdder(num_envs, c.segment_length, self.env.obs_shape, self.env.obs_dtype, EXTRAS)
+        return SegmentAdder(num_envs, c.segment_length, self.env.obs_shape, self.env.obs_dtype, self.extras)
