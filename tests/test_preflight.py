@@ -180,6 +180,17 @@ def test_resume_with_a_config_other_than_the_runs_is_refused_before_anything_sta
     assert resumed.cfg.logging.run_name == "acro"
 
 
+def test_resume_of_a_run_whose_budget_is_spent_is_refused_naming_the_budget(tmp_path):
+    """It started every service, and the trainer ended the run at once."""
+    _last_checkpoint_of(tmp_path, "config/acrobot.yaml", "acro")  # 1,000 env steps, 1 s
+    files = [f"logging.run_dir={tmp_path}/runs", f"logging.checkpoint_path={tmp_path}/checkpoint.pth"]
+    with pytest.raises(TitanError, match=r"--resume: run 'acro' is at 1,000 env steps already, budget.max_env_steps=1000: set a larger"):
+        Launcher("config/acrobot.yaml", [*files, "budget.max_env_steps=1000"], resume=True)
+    with pytest.raises(TitanError, match=r"--resume: run 'acro' has trained for 1s already, budget.max_wall_s=0.5"):
+        Launcher("config/acrobot.yaml", [*files, "budget.max_wall_s=0.5"], resume=True)
+    assert Launcher("config/acrobot.yaml", [*files, "budget.max_env_steps=1001"], resume=True).cfg.logging.run_name == "acro"
+
+
 def test_a_trainer_started_on_its_own_with_another_config_refuses_the_runs_checkpoint(tmp_path):
     """`python -m titan_rl.trainer` (a Kubernetes restart after the ConfigMap changed) resumes without
     the launcher's check: the same check runs where it loads the run's learner."""

@@ -85,7 +85,23 @@ def check_resumable(cfg: Config, learner: Learner) -> None:
     start every service and fail in the trainer."""
     payload = load_checkpoint(last_path(cfg.logging.checkpoint_path))
     _check_same_run(cfg, payload)
+    _check_budget_left(cfg, payload)
     _load_learner(cfg, learner, payload)
+
+
+def _check_budget_left(cfg: Config, payload: dict[str, Any]) -> None:
+    """TitanError if the run has already used the env steps or wall-clock the budget allows: every
+    service would start, and the trainer end the run at once."""
+    counters, b, name = payload.get("counters") or {}, cfg.budget, run_name_of(payload)
+    if (env_steps := int(counters.get("env_steps", 0))) >= b.max_env_steps:
+        raise TitanError(
+            f"--resume: run {name!r} is at {env_steps:,} env steps already, budget.max_env_steps={b.max_env_steps}: "
+            f"set a larger one to train on (budget.max_env_steps={2 * env_steps})"
+        )
+    if b.max_wall_s and (wall_s := float(counters.get("wall_s", 0.0))) >= b.max_wall_s:
+        raise TitanError(
+            f"--resume: run {name!r} has trained for {wall_s:.0f}s already, budget.max_wall_s={b.max_wall_s:g}: set a larger one"
+        )
 
 
 def resume_learner(cfg: Config, learner: Learner) -> dict[str, Any]:
