@@ -178,16 +178,16 @@ class Learner(ABC):
 
     def update(self, batch: Batch | Mapping[str, np.ndarray]) -> dict[str, float]:
         """One learning step; returns scalar metrics (`losses/...`). A batch of a prioritized table
-        (it has `keys`) must come back with one new priority per row."""
+        (it has importance `weights`) must come back with one new priority per row."""
         if not isinstance(batch, Batch):
             batch = to_batch(batch, device=self.device)
         metrics = self._update(batch)
         shape = None if batch.new_priorities is None else tuple(batch.new_priorities.shape)
-        if batch.keys is not None and shape != (len(batch.keys),):
+        if batch.weights is not None and shape != (len(batch.weights),):
             got = "none" if shape is None else f"shape {shape}"
             raise ConfigError(
                 f"{type(self).__name__} learned from a batch of a prioritized table but set no new priority per row "
-                f"(batch.new_priorities: {got}, want shape ({len(batch.keys)},)): every item would keep the priority it was "
+                f"(batch.new_priorities: {got}, want shape ({len(batch.weights)},)): every item would keep the priority it was "
                 "inserted with, which is uniform replay. Set them in _update, or replay uniformly (algorithm.config.replay)"
             )
         self.updates += 1
