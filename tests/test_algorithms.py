@@ -113,7 +113,7 @@ def collect(algorithm: Algorithm, network, rows: int) -> tuple[dict[str, np.ndar
 
 def test_a_learner_that_sets_no_priorities_on_a_prioritized_batch_is_stopped_at_its_first_update():
     """It learned on from uniform replay without a word: every item kept the priority it was inserted with."""
-    cfg, algorithm, network = build("tests.broken_plugins.SetsNoPriorities", "algorithm.config.replay=prioritized")
+    cfg, algorithm, network = build("tests.plugins.SetsNoPriorities", "algorithm.config.replay=prioritized")
     records, _ = collect(algorithm, network, 16)
     rows = len(records["reward"])
     batch = to_batch(records, np.arange(rows), np.ones(rows, np.float32))

@@ -218,18 +218,42 @@ def test_a_killed_rollout_worker_is_restarted(run_factory):
     wait_until(lambda: run.trainer_status().env_steps > steps + 2000, 60, "collection to go on")
 
 
-def test_a_replica_whose_records_the_buffer_refuses_stops_instead_of_restarting_its_workers(run_factory):
+def test_a_replica_whose_records_the_buffer_refuses_stops_instead_of_restarting_its_workers_for_ever(run_factory):
     """A rollout replica started on its own with an algorithm whose records are not the buffer's (here
     a field the buffer's table lacks): every chunk is refused as INVALID_ARGUMENT. Its workers used
-    to exit with a traceback and be started again every 2 s for as long as the run lasted."""
+    to be started again every 2 s for as long as the run lasted; now the pool sees the crash loop."""
     run = run_factory("budget.target_eval_return=null")
     run.start("buffer")
     run.start("trainer")
-    run.start("rollout", "algorithm.path=tests.broken_plugins.WritesAnUndeclaredField")
+    run.start("rollout", "algorithm.path=tests.plugins.WritesAnUndeclaredField")
     assert run.wait_exit("rollout", 90) != 0
     log = run.log("rollout")
     assert "rejected a chunk: INVALID_ARGUMENT: chunk.records.value: is not in the table's signature" in log, log[-3000:]
-    assert "cannot run with this config" in log and "restarting" not in log, log[-3000:]
+    assert "another start would fail the same way" in log, log[-3000:]
+
+
+POOL_OF_FAILING_WORKERS = """
+import sys, time
+from tests.helpers import make_config
+from titan_rl.rollout import service
+from titan_rl.rollout.stats import TrajectoryStats
+
+service.QUICK_EXIT_S = 3.0  # scaled down with the pool: 31 workers at the real 60 s
+cfg = make_config("algorithm.path=tests.plugins.CannotBeBuilt", "rollout_server.num_workers=4")
+pool = service.WorkerPool(cfg, TrajectoryStats(4))
+pool.start()
+sys.exit(0 if pool.failed.wait(60) else 1)
+"""
+
+
+def test_a_pool_whose_workers_all_fail_at_start_gives_up_however_many_there_are():
+    """Each dead worker was judged quick or not by its age when the supervisor got to it, after
+    sleeping out the restart delay of every worker before it: with 4 workers dying at once and
+    3 s to count as quick, the third and fourth never did, and the pool restarted them for ever
+    (at the real 60 s, from 31 workers on)."""
+    done = subprocess.run([sys.executable, "-c", POOL_OF_FAILING_WORKERS], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "another start would fail the same way" in done.stderr and "a bug in this algorithm's constructor" in done.stderr
 
 
 def test_services_started_in_any_order_find_each_other(run_factory):

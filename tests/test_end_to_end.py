@@ -337,7 +337,7 @@ def test_rollout_workers_that_fail_at_every_start_end_the_run_with_an_error(tmp_
     network, cannot see): the workers were started again every 2 s until the wall-clock budget, and
     the run then ended with exit 0 and a kept checkpoint. Now the rollout service gives up after
     five quick exits in a row, and the launcher stops the run and exits 1."""
-    proc, _ = launch(tmp_path, "algorithm.path=tests.broken_plugins.FailsOnceTraining", *NEVER_ENDS)
+    proc, _ = launch(tmp_path, "algorithm.path=tests.plugins.FailsOnceTraining", *NEVER_ENDS)
     output = proc.communicate(timeout=240)[0]
     assert proc.returncode == 1, output
     assert "rollout died" in output and "the run stopped because rollout died" in output, output
@@ -451,8 +451,9 @@ def test_under_nohup_the_run_outlives_its_terminal(tmp_path):
 @pytest.mark.parametrize("service", ["buffer", "rollout", "trainer"])
 def test_a_service_started_by_hand_stops_in_order_when_its_terminal_closes(service, tmp_path):
     """`python -m titan_rl.<service>` in an ssh session on its host: each once died of the SIGHUP,
-    the trainer without its last checkpoint, the buffer without its snapshot. The rollout
-    service's workers, in its process group, get the SIGHUP too and leave their stop to it."""
+    the trainer without its last checkpoint, the buffer without its snapshot. The kernel signals
+    the terminal's session leader; a login shell then signals each of its jobs' process groups,
+    as done here, so the rollout service's workers get it too (and leave their stop to it)."""
     port = free_port("127.0.0.1")
     files = [f"logging.run_dir={tmp_path}/runs", "logging.run_name=alone", f"logging.checkpoint_path={tmp_path}/checkpoint.pth"]
     argv = [sys.executable, "-m", f"titan_rl.{service}", "--config", "config/cartpole.yaml", "--port", str(port), *files]
@@ -461,6 +462,8 @@ def test_a_service_started_by_hand_stops_in_order_when_its_terminal_closes(servi
         wait_until_caught(terminal.proc.pid, signal.SIGHUP)  # its handlers come a moment after its log line
         tree = descendants(terminal.proc.pid)
         terminal.hang_up()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(terminal.proc.pid, signal.SIGHUP)  # what the shell would pass on to its job
         assert terminal.proc.wait(timeout=60) == 0
     assert not (left := left_alive(tree)), f"left behind: {left}"
     if service == "trainer":

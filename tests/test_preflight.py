@@ -37,9 +37,9 @@ def launcher(tmp_path: Path, *overrides: str) -> Launcher:
         # (a restart loop of its workers until the wall-clock budget), or raised a traceback
         (["policy.kwargs.action_dim=3"], "DQN reads action values of shape [3] per observation, but rollout_server.env_name="),
         (["policy.path=models.actor_critic.ActorCriticMLP"], "policy.path='models.actor_critic.ActorCriticMLP' does not fit DQN"),
-        (["algorithm.path=tests.broken_plugins.WritesAnUndeclaredField"], "record_spec(): value: is not in the table's signature"),
-        (["algorithm.path=tests.broken_plugins.DeclaresAFieldItNeverWrites"], "do not fit its record_spec(): value: missing"),
-        (["algorithm.path=tests.broken_plugins.WritesActionsOfAnotherDtype"], "action: got rows of shape () int32, the table stores"),
+        (["algorithm.path=tests.plugins.WritesAnUndeclaredField"], "record_spec(): value: is not in the table's signature"),
+        (["algorithm.path=tests.plugins.DeclaresAFieldItNeverWrites"], "do not fit its record_spec(): value: missing"),
+        (["algorithm.path=tests.plugins.WritesActionsOfAnotherDtype"], "action: got rows of shape () int32, the table stores"),
     ],
 )
 def test_a_config_that_would_break_a_service_fails_the_launch_naming_file_and_key(tmp_path, overrides, message):
@@ -47,6 +47,15 @@ def test_a_config_that_would_break_a_service_fails_the_launch_naming_file_and_ke
         launcher(tmp_path, *overrides)
     assert str(e.value).startswith(f"{DEFAULT_CONFIG}: ") and message in str(e.value)
     assert not (tmp_path / "runs").exists(), "nothing is created before the checks pass"
+
+
+def test_a_network_that_acts_only_in_eval_mode_passes_as_the_workers_run_it(tmp_path):
+    """The dry run acted with the network in training mode, where batch norm refuses one env's observation."""
+    launcher(tmp_path, "policy.path=tests.plugins.BatchNormPolicy", "rollout_server.envs_per_worker=1")
+
+
+def test_an_algorithm_that_overrides_only_greedy_actions_is_not_held_to_its_bases_action_values(tmp_path):
+    launcher(tmp_path, "algorithm.path=tests.plugins.ActsOnTheMeanOfAtoms", "policy.kwargs.num_atoms=4")
 
 
 def test_qr_dqn_atoms_out_of_range_is_a_config_error(tmp_path):

@@ -12,6 +12,8 @@ with the error (`Learner.update` also refuses a prioritized batch left without n
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 from torch import nn
 
@@ -28,15 +30,17 @@ Records = dict[str, np.ndarray]
 
 
 def dry_run(cfg: Config, algorithm: Algorithm, network: nn.Module) -> None:
-    """ConfigError, naming `algorithm.path`, unless the first records fit the algorithm's table."""
-    records = first_records(cfg, algorithm, network)
+    """ConfigError, naming `algorithm.path`, unless the first records fit the algorithm's table.
+    Acts with a copy of `network` in eval mode, as rollout workers do (a batch-norm layer in
+    training mode refuses a batch of one observation)."""
+    records = first_records(cfg, algorithm, copy.deepcopy(network).eval())
     if records is not None:
         check_records(cfg, algorithm, records)
 
 
 def first_records(cfg: Config, algorithm: Algorithm, network: nn.Module) -> Records | None:
     """The first non-empty records of worker 0 acting with `network`, or None if none came within MAX_VECTOR_STEPS."""
-    r, where = cfg.rollout_server, f"algorithm.path={cfg.algorithm.path!r}"
+    r, where = cfg.rollout_server, f"algorithm.path={cfg.algorithm.path!r} with policy.path={cfg.policy.path!r}"
     try:
         actor = VectorActor(
             r.env_name, r.envs_per_worker, algorithm.make_actor(network, 0, cfg.seed), algorithm.make_adder(r.envs_per_worker), cfg.seed

@@ -196,6 +196,8 @@ class Launcher:
         Before the trainer has started, no more services are started. A SIGHUP (the terminal is
         gone) is passed on as it is: the trainer writes to the same terminal (`on_stop_signals`)."""
         if self._stopping:
+            if sig == signal.SIGHUP and "trainer" in self.procs:  # the terminal went while the trainer was stopping
+                signal_process(self.procs["trainer"], signal.SIGHUP)
             return
         self._stopping = True
         if "trainer" in self.procs:

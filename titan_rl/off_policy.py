@@ -100,7 +100,8 @@ class OffPolicyAlgorithm(Algorithm):
 
     def check_network(self, network: nn.Module) -> None:
         super().check_network(network)
-        self.check_action_scores(network, self.q_values, "action values")
+        if type(self).greedy_actions is OffPolicyAlgorithm.greedy_actions:  # actions are the argmax of q_values
+            self.check_action_scores(network, self.q_values, "action values")
 
     def record_spec(self) -> RecordSpec:
         return transition_spec(self.env.obs_shape, self.env.obs_dtype)

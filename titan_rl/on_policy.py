@@ -82,7 +82,8 @@ class OnPolicyAlgorithm(Algorithm):
 
     def check_network(self, network: nn.Module) -> None:
         super().check_network(network)
-        self.check_action_scores(network, self.policy_logits, "action logits")
+        if type(self).greedy_actions is OnPolicyAlgorithm.greedy_actions:  # actions are the argmax of policy_logits
+            self.check_action_scores(network, self.policy_logits, "action logits")
 
     def record_spec(self) -> RecordSpec:
         return segment_spec(self.config.segment_length, self.env.obs_shape, self.env.obs_dtype, self.extras)

@@ -27,7 +27,9 @@ CHECKPOINT_MODULES = ("models", "trainers")
 def check_module_allowed(path: str, what: str, allowed_modules: tuple[str, ...]) -> None:
     """Refuse a dotted path outside `allowed_modules` (top-level package names) before anything is imported."""
     top = path.split(".", 1)[0]
-    if top not in allowed_modules or not all(part.isidentifier() for part in path.split(".")):
+    if not all(part.isidentifier() for part in path.split(".")):
+        raise ConfigError(f"{what}={path!r} is not a dotted path of Python names")
+    if top not in allowed_modules:
         allowed = ", ".join(f"{m}." for m in allowed_modules)
         raise ModuleNotAllowedError(f"{what}={path!r} is not allowed here: only classes under {allowed}", top)
 
@@ -42,7 +44,9 @@ def check_env_module_allowed(env_name: str, what: str, allowed_modules: tuple[st
     module, colon, _ = env_name.partition(":")
     if not colon or module in ENV_MODULES:
         return
-    if module.split(".", 1)[0] not in allowed_modules or not all(part.isidentifier() for part in module.split(".")):
+    if not all(part.isidentifier() for part in module.split(".")):
+        raise ConfigError(f"{what}={env_name!r}: {module!r} is not a dotted module path of Python names")
+    if module.split(".", 1)[0] not in allowed_modules:
         allowed = ", ".join([*ENV_MODULES, *(f"{m}." for m in allowed_modules)])
         raise ModuleNotAllowedError(
             f"{what}={env_name!r} imports module {module!r}, which is not allowed here: only {allowed}", module.split(".", 1)[0]

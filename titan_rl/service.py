@@ -202,10 +202,11 @@ def leave_terminal() -> None:
     devnull = os.open(os.devnull, os.O_WRONLY)
     try:
         for stream in (sys.stdout, sys.stderr):
-            if not stat.S_ISREG(os.fstat(stream.fileno()).st_mode):
-                os.dup2(devnull, stream.fileno())
-            with contextlib.suppress(OSError, ValueError):  # what was left buffered for the terminal goes to /dev/null
-                stream.flush()
+            # a stream closed or None, or a flush interrupted by this very signal (RuntimeError: reentrant call): the stop goes on
+            with contextlib.suppress(OSError, ValueError, AttributeError, RuntimeError):
+                if not stat.S_ISREG(os.fstat(stream.fileno()).st_mode):
+                    os.dup2(devnull, stream.fileno())
+                stream.flush()  # what was left buffered for the terminal goes to /dev/null
     finally:
         os.close(devnull)
 

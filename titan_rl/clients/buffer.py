@@ -30,6 +30,10 @@ DEFAULT_MAX_IN_FLIGHT = 4  # unacknowledged chunks, for a sender that does not k
 # of 4, 512 in none of 3 (docs/architecture.md).
 MAX_UNACKED_ROWS = 512
 WAIT_LOG_S = 10.0  # a send() blocked this long logs why
+REFUSED_FOR_GOOD = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.NOT_FOUND)
+"""Refusals of a chunk that depend on the sender's token or table, not on the chunk: its worker stops
+for good. One of INVALID_ARGUMENT (a record the table refuses, such as a nan an env returned once)
+ends only the worker, which is started again, until the pool sees a crash loop."""
 JOIN_TIMEOUT_S = 2.0  # a background thread notices a stop within READY_POLL_S
 
 
@@ -148,8 +152,8 @@ class ChunkSender:
     unacknowledged chunk is sent again; each carries this sender's random id and a sequence
     number, so the buffer stores a chunk once even when it got it before the break. After
     `give_up_after_s` without reaching the buffer, `send()` raises PeerUnavailableError.
-    INVALID_ARGUMENT (or another status that is not retried) is raised from the next `send()` as
-    RejectedError: a bug in what is sent, or a wrong token.
+    INVALID_ARGUMENT (or another status that is not retried) is raised from the next `send()`; as
+    RejectedError for a wrong token or table (REFUSED_FOR_GOOD), which no new sender would change.
     `send()` is for one producer thread.
     """
 
@@ -321,7 +325,8 @@ class ChunkSender:
                     if self._closing.is_set():
                         return
                     if e.code() not in RETRYABLE:
-                        self._fail(RejectedError(f"buffer {self.address} rejected a chunk: {e.code().name}: {e.details()}"))
+                        refused = RejectedError if e.code() in REFUSED_FOR_GOOD else TitanError
+                        self._fail(refused(f"buffer {self.address} rejected a chunk: {e.code().name}: {e.details()}"))
                         return
                     waiting = self._resend_unacked()  # on a new request queue: the old one belongs to the dead call
                     log.warning(

@@ -71,6 +71,7 @@ class WorkerPool:
         self._procs: dict[int, mp.Process] = {}
         self._started_at: dict[int, float] = {}
         self._quick_exits: dict[int, int] = {}  # per worker, in a row
+        self._restart_at: dict[int, float] = {}  # dead workers, when to start their replacements
         self.failed = threading.Event()
         self.finished = threading.Event()
         self.ended = threading.Event()  # failed or finished: the service stops
@@ -110,7 +111,8 @@ class WorkerPool:
                     self.failed.set()
                     self.ended.set()
                     return
-                if not proc.is_alive() and not self._stop.is_set():
+                if not proc.is_alive() and not self._stop.is_set() and worker_id not in self._restart_at:
+                    # its age when it was found dead, each worker in this pass alike: none waits behind another's restart
                     quick = time.monotonic() - self._started_at[worker_id] < QUICK_EXIT_S
                     self._quick_exits[worker_id] = self._quick_exits.get(worker_id, 0) + 1 if quick else 0
                     if self._quick_exits[worker_id] >= CRASH_LOOP_EXITS:
@@ -126,7 +128,10 @@ class WorkerPool:
                         self.ended.set()
                         return
                     log.error("rollout worker %d exited with code %s; restarting in %.0fs", worker_id, proc.exitcode, RESTART_DELAY_S)
-                    time.sleep(RESTART_DELAY_S)
+                    self._restart_at[worker_id] = time.monotonic() + RESTART_DELAY_S
+            for worker_id, at in list(self._restart_at.items()):
+                if time.monotonic() >= at and not self._stop.is_set():
+                    del self._restart_at[worker_id]
                     self._spawn(worker_id)
 
     def stop(self, timeout_s: float = 5.0) -> None:

@@ -1,11 +1,13 @@
-"""Algorithms with a bug a plugin's author could make, each DQN with one thing wrong: the tests check
-that each is reported naming what is wrong, not run until a budget ends."""
+"""Plugins the tests build: algorithms with a bug a plugin's author could make, each DQN with one
+thing wrong, which must be reported naming what is wrong, not run until a budget ends; and ones with
+no bug that the checks must not refuse (`BatchNormPolicy`, `ActsOnTheMeanOfAtoms`)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
 import numpy as np
+import torch
 from torch import nn
 
 from titan_rl.algorithm import Actor, Adder, Batch, EnvStep, RecordSpec
@@ -64,3 +66,29 @@ class _NoPriorities(DQNLearner):
 
 class SetsNoPriorities(DQN):
     learner_class = _NoPriorities
+
+
+class CannotBeBuilt(DQN):
+    def __init__(self, *args: object, **kwargs: object):
+        raise RuntimeError("a bug in this algorithm's constructor")
+
+
+class BatchNormPolicy(nn.Module):
+    """Fits only in eval mode, as workers act: in training mode batch norm refuses a batch of one observation."""
+
+    def __init__(self, state_dim: int, action_dim: int, hidden_sizes: list[int]):
+        super().__init__()
+        width = hidden_sizes[0]
+        self.net = nn.Sequential(nn.Linear(state_dim, width), nn.BatchNorm1d(width), nn.ReLU(), nn.Linear(width, action_dim))
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.net(obs)
+
+
+class ActsOnTheMeanOfAtoms(DQN):
+    """Overrides greedy_actions alone, for a network with an atoms axis ([B, actions, atoms]): its
+    q_values are not what it acts on, so they are not held to [B, actions]."""
+
+    def greedy_actions(self, network: nn.Module, obs: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return network(torch.as_tensor(obs)).mean(dim=2).argmax(dim=1).numpy()
