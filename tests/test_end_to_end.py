@@ -428,6 +428,9 @@ def test_closing_the_terminal_stops_the_run_as_ctrl_c_does(tmp_path):
     assert not (left := left_alive(tree)), f"left behind: {left}"
     summary = json.loads((tmp_path / "runs" / "test" / "summary.json").read_text())
     assert summary["stop_reason"] == "trainer stopped by a signal; the run can be resumed"
+    # what they printed once the terminal was gone is in the run folder, not lost
+    assert "done: trainer stopped by a signal" in (tmp_path / "runs" / "test" / "launcher.log").read_text()
+    assert "stopping: trainer stopped by a signal" in (tmp_path / "runs" / "test" / "trainer.log").read_text()
     assert (tmp_path / "checkpoint_last.pth").exists() and (tmp_path / "runs" / "test" / "buffer_snapshot.npz").exists()
     assert not (left := sorted(str(p) for p in (tmp_path / "tmp").rglob("*"))), f"left in $TMPDIR: {left}"
 

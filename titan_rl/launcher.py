@@ -218,7 +218,7 @@ class Launcher:
     def run(self) -> int:
         started, earlier_summary = time.monotonic(), file_version(self.run_dir / "summary.json")
         died = None  # the service whose death stopped the run
-        on_stop_signals(self.stop)
+        on_stop_signals(self.stop, hangup_log=self.run_dir / "launcher.log")
         try:
             for service, _ in SERVICES:
                 if self._stopping:

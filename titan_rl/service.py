@@ -16,6 +16,7 @@ import sys
 import threading
 from collections.abc import Callable, Mapping
 from multiprocessing import forkserver
+from pathlib import Path
 
 import grpc
 
@@ -179,14 +180,15 @@ def setup_logging(level: int = logging.INFO) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s: %(message)s", datefmt="%H:%M:%S")
 
 
-def on_stop_signals(stop: Callable[[signal.Signals], object]) -> None:
+def on_stop_signals(stop: Callable[[signal.Signals], object], hangup_log: Path | None = None) -> None:
     """Call `stop(signal)` on SIGINT, SIGTERM and SIGHUP: the terminal is gone (an ssh session that
-    dropped), so SIGHUP first sends standard output and error that went to it to /dev/null, where
-    writes cannot fail, then stops as SIGTERM does, saving what that saves. Where SIGHUP is
-    ignored, as under `nohup`, it stays ignored: the process outlives its terminal."""
+    dropped), so SIGHUP first sends standard output and error that went to it to `hangup_log`
+    (appended; /dev/null if None), where writes cannot fail, then stops as SIGTERM does, saving
+    what that saves. Where SIGHUP is ignored, as under `nohup`, it stays ignored: the process
+    outlives its terminal."""
 
     def hung_up(*_: object) -> None:
-        leave_terminal()
+        leave_terminal(hangup_log)
         stop(signal.SIGHUP)
 
     signal.signal(signal.SIGINT, lambda *_: stop(signal.SIGINT))
@@ -195,20 +197,23 @@ def on_stop_signals(stop: Callable[[signal.Signals], object]) -> None:
         signal.signal(signal.SIGHUP, hung_up)
 
 
-def leave_terminal() -> None:
-    """Point standard output and error at /dev/null unless they are files. A terminal that has hung
-    up fails every write (EIO) and no longer counts as one for `isatty`; a pipe to it (`| tee`)
-    lost its reader to the same SIGHUP."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
+def leave_terminal(log_path: Path | None = None) -> None:
+    """Point standard output and error at the end of `log_path` (/dev/null if None, or if it cannot
+    be opened) unless they are files. A terminal that has hung up fails every write (EIO) and no
+    longer counts as one for `isatty`; a pipe to it (`| tee`) lost its reader to the same SIGHUP."""
+    try:
+        target = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644) if log_path else os.open(os.devnull, os.O_WRONLY)
+    except OSError:
+        target = os.open(os.devnull, os.O_WRONLY)
     try:
         for stream in (sys.stdout, sys.stderr):
             # a stream closed or None, or a flush interrupted by this very signal (RuntimeError: reentrant call): the stop goes on
             with contextlib.suppress(OSError, ValueError, AttributeError, RuntimeError):
                 if not stat.S_ISREG(os.fstat(stream.fileno()).st_mode):
-                    os.dup2(devnull, stream.fileno())
-                stream.flush()  # what was left buffered for the terminal goes to /dev/null
+                    os.dup2(target, stream.fileno())
+                stream.flush()  # what was left buffered for the terminal goes there too
     finally:
-        os.close(devnull)
+        os.close(target)
 
 
 def leave_stop_signals_to_parent() -> None:

@@ -151,7 +151,7 @@ def run(cfg: Config) -> Summary:
     server.start()
     set_serving(health, [trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"].full_name])
     log.info("trainer serving on %s:%d, run %s, learning on %s", cfg.trainer_server.host, port, name, learner.device)
-    on_stop_signals(lambda _: loop.stop(end_run=False))
+    on_stop_signals(lambda _: loop.stop(end_run=False), hangup_log=logger.run_dir / "trainer.log")
     ranks: LearnerRanks | None = None
     try:
         if cfg.train.learners > 1:  # once serving: health checks answer while the other ranks come
