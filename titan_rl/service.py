@@ -11,6 +11,7 @@ import logging
 import multiprocessing as mp
 import os
 import signal
+import socket
 import stat
 import sys
 import threading
@@ -180,21 +181,62 @@ def setup_logging(level: int = logging.INFO) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s: %(message)s", datefmt="%H:%M:%S")
 
 
+@dataclasses.dataclass(frozen=True)
+class _StopSignals:
+    """What the stop-signal watcher calls, for which signals, and the wakeup socket's two ends."""
+
+    stop: Callable[[signal.Signals], object]
+    hangup_log: Path | None
+    signals: frozenset[int]
+    wakeup: tuple[socket.socket, socket.socket]
+
+
+_stop_signals: _StopSignals | None = None  # one watcher per process; a later `on_stop_signals` replaces what it calls
+
+
 def on_stop_signals(stop: Callable[[signal.Signals], object], hangup_log: Path | None = None) -> None:
     """Call `stop(signal)` on SIGINT, SIGTERM and SIGHUP: the terminal is gone (an ssh session that
     dropped), so SIGHUP first sends standard output and error that went to it to `hangup_log`
     (appended; /dev/null if None), where writes cannot fail, then stops as SIGTERM does, saving
     what that saves. Where SIGHUP is ignored, as under `nohup`, it stays ignored: the process
-    outlives its terminal."""
+    outlives its terminal.
 
-    def hung_up(*_: object) -> None:
-        leave_terminal(hangup_log)
-        stop(signal.SIGHUP)
-
-    signal.signal(signal.SIGINT, lambda *_: stop(signal.SIGINT))
-    signal.signal(signal.SIGTERM, lambda *_: stop(signal.SIGTERM))
+    `stop` runs on a watcher thread, never in a signal handler. A handler runs between two
+    bytecodes of the main thread, which may hold the very lock `stop` takes (an Event's, a
+    stream's), and a second signal interrupts the first handler: either way the process hung
+    for good and ignored SIGTERM from then on. Here the handlers do nothing; the interpreter's C
+    handler writes each signal's number to a wakeup socket, which the watcher reads."""
+    global _stop_signals
+    signals = {signal.SIGINT, signal.SIGTERM}
     if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
-        signal.signal(signal.SIGHUP, hung_up)
+        signals.add(signal.SIGHUP)
+    if _stop_signals is None:
+        read_end, write_end = socket.socketpair()
+        write_end.setblocking(False)
+        signal.set_wakeup_fd(write_end.fileno(), warn_on_full_buffer=False)
+        threading.Thread(target=_watch_stop_signals, args=(read_end,), name="stop-signals", daemon=True).start()
+        wakeup = (read_end, write_end)
+    else:
+        wakeup = _stop_signals.wakeup
+    _stop_signals = _StopSignals(stop, hangup_log, frozenset(int(sig) for sig in signals), wakeup)
+    for sig in signals:
+        signal.signal(sig, _leave_it_to_the_watcher)
+
+
+def _leave_it_to_the_watcher(*_: object) -> None:
+    """The Python-level handler of a stop signal: its number is already on the wakeup socket."""
+
+
+def _watch_stop_signals(read_end: socket.socket) -> None:
+    """Call the registered `stop` for each stop signal, in the order they came."""
+    while True:
+        for number in read_end.recv(64):
+            handled = _stop_signals
+            if handled is None or number not in handled.signals:
+                continue
+            if number == signal.SIGHUP:
+                leave_terminal(handled.hangup_log)
+            handled.stop(signal.Signals(number))
 
 
 def leave_terminal(log_path: Path | None = None) -> None:
@@ -221,6 +263,9 @@ def leave_stop_signals_to_parent() -> None:
     closed terminal signal the whole foreground process group, and the parent stops this one in order."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    if signal.getsignal(signal.SIGTERM) is _leave_it_to_the_watcher:  # forked after `on_stop_signals`: no watcher here
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.set_wakeup_fd(-1)  # a fork shares the parent's wakeup socket, whose watcher would stop the parent
 
 
 def wait_for_signal(extra_stop: threading.Event | None = None) -> None:
