@@ -65,7 +65,7 @@ class Run:
         self.procs: dict[str, subprocess.Popen] = {}
         self.starts = dict.fromkeys(SERVICES, 0)
 
-    def start(self, service: str, *overrides: str) -> subprocess.Popen:
+    def start(self, service: str, *overrides: str, token: str = TOKEN) -> subprocess.Popen:
         """Start `service` with the run's overrides, then `overrides` (which win)."""
         self.starts[service] += 1
         log = open(self.tmp_path / f"{service}.{self.starts[service]}.log", "w")
@@ -74,7 +74,7 @@ class Run:
             cwd=REPO,
             stdout=log,
             stderr=subprocess.STDOUT,
-            env=os.environ | {"WANDB_MODE": "disabled", TOKEN_ENV: TOKEN, "PYTHONUNBUFFERED": "1"},
+            env=os.environ | {"WANDB_MODE": "disabled", TOKEN_ENV: token, "PYTHONUNBUFFERED": "1"},
         )
         return self.procs[service]
 
@@ -230,6 +230,18 @@ def test_a_replica_whose_records_the_buffer_refuses_stops_instead_of_restarting_
     log = run.log("rollout")
     assert "rejected a chunk: INVALID_ARGUMENT: chunk.records.value: is not in the table's signature" in log, log[-3000:]
     assert "another start would fail the same way" in log, log[-3000:]
+
+
+def test_a_replica_with_a_token_the_trainer_refuses_stops_naming_the_refusal(run_factory):
+    """A rollout replica started with another run's token: the trainer refuses its policy stream as
+    UNAUTHENTICATED, and its workers used to wait for weights, retrying, for as long as it lived."""
+    run = run_factory()
+    run.start("buffer")
+    run.start("trainer")
+    run.start("rollout", token="another-runs-token")
+    assert run.wait_exit("rollout", 90) != 0
+    log = run.log("rollout")
+    assert "refused the policy stream: UNAUTHENTICATED" in log and "cannot run with this config" in log, log[-3000:]
 
 
 POOL_OF_FAILING_WORKERS = """

@@ -67,6 +67,19 @@ def test_subscribers_get_the_current_weights_then_every_newer_version(trainer_se
         subscriber.close()
 
 
+def test_a_subscriber_sent_to_another_service_stops_instead_of_retrying_for_ever(buffer_server):
+    """The buffer's address given as the trainer's (a swapped port in a config): every WatchPolicy is
+    UNIMPLEMENTED, and the subscriber retried it with back-off for as long as the worker lived."""
+    address, _ = buffer_server
+    subscriber = PolicySubscriber(address)
+    try:
+        assert subscriber.refused.wait(timeout=10), "the subscriber still retries"
+        assert subscriber.ended() and not subscriber.gone.is_set() and not subscriber.finished.is_set()
+        assert subscriber.refusal.startswith(f"trainer {address} refused the policy stream: UNIMPLEMENTED")
+    finally:
+        subscriber.close()
+
+
 def test_get_policy_status_checkpoint_and_stop(trainer_server, tmp_path):
     address, loop, _, _ = trainer_server
     stub = trainer_pb2_grpc.TrainerServiceStub(grpc.insecure_channel(address))

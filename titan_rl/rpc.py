@@ -170,6 +170,14 @@ def is_serving(address: str, timeout_s: float = 1.0) -> bool:
 
 
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+# a wrong token, or table, or a peer that is not the service asked for (another one's port): a new
+# caller, a restarted worker, would be refused the same way
+REFUSED_FOR_GOOD = (
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.UNIMPLEMENTED,
+)
 READY_POLL_S = 0.5
 READY_WARN_S = 5.0  # a peer that has not answered this long is logged, again at twice the time, and so on
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from titan_rl import wire
 from titan_rl.errors import PeerUnavailableError, RejectedError, TitanError, WireError
-from titan_rl.rpc import RETRYABLE, Backoff, call_with_retry, make_channel, wait_until_ready
+from titan_rl.rpc import REFUSED_FOR_GOOD, RETRYABLE, Backoff, call_with_retry, make_channel, wait_until_ready
 from titan_rl.v1 import buffer_pb2, buffer_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -30,10 +30,6 @@ DEFAULT_MAX_IN_FLIGHT = 4  # unacknowledged chunks, for a sender that does not k
 # of 4, 512 in none of 3 (docs/architecture.md).
 MAX_UNACKED_ROWS = 512
 WAIT_LOG_S = 10.0  # a send() blocked this long logs why
-REFUSED_FOR_GOOD = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.NOT_FOUND)
-"""Refusals of a chunk that depend on the sender's token or table, not on the chunk: its worker stops
-for good. One of INVALID_ARGUMENT (a record the table refuses, such as a nan an env returned once)
-ends only the worker, which is started again, until the pool sees a crash loop."""
 JOIN_TIMEOUT_S = 2.0  # a background thread notices a stop within READY_POLL_S
 
 
@@ -153,7 +149,9 @@ class ChunkSender:
     number, so the buffer stores a chunk once even when it got it before the break. After
     `give_up_after_s` without reaching the buffer, `send()` raises PeerUnavailableError.
     INVALID_ARGUMENT (or another status that is not retried) is raised from the next `send()`; as
-    RejectedError for a wrong token or table (REFUSED_FOR_GOOD), which no new sender would change.
+    RejectedError for a wrong token, table or peer (REFUSED_FOR_GOOD), which no new sender would change:
+    its worker stops for good. INVALID_ARGUMENT (a record the table refuses, such as a nan an env
+    returned once) ends only the worker, which is started again, until the pool sees a crash loop.
     `send()` is for one producer thread.
     """
 

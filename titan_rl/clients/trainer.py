@@ -12,7 +12,7 @@ import torch
 
 from titan_rl import wire
 from titan_rl.errors import PeerUnavailableError
-from titan_rl.rpc import RETRYABLE, Backoff, make_channel, wait_until_ready
+from titan_rl.rpc import REFUSED_FOR_GOOD, RETRYABLE, Backoff, make_channel, wait_until_ready
 from titan_rl.v1 import trainer_pb2, trainer_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,9 @@ class PolicySubscriber:
     reopened with back-off, asking only for versions newer than the last one seen (of the
     same trainer epoch: a restarted trainer's weights are taken whatever their version).
     `finished` is set when the trainer says the run has ended; `gone` when it stayed
-    unreachable for `peer_timeout_s` (None: wait forever).
+    unreachable for `peer_timeout_s` (None: wait forever); `refused` (with why) when it refused
+    the stream for good (REFUSED_FOR_GOOD: a wrong token, or another service's address), which
+    a new worker would get too.
     """
 
     def __init__(self, address: str, peer_timeout_s: float | None = None):
@@ -44,6 +46,8 @@ class PolicySubscriber:
         self.epoch = 0
         self.finished = threading.Event()
         self.gone = threading.Event()
+        self.refused = threading.Event()
+        self.refusal = ""
         self._latest: Weights | None = None
         self._lock = threading.Lock()
         self._arrived = threading.Event()
@@ -91,11 +95,19 @@ class PolicySubscriber:
             except grpc.RpcError as e:
                 if self._stop.is_set():
                     return
+                if e.code() in REFUSED_FOR_GOOD:
+                    self.refusal = f"trainer {self.address} refused the policy stream: {e.code().name}: {e.details()}"
+                    self.refused.set()
+                    return
                 level = logging.WARNING if e.code() in RETRYABLE else logging.ERROR
                 log.log(level, "policy stream from %s: %s; retrying in %.1fs", self.address, e.code().name, backoff.delay_s)
             contact = time.monotonic()
             if not self._stop.is_set():
                 backoff.sleep()
+
+    def ended(self) -> bool:
+        """Whether no more weights will come: the run finished, or the trainer is gone or refused us."""
+        return self.finished.is_set() or self.gone.is_set() or self.refused.is_set()
 
     def close(self) -> None:
         """Stop the thread, then close the channel: closing it under a call in flight can crash gRPC at exit."""

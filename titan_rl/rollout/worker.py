@@ -72,6 +72,9 @@ def run_worker(cfg: Config, worker_id: int, stop: mp.Event, reports: mp.Queue) -
     finally:
         subscriber.close()
         sender.close(flush_timeout_s=0.0)  # stopping: what is still in flight does not matter
+    if subscriber.refused.is_set():  # the token, or the address: a new worker would be refused the same way
+        log.error("worker %d: %s", worker_id, subscriber.refusal)
+        sys.exit(CONFIG_ERROR_EXIT_CODE)
     if subscriber.finished.is_set():
         sys.exit(RUN_FINISHED_EXIT_CODE)
     if subscriber.gone.is_set():
@@ -95,7 +98,7 @@ def _collect(
     actor = None
     try:
         while not subscriber.wait_first(timeout_s=1.0):
-            if stop.is_set() or subscriber.finished.is_set() or subscriber.gone.is_set():
+            if stop.is_set() or subscriber.ended():
                 return
             log.info("worker %d: waiting for the first weights from %s", worker_id, cfg.trainer_server.dial_address)
         acting = algorithm.make_actor(policy, worker_id, seed)
@@ -110,7 +113,7 @@ def _collect(
         next_report = time.monotonic() + REPORT_EVERY_S
 
         def ended() -> bool:
-            return stop.is_set() or subscriber.finished.is_set() or subscriber.gone.is_set()
+            return stop.is_set() or subscriber.ended()
 
         while not ended():
             if (latest := subscriber.take()) is not None:  # swap weights between steps only
