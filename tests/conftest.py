@@ -7,6 +7,7 @@ import os
 import pytest
 
 from tests.helpers import REPO, serving_buffer
+from titan_rl.shared_keys import ENV as SHARED_KEYS_ENV
 
 os.environ["WANDB_MODE"] = "disabled"  # inherited by every service a test starts
 
@@ -31,6 +32,14 @@ def the_suite_leaves_the_users_runs_alone():
     after = _user_files()
     changed = sorted(name for name, mtime in after.items() if before.get(name) != mtime and name not in USER_FILES)
     assert not changed, f"the test suite wrote into the repository: {changed}"
+
+
+@pytest.fixture(autouse=True)
+def this_process_is_no_service_of_a_run(monkeypatch):
+    """A test that calls a service's entry point here (`parse_service_args`) makes this process a
+    service of a run: the clients of every later test would carry its values of the shared keys."""
+    monkeypatch.setenv(SHARED_KEYS_ENV, "")  # remembers its absence, restored after the test
+    monkeypatch.delenv(SHARED_KEYS_ENV)
 
 
 @pytest.fixture

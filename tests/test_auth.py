@@ -31,9 +31,10 @@ def stranger(address: str, token: str | None = None) -> buffer_pb2_grpc.BufferSe
     """A client built by hand, sending `token` (or nothing)."""
     channel = grpc.insecure_channel(address)
     if token is not None:
-        from titan_rl.auth import TokenClientInterceptor
+        from titan_rl.auth import token_header
+        from titan_rl.interceptors import HeadersClientInterceptor
 
-        channel = grpc.intercept_channel(channel, TokenClientInterceptor(token))
+        channel = grpc.intercept_channel(channel, HeadersClientInterceptor([token_header(token)]))
     return buffer_pb2_grpc.BufferServiceStub(channel)
 
 

@@ -222,10 +222,10 @@ def test_a_replica_whose_records_the_buffer_refuses_stops_instead_of_restarting_
     """A rollout replica started on its own with an algorithm whose records are not the buffer's (here
     a field the buffer's table lacks): every chunk is refused as INVALID_ARGUMENT. Its workers used
     to be started again every 2 s for as long as the run lasted; now the pool sees the crash loop."""
-    run = run_factory("budget.target_eval_return=null")
+    run = run_factory("budget.target_eval_return=null", "algorithm.path=tests.plugins.WritesAnUndeclaredField")
     run.start("buffer")
     run.start("trainer")
-    run.start("rollout", "algorithm.path=tests.plugins.WritesAnUndeclaredField")
+    run.start("rollout")
     assert run.wait_exit("rollout", 90) != 0
     log = run.log("rollout")
     assert "rejected a chunk: INVALID_ARGUMENT: chunk.records.value: is not in the table's signature" in log, log[-3000:]
@@ -242,6 +242,28 @@ def test_a_replica_with_a_token_the_trainer_refuses_stops_naming_the_refusal(run
     assert run.wait_exit("rollout", 90) != 0
     log = run.log("rollout")
     assert "refused the policy stream: UNAUTHENTICATED" in log and "cannot run with this config" in log, log[-3000:]
+
+
+def test_services_started_with_different_values_of_keys_they_share_refuse_each_other_naming_the_keys(run_factory):
+    """Each host's YAML, edited apart: a replica with 1-step returns and CartPole-v0 (episodes cut at
+    200 steps), and a trainer of another run name, all ran and learned from records that did not
+    mean what the learner took them for, or from another run's replay; nothing said so."""
+    run = run_factory("budget.target_eval_return=null", "logging.run_name=one")
+    run.start("buffer")
+    run.start("trainer", "logging.run_name=another")
+    run.start("rollout", "algorithm.config.n_step=1", "rollout_server.env_name=CartPole-v0")
+    assert run.wait_exit("trainer", 90) != 0 and run.wait_exit("rollout", 90) != 0
+    shared = "were started with different values of keys both read: "
+    assert f"FAILED_PRECONDITION: /titan_rl.v1.BufferService/SampleStream: this buffer and the calling trainer {shared}" in (
+        trainer := run.log("trainer")
+    ), trainer[-3000:]
+    assert 'logging.run_name is "another" at the trainer, "one" at this buffer' in trainer
+    rollout = run.log("rollout")
+    refusal = "refused the policy stream: FAILED_PRECONDITION: /titan_rl.v1.TrainerService/WatchPolicy: this trainer and the calling"
+    assert f"{refusal} rollout {shared}" in rollout
+    assert 'rollout_server.env_name is "CartPole-v0" at the rollout, "CartPole-v1" at this trainer' in rollout
+    assert "algorithm.config.n_step is 1 at the rollout, 3 at this trainer" in rollout, rollout[-3000:]
+    assert "cannot run with this config" in rollout
 
 
 POOL_OF_FAILING_WORKERS = """

@@ -9,16 +9,15 @@ compare it in constant time and answer a call without it `UNAUTHENTICATED`.
 
 from __future__ import annotations
 
-import collections
 import hmac
 import os
 from collections.abc import Callable
-from typing import Any
 
 import grpc
 
 from titan_rl.config import TOKEN, TOKEN_RULE
 from titan_rl.errors import ConfigError
+from titan_rl.interceptors import metadata_value, refusing_handler
 
 TOKEN_ENV = "TITAN_RL_TOKEN"
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
@@ -42,13 +41,6 @@ def use_token(token: str) -> None:
         os.environ[TOKEN_ENV] = token
 
 
-def _deny(details: str) -> Callable[[Any, grpc.ServicerContext], Any]:
-    def deny(request: Any, context: grpc.ServicerContext) -> Any:
-        context.abort(grpc.StatusCode.UNAUTHENTICATED, details)
-
-    return deny
-
-
 class TokenServerInterceptor(grpc.ServerInterceptor):
     """Rejects every call whose `authorization` metadata is not `Bearer <token>`, health checks aside."""
 
@@ -56,11 +48,10 @@ class TokenServerInterceptor(grpc.ServerInterceptor):
         self._expected = f"Bearer {token}".encode()
 
     def _authorized(self, metadata: tuple[tuple[str, str | bytes], ...]) -> bool:
-        for key, value in metadata or ():
-            if key == "authorization":
-                given = value.encode() if isinstance(value, str) else value
-                return hmac.compare_digest(given, self._expected)
-        return False
+        value = metadata_value(metadata, "authorization")
+        if value is None:
+            return False
+        return hmac.compare_digest(value.encode() if isinstance(value, str) else value, self._expected)
 
     def intercept_service(self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
         handler = continuation(handler_call_details)
@@ -68,47 +59,11 @@ class TokenServerInterceptor(grpc.ServerInterceptor):
             return handler
         if self._authorized(handler_call_details.invocation_metadata):
             return handler
-        deny = _deny(f"{handler_call_details.method}: a missing or wrong token (set {TOKEN_ENV})")
-        codecs = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(deny, **codecs)
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(deny, **codecs)
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(deny, **codecs)
-        return grpc.stream_stream_rpc_method_handler(deny, **codecs)
+        return refusing_handler(
+            handler, grpc.StatusCode.UNAUTHENTICATED, f"{handler_call_details.method}: a missing or wrong token (set {TOKEN_ENV})"
+        )
 
 
-class _CallDetails(
-    collections.namedtuple("_CallDetails", ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression")),
-    grpc.ClientCallDetails,
-):
-    pass
-
-
-class TokenClientInterceptor(
-    grpc.UnaryUnaryClientInterceptor,
-    grpc.UnaryStreamClientInterceptor,
-    grpc.StreamUnaryClientInterceptor,
-    grpc.StreamStreamClientInterceptor,
-):
-    """Adds `authorization: Bearer <token>` to every call of a channel."""
-
-    def __init__(self, token: str):
-        self._header = ("authorization", f"Bearer {token}")
-
-    def _details(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
-        metadata = [*(details.metadata or ()), self._header]
-        return _CallDetails(details.method, details.timeout, metadata, details.credentials, details.wait_for_ready, details.compression)
-
-    def intercept_unary_unary(self, continuation, client_call_details, request):
-        return continuation(self._details(client_call_details), request)
-
-    def intercept_unary_stream(self, continuation, client_call_details, request):
-        return continuation(self._details(client_call_details), request)
-
-    def intercept_stream_unary(self, continuation, client_call_details, request_iterator):
-        return continuation(self._details(client_call_details), request_iterator)
-
-    def intercept_stream_stream(self, continuation, client_call_details, request_iterator):
-        return continuation(self._details(client_call_details), request_iterator)
+def token_header(token: str) -> tuple[str, str]:
+    """The metadata that carries `token` on a call."""
+    return ("authorization", f"Bearer {token}")

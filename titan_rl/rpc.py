@@ -13,8 +13,10 @@ import grpc
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from titan_rl.auth import TokenClientInterceptor, TokenServerInterceptor, current_token
+from titan_rl.auth import TokenServerInterceptor, current_token, token_header
 from titan_rl.errors import PeerUnavailableError
+from titan_rl.interceptors import HeadersClientInterceptor
+from titan_rl.shared_keys import SharedKeysServerInterceptor, shared_keys_header
 from titan_rl.tls import channel_credentials, current_tls, server_credentials
 
 log = logging.getLogger(__name__)
@@ -44,14 +46,17 @@ T = TypeVar("T")
 
 def make_channel(address: str) -> grpc.Channel:
     """A channel to a peer, over TLS if this process has TLS settings (titan_rl.tls), sending its
-    token (titan_rl.auth) with every call if it has one."""
+    token (titan_rl.auth) and its values of the run's shared keys (titan_rl.shared_keys) with every
+    call where it has them."""
     tls = current_tls()
     if tls is None:
         channel = grpc.insecure_channel(address, options=CLIENT_OPTIONS)
     else:
         channel = grpc.secure_channel(address, channel_credentials(tls), options=CLIENT_OPTIONS)
-    token = current_token()
-    return grpc.intercept_channel(channel, TokenClientInterceptor(token)) if token else channel
+    headers = [token_header(token)] if (token := current_token()) else []
+    if (shared := shared_keys_header()) is not None:
+        headers.append(shared)
+    return grpc.intercept_channel(channel, HeadersClientInterceptor(headers)) if headers else channel
 
 
 # Every open stream (an actor's Add, a learner's SampleStream, an actor's WatchPolicy) holds one
@@ -126,15 +131,20 @@ def make_server(host: str, port: int) -> tuple[grpc.Server, int, health.HealthSe
     """A server bound to host:port (0 picks a free port) with the standard health service.
 
     Health reports NOT_SERVING until the caller sets SERVING once everything is ready. With a
-    token (titan_rl.auth), every call but health must carry it; with TLS settings (titan_rl.tls),
+    token (titan_rl.auth), every call but health must carry it; a call that carries values of the
+    run's shared keys must agree with this service's (titan_rl.shared_keys); with TLS settings (titan_rl.tls),
     the port speaks only TLS (and demands a client certificate under mutual TLS). A request that
     does not parse is INVALID_ARGUMENT (`RefuseUndecodable`).
     Returns the server (not started), the bound port and the health servicer.
     """
-    token = current_token()
+    token, shared = current_token(), shared_keys_header()
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=MAX_SERVER_THREADS),
-        interceptors=[*([TokenServerInterceptor(token)] if token else []), RefuseUndecodable()],
+        interceptors=[
+            *([TokenServerInterceptor(token)] if token else []),
+            *([SharedKeysServerInterceptor(shared[1])] if shared else []),
+            RefuseUndecodable(),
+        ],
         options=SERVER_OPTIONS,
         maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS,
     )
@@ -170,13 +180,15 @@ def is_serving(address: str, timeout_s: float = 1.0) -> bool:
 
 
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-# a wrong token, or table, or a peer that is not the service asked for (another one's port): a new
-# caller, a restarted worker, would be refused the same way
+# a wrong token, or table, or a peer that is not the service asked for (another one's port), or one
+# started with other values of the keys both read (titan_rl.shared_keys): a new caller, a restarted
+# worker, would be refused the same way
 REFUSED_FOR_GOOD = (
     grpc.StatusCode.UNAUTHENTICATED,
     grpc.StatusCode.PERMISSION_DENIED,
     grpc.StatusCode.NOT_FOUND,
     grpc.StatusCode.UNIMPLEMENTED,
+    grpc.StatusCode.FAILED_PRECONDITION,
 )
 READY_POLL_S = 0.5
 READY_WARN_S = 5.0  # a peer that has not answered this long is logged, again at twice the time, and so on

@@ -24,6 +24,7 @@ import grpc
 from titan_rl.auth import TOKEN_ENV, check_token_env, use_token
 from titan_rl.config import Config, load_config
 from titan_rl.errors import TitanError
+from titan_rl.shared_keys import use_shared_keys
 from titan_rl.tls import load_tls, use_tls
 
 log = logging.getLogger(__name__)
@@ -147,13 +148,14 @@ def parse_service_args(service: str, section: str, argv: list[str] | None = None
         overrides.append(f"{section}.port={args.port}")
     if args.seed is not None:
         overrides.append(f"seed={args.seed}")
-    return load_service_config(args.config, overrides, resume=getattr(args, "resume", False))
+    return load_service_config(args.config, overrides, service, resume=getattr(args, "resume", False))
 
 
-def load_service_config(config_path: str, overrides: list[str], resume: bool = False) -> Config:
-    """The config of a process of a run, validated, with its token and TLS settings made this
-    process's; a user mistake exits with the message, not a traceback. `resume`: continue the run of
-    the last checkpoint (its `logging.run_name`)."""
+def load_service_config(config_path: str, overrides: list[str], role: str, resume: bool = False) -> Config:
+    """The config of a process of a run, validated, with its token, TLS settings and values of the
+    keys `role` shares with the other services (titan_rl.shared_keys) made this process's; a user
+    mistake exits with the message, not a traceback. `resume`: continue the run of the last
+    checkpoint (its `logging.run_name`)."""
     setup_logging()
     die_with_parent()
     keep_freed_memory()
@@ -169,6 +171,7 @@ def load_service_config(config_path: str, overrides: list[str], resume: bool = F
         sys.exit(f"error: {e}")
     use_token(cfg.security.token)
     use_tls(tls)
+    use_shared_keys(cfg, role)
     return cfg
 
 

@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--local-rank", type=int, default=0, help="which of this host's learners it is, and so its GPU (default 0)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, as the trainer's")
     args = parser.parse_intermixed_args(argv)
-    cfg = load_service_config(args.config, args.overrides)
+    cfg = load_service_config(args.config, args.overrides, "trainer")  # a rank of the trainer
     t = cfg.train
     if not t.learner_group_address:
         sys.exit(f"error: {args.config}: train.learner_group_address is empty: a learner on a host of its own dials the trainer there")
