@@ -266,6 +266,21 @@ def test_services_started_with_different_values_of_keys_they_share_refuse_each_o
     assert "cannot run with this config" in rollout
 
 
+def test_a_trainer_that_never_gets_a_batch_says_why_and_fails_instead_of_keeping_an_untrained_policy(run_factory, tmp_path):
+    """No rollout replica (never started, or pointed elsewhere): the trainer used to wait out
+    budget.max_wall_s (900 s) saying only that the buffer held batches back, then exit 0 with the
+    untrained network scored and kept as the run's best checkpoint."""
+    run = run_factory("budget.max_wall_s=12")
+    run.start("buffer")
+    run.start("trainer")
+    assert run.wait_exit("trainer", 90) == 1
+    log = run.log("trainer")
+    assert "no batch yet after 10s: no rollout replica has sent a record to the buffer at 127.0.0.1:" in log, log[-3000:]
+    assert "error: no batch came from the buffer before budget.max_wall_s=12 reached: no rollout replica has sent" in log
+    assert not (tmp_path / "checkpoint.pth").exists() and (tmp_path / "checkpoint_last.pth").exists()
+    assert run.wait_exit("buffer", 30) == 0  # told that the run ended
+
+
 POOL_OF_FAILING_WORKERS = """
 import sys, time
 from tests.helpers import make_config

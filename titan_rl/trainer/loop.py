@@ -36,6 +36,9 @@ WAIT_POLL_S = 0.5
 EVAL_WAIT_S = 120.0
 LEARNER_LOST = "a learner process stopped; the run can be resumed"
 LIVE_SOURCE_S = 30.0  # a replica that sent no chunk for this long no longer counts towards the acting version
+WAITING_LOG_S = (10.0, 60.0)  # waiting for batches is logged, with why, this long after the start, then this often
+WAITING_ASK_S = 5.0  # how often the console's waiting line asks the buffer again
+NO_DATA = "no batch came from the buffer"  # a stop reason that begins so: the run failed (the trainer exits 1)
 
 
 class BatchSource(Protocol):
@@ -104,6 +107,7 @@ class TrainingLoop:
         self.group = group  # data-parallel learners: every update is agreed with the other ranks first
         self._failure: str | None = None
         self.state = "waiting_for_data"
+        self.waiting_for = ""  # why, while waiting for a batch
         self.env_steps = 0
         self.best_eval: float | None = None
         self.last_eval: float | None = None
@@ -178,12 +182,18 @@ class TrainingLoop:
         # counts nor the wait for data (nor the actors' steps while the trainer was away) are this start's
         updates_at_log, steps_at_log, time_at_log, next_log = 0, 0, None, math.inf
         device = self.learner.device
+        next_waiting_log, waiting_asked_at = self._start + WAITING_LOG_S[0], -math.inf
         while (reason := self._budget_reason()) is None:
             for result in self.evaluator.results():
                 self._record_eval(result)
             sample = self.batches.next(timeout_s=WAIT_POLL_S)
             if sample is None:
-                self.logger.console(self.env_steps, f"{self.state}: the buffer holds back batches (too few records, or its rate limiter)")
+                if (now := time.monotonic()) >= waiting_asked_at + WAITING_ASK_S:
+                    self.waiting_for, waiting_asked_at = self._why_no_batch(), now
+                    self.logger.console(self.env_steps, f"{self.state}: {self.waiting_for}")
+                if self.state == "waiting_for_data" and now >= next_waiting_log:
+                    log.warning("no batch yet after %.0fs: %s", now - self._start, self.waiting_for)
+                    next_waiting_log = now + WAITING_LOG_S[1]
                 continue
             if self.state != "training":  # a spawned evaluator starts now, not during the services' start-up
                 self.evaluator.start()
@@ -228,10 +238,14 @@ class TrainingLoop:
                 self.save(last_path(self.cfg.logging.checkpoint_path))
                 next_save = now + save_every_s
         self.state = "stopping"
+        learned = self.learner.updates > 0
+        if not learned and self.ends_run and self._failure is None and not self._stop.is_set():  # a budget ran out
+            reason = f"{NO_DATA} before {reason}: {self._why_no_batch()}"
         log.info("stopping: %s", reason)
         if self.group is not None:  # before the final evaluation: the other ranks are not kept waiting at an agree
             self.group.close(run_ended=self.ends_run)
-        self._final_eval()
+        if learned:  # an untrained network is not kept as the run's best policy
+            self._final_eval()
         last = self.save(last_path(self.cfg.logging.checkpoint_path))
         summary = Summary(
             stop_reason=reason,
@@ -250,6 +264,22 @@ class TrainingLoop:
         os.replace(tmp, path)  # whole or not at all, for the launcher and benchmarks that read it
         self.state = "done"
         return summary
+
+    def _why_no_batch(self) -> str:
+        """Why the buffer lends no batch, as far as its Sources call tells."""
+        t, address = self.cfg.train, self.cfg.buffer_server.dial_address
+        stats = self.sources() if self.sources is not None else None
+        if stats is None:
+            return f"the buffer at {address} does not answer"
+        if not stats.sources:
+            return f"no rollout replica has sent a record to the buffer at {address}: are they running, with this run's token and address?"
+        env_steps = sum(s.env_steps for s in stats.sources)
+        if (quiet_s := min(s.seconds_since_last_chunk for s in stats.sources)) > LIVE_SOURCE_S:
+            return f"no rollout replica has sent a chunk for {quiet_s:.0f}s ({env_steps:,} env steps before)"
+        return (
+            f"{len(stats.sources)} rollout replica(s) sent {env_steps:,} env steps; the buffer lends batches from "
+            f"train.min_buffer_size={t.min_buffer_size:,} records on, as fast as its rate limiter allows"
+        )
 
     def _learner_lost(self) -> None:
         self._failure = LEARNER_LOST

@@ -23,7 +23,7 @@ from titan_rl.rpc import make_server, set_serving
 from titan_rl.service import on_stop_signals
 from titan_rl.trainer.device import distributed_backend, resolve_device, use_device
 from titan_rl.trainer.distributed import LearnerGroup, average_gradients, group_store
-from titan_rl.trainer.loop import LEARNER_LOST, Summary, TrainingLoop
+from titan_rl.trainer.loop import LEARNER_LOST, NO_DATA, Summary, TrainingLoop
 from titan_rl.trainer.policy_store import PolicyStore
 from titan_rl.trainer.ranks import LearnerRanks
 from titan_rl.trainer.resume import best_of_run, resume_learner
@@ -163,6 +163,8 @@ def run(cfg: Config) -> Summary:
             ranks = None
         if loop.ends_run:
             end_run(store, cfg.buffer_server.dial_address, summary.stop_reason)
+            if summary.stop_reason.startswith(NO_DATA):  # the run failed: nothing to record, and a supervisor should know
+                raise TitanError(summary.stop_reason)
             if cfg.logging.video:
                 record_video(cfg, summary, logger, evaluator)
         return summary
