@@ -86,6 +86,46 @@ def test_a_chunk_with_bad_episode_fields_is_refused_naming_the_field_and_stores_
         client.close()
 
 
+def add_chunk(address: str, sender_id: int, sequence: int, replica_id: int = 0, worker_id: int = 4) -> None:
+    """One chunk of 8 records on a stream of its own, as `sender_id`'s `sequence`-th."""
+    from titan_rl import wire
+
+    request = buffer_pb2.AddRequest(ack=True)
+    wire.fill_chunk(request.chunk, transitions(8), worker_id, policy_version=0, env_steps=8, replica_id=replica_id)
+    request.chunk.sender_id, request.chunk.sequence = sender_id, sequence
+    channel = make_channel(address)
+    try:
+        list(buffer_pb2_grpc.BufferServiceStub(channel).Add(iter([request]), timeout=10))
+    finally:
+        channel.close()
+
+
+def test_a_restarted_worker_sends_through_its_new_stream():
+    with serving_buffer() as (address, table):
+        add_chunk(address, sender_id=1, sequence=1)
+        add_chunk(address, sender_id=2, sequence=1)  # the same worker, restarted: a new sender
+        add_chunk(address, sender_id=2, sequence=2)
+        add_chunk(address, sender_id=3, sequence=1, replica_id=1)  # worker 4 of another replica
+        assert table.info().inserts_total == 32
+
+
+def test_two_replicas_started_with_one_replica_id_are_told_apart_and_refused_naming_it():
+    """Their workers have the same ids and seeds: every episode reached the replay twice, and the two
+    replicas' statistics were one. A worker's old sender that sends again after a new one did is
+    the other replica's worker of the same id."""
+    with serving_buffer() as (address, table):
+        add_chunk(address, sender_id=1, sequence=1, replica_id=2)
+        add_chunk(address, sender_id=2, sequence=1, replica_id=2)
+        with pytest.raises(grpc.RpcError) as refused:
+            add_chunk(address, sender_id=1, sequence=2, replica_id=2)
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert refused.value.details().startswith(
+            "chunk.replica_id: worker 4 of rollout replica 2 sends through two streams at once: "
+            "are two rollout replicas started with rollout_server.replica_id=2?"
+        )
+        assert table.info().inserts_total == 16  # nothing of the refused chunk
+
+
 def test_a_buffer_without_the_sources_call_is_named_once_and_answers_none(caplog):
     """An older buffer: the trainer goes on without episode statistics, saying why once."""
     from concurrent import futures

@@ -15,6 +15,7 @@ import numpy as np
 from titan_rl import wire
 from titan_rl.algorithm import Algorithm
 from titan_rl.buffer.samplers import MAX_PRIORITY
+from titan_rl.buffer.senders import WorkerSenders
 from titan_rl.buffer.sources import SourceStats
 from titan_rl.buffer.table import Closed, SampledRows, Table
 from titan_rl.errors import ConfigError, NotEnoughDataError, SampleTooLargeError, ShapeMismatchError, WireError
@@ -88,6 +89,7 @@ class BufferServicer(buffer_pb2_grpc.BufferServiceServicer):
         self.tables = tables
         self.run_ended = threading.Event()
         self.sources = SourceStats()
+        self.senders = WorkerSenders()
         self._learners = 0  # SampleStream calls open now
         self._learner_seen = time.monotonic()  # when one was last open (or the buffer started)
         self._learner_lock = threading.Lock()
@@ -125,6 +127,11 @@ class BufferServicer(buffer_pb2_grpc.BufferServiceServicer):
                     if chunk.sender_id and chunk.sequence < 1:  # would pass for a chunk stored before, and be dropped unsaid
                         raise WireError(f"sequence: must be >= 1 with a sender_id, got {chunk.sequence}")
                     returns, lengths = wire.decode_chunk_episodes(chunk)
+                    if chunk.sender_id and (problem := self.senders.claim(chunk.replica_id, chunk.worker_id, chunk.sender_id)):
+                        log.warning("rejected chunk from %s: %s", context.peer(), problem)
+                        context.abort(
+                            grpc.StatusCode.FAILED_PRECONDITION, f"chunk.replica_id: {problem} ({added} records were stored before it)"
+                        )
                     origin = (chunk.sender_id, chunk.sequence) if chunk.sender_id else None
                     stored = table.insert_records(
                         records, layout, chunk.env_steps, chunk.policy_version, should_wait=context.is_active, origin=origin
