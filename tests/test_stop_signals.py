@@ -63,3 +63,35 @@ def test_a_storm_of_stop_signals_stops_the_process_instead_of_hanging_it():
             if "Traceback" in output or not output.rstrip().endswith("stopped"):
                 stuck.append(output)
     assert not stuck, f"{len(stuck)} of 48 did not stop cleanly; the first:\n{stuck[0]}"
+
+
+FAILS_TO_STOP_ONCE = """
+import threading
+from titan_rl.service import on_stop_signals
+stopped = threading.Event()
+calls = []
+def stop(sig):
+    calls.append(sig)
+    if len(calls) == 1:
+        raise BrokenPipeError("the pipe to `tee`, gone with the same Ctrl-C")
+    stopped.set()
+on_stop_signals(stop)
+print("ready", flush=True)
+stopped.wait()
+print("stopped", flush=True)
+"""
+
+
+def test_a_stop_that_fails_once_leaves_the_next_signal_handled():
+    """The launcher's stop printed to a pipe that the same Ctrl-C had ended (`bash run.sh | tee`): the
+    error ended the watcher thread, and the process ignored every signal from then on."""
+    proc = subprocess.Popen([sys.executable, "-c", FAILS_TO_STOP_ONCE], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        output, errors = proc.communicate(timeout=15)
+    finally:
+        proc.kill()
+    assert output.strip() == "stopped" and "BrokenPipeError: the pipe to `tee`" in errors

@@ -16,6 +16,7 @@ import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
 from multiprocessing.process import BaseProcess
 from pathlib import Path
@@ -155,6 +156,7 @@ class Launcher:
         # the services answer only calls with this run's token (titan_rl.auth): a fresh one unless one is set
         self.token = current_token() or self.cfg.security.token or secrets.token_urlsafe(32)
         self.procs: dict[str, BaseProcess] = {}
+        self._procs_lock = threading.Lock()
         self._stopping = False
 
     def _start(self, service: str) -> None:
@@ -181,7 +183,7 @@ class Launcher:
         pending = {service: getattr(self.cfg, section).dial_address for service, section in SERVICES}
         while pending and not self._stopping:
             for service, address in list(pending.items()):
-                code = self.procs[service].exitcode
+                code = self._exitcode(service)
                 if code is not None:
                     raise TitanError(f"{service} exited with code {code} during start-up\n{self._log_tail(service)}")
                 if is_serving(address, timeout_s=0.5):
@@ -197,23 +199,36 @@ class Launcher:
         gone) is passed on as it is: the trainer writes to the same terminal (`on_stop_signals`)."""
         if self._stopping:
             if sig == signal.SIGHUP and "trainer" in self.procs:  # the terminal went while the trainer was stopping
-                signal_process(self.procs["trainer"], signal.SIGHUP)
+                self._signal("trainer", signal.SIGHUP)
             return
         self._stopping = True
         if "trainer" in self.procs:
-            print("\nstopping: the trainer writes its checkpoint, the buffer its snapshot (bash run.sh --resume continues)", flush=True)
-            signal_process(self.procs["trainer"], signal.SIGHUP if sig == signal.SIGHUP else signal.SIGTERM)
+            self._signal("trainer", signal.SIGHUP if sig == signal.SIGHUP else signal.SIGTERM)
+            with contextlib.suppress(OSError):  # a pipe (`| tee`) that the same Ctrl-C ended
+                print("\nstopping: the trainer writes its checkpoint, the buffer its snapshot (bash run.sh --resume continues)", flush=True)
+
+    def _exitcode(self, service: str) -> int | None:
+        """`service`'s exit code, None while it runs. Read under a lock: `stop` runs on the signal
+        watcher's thread, and two threads polling one process at once can read its end twice."""
+        with self._procs_lock:
+            return self.procs[service].exitcode
+
+    def _signal(self, service: str, sig: signal.Signals) -> None:
+        with self._procs_lock:
+            signal_process(self.procs[service], sig)
 
     def _terminate(self, service: str, grace_s: float) -> None:
-        proc = self.procs.get(service)
-        if proc is None or proc.exitcode is not None:
+        if service not in self.procs or self._exitcode(service) is not None:
             return
-        signal_process(proc, signal.SIGTERM)
-        proc.join(grace_s)
-        if proc.exitcode is None:
+        self._signal(service, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        while self._exitcode(service) is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if self._exitcode(service) is None:
             print(f"{service} did not stop within {grace_s:.0f}s; killing it", flush=True)
-            proc.kill()
-            proc.join()
+            with self._procs_lock:
+                self.procs[service].kill()
+                self.procs[service].join()
 
     def run(self) -> int:
         started, earlier_summary = time.monotonic(), file_version(self.run_dir / "summary.json")
@@ -227,11 +242,11 @@ class Launcher:
             self._wait_healthy()
             if not self._stopping:
                 print(f"services up in {time.monotonic() - started:.1f}s; logs in {self.run_dir}", flush=True)
-            while (code := self.procs["trainer"].exitcode) is None:
+            while (code := self._exitcode("trainer")) is None:
                 for service in ("buffer", "rollout"):
                     # exit 0: the trainer ended the run and told it so (the trainer exits next)
-                    if self.procs[service].exitcode not in (None, 0) and not self._stopping:
-                        print(f"{service} died (code {self.procs[service].exitcode}):\n{self._log_tail(service)}", flush=True)
+                    if (died_with := self._exitcode(service)) not in (None, 0) and not self._stopping:
+                        print(f"{service} died (code {died_with}):\n{self._log_tail(service)}", flush=True)
                         died = service
                         self.stop()
                 time.sleep(0.2)

@@ -237,9 +237,12 @@ def _watch_stop_signals(read_end: socket.socket) -> None:
             handled = _stop_signals
             if handled is None or number not in handled.signals:
                 continue
-            if number == signal.SIGHUP:
-                leave_terminal(handled.hangup_log)
-            handled.stop(signal.Signals(number))
+            try:
+                if number == signal.SIGHUP:
+                    leave_terminal(handled.hangup_log)
+                handled.stop(signal.Signals(number))
+            except Exception:  # noqa: BLE001 - a stop that failed once (a print to a pipe gone with Ctrl-C) must not end the watcher
+                log.exception("stopping on %s", signal.Signals(number).name)
 
 
 def leave_terminal(log_path: Path | None = None) -> None:
