@@ -41,7 +41,8 @@ def measure(replicas: int, learner_on: bool, window_s: float, env: dict[str, str
     buffer_port, buffer_address = new_address()
     trainer_port, trainer_address = new_address()
     dead_port, _ = new_address()
-    common = ["--config", CONFIG, f"rollout_server.env_name={ENV}"]
+    # keys the services share (titan_rl/shared_keys.py) take the same values in all of them
+    common = ["--config", CONFIG, f"rollout_server.env_name={ENV}", "budget.max_env_steps=100000000", "budget.target_eval_return=null"]
     common += [f"buffer_server.port={buffer_port}", f"trainer_server.port={trainer_port}"]
     batch_size = load_config(CONFIG).train.batch_size
     with contextlib.ExitStack() as stack:
@@ -54,8 +55,6 @@ def measure(replicas: int, learner_on: bool, window_s: float, env: dict[str, str
             "logging.video=false",
             f"logging.run_dir={run_dir}",
             f"logging.checkpoint_path={run_dir}/checkpoint.pth",
-            "budget.max_env_steps=100000000",
-            "budget.target_eval_return=null",
         ]
         stack.enter_context(service("titan_rl.trainer", trainer_args, trainer_address, env))
         for replica in range(replicas):

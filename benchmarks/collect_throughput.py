@@ -109,19 +109,14 @@ def main() -> None:
     buffer_port, buffer_address = new_address()
     trainer_port, trainer_address = new_address()
     dead_port, _ = new_address()  # nothing listens here: the trainer never gets a batch
-    common = [
-        "--config",
-        CONFIG,
-        f"buffer_server.port={buffer_port}",
-        f"trainer_server.port={trainer_port}",
-        f"algorithm.config.epsilon_final={EPSILON}",
-        f"algorithm.config.epsilon_start={EPSILON}",
-        "algorithm.config.epsilon_decay_env_steps=0",
-    ]
+    # keys every service reads (titan_rl/shared_keys.py): the same values in all three
+    exploration = [f"algorithm.config.epsilon_{end}={EPSILON}" for end in ("start", "final")]
+    exploration.append("algorithm.config.epsilon_decay_env_steps=0")
+    common = ["--config", CONFIG, f"buffer_server.port={buffer_port}", f"trainer_server.port={trainer_port}", *exploration]
     results = []
     with contextlib.ExitStack() as stack:
         run_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="collect_throughput-"))
-        stack.enter_context(buffer_service(buffer_port))
+        stack.enter_context(buffer_service(buffer_port, *exploration))
         trainer_args = [
             "--config",
             CONFIG,
@@ -134,6 +129,7 @@ def main() -> None:
             f"logging.run_dir={run_dir}",
             f"logging.checkpoint_path={run_dir}/checkpoint.pth",
             "budget.max_wall_s=0",
+            *exploration,
         ]
         stack.enter_context(service("titan_rl.trainer", trainer_args, trainer_address, env={"WANDB_MODE": "disabled"}))
         buffer = stack.enter_context(contextlib.closing(BufferClient(buffer_address)))

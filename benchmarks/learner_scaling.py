@@ -40,11 +40,12 @@ def rows_per_s(learners: int, items: int, warmup_s: float, window_s: float) -> f
     trainer_port, trainer_address = new_address()
     with contextlib.ExitStack() as stack:
         run_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="learner_scaling-"))
-        stack.enter_context(buffer_service(buffer_port, f"buffer_server.capacity_items={items}"))
+        shared = [f"train.learners={learners}", "budget.max_env_steps=100000000"]  # keys both read (titan_rl/shared_keys.py)
+        stack.enter_context(buffer_service(buffer_port, f"buffer_server.capacity_items={items}", *shared))
         fill_buffer(buffer_address, cartpole_transitions(items))
-        args = ["--config", CONFIG, "--port", str(trainer_port), f"buffer_server.port={buffer_port}", f"train.learners={learners}"]
+        args = ["--config", CONFIG, "--port", str(trainer_port), f"buffer_server.port={buffer_port}", *shared]
         args += ["logging.console=false", "logging.video=false", f"logging.run_dir={run_dir}", f"logging.checkpoint_path={run_dir}/ck.pth"]
-        args += ["budget.max_env_steps=100000000", "budget.target_eval_return=null", f"buffer_server.capacity_items={items}"]
+        args += ["budget.target_eval_return=null", f"buffer_server.capacity_items={items}"]
         stack.enter_context(service("titan_rl.trainer", args, trainer_address, {"WANDB_MODE": "disabled"}))
         buffer = stack.enter_context(contextlib.closing(BufferClient(buffer_address)))
         time.sleep(warmup_s)

@@ -44,6 +44,14 @@ def test_a_caller_that_agrees_on_every_key_both_read_is_served(buffer_of_a_run):
     assert info(buffer_of_a_run, None).size == 0  # control tools and tests carry none
 
 
+def test_a_trainer_restarted_with_another_learning_rate_or_a_run_name_of_its_own_is_served(buffer_of_a_run):
+    """Keys only the learner reads (LEARNER_ONLY) are not compared, so a trainer restarted by hand with
+    another lr goes on with the same buffer and actors; nor is a run name one side leaves unset (a
+    trainer fills in its own, `--resume` takes the checkpoint's)."""
+    assert info(buffer_of_a_run, header("trainer", *BUFFER, "algorithm.config.lr=0.0001", "algorithm.config.double_q=false")).size == 0
+    assert info(buffer_of_a_run, header("trainer", *BUFFER, "logging.run_name=resumed")).size == 0
+
+
 @pytest.mark.parametrize(
     ("role", "overrides", "named"),
     [
@@ -51,7 +59,7 @@ def test_a_caller_that_agrees_on_every_key_both_read_is_served(buffer_of_a_run):
         ("rollout", ["rollout_server.env_name=CartPole-v0"], 'rollout_server.env_name is "CartPole-v0" at the rollout, "CartPole-v1"'),
         ("trainer", [*BUFFER, "train.batch_size=32"], "train.batch_size is 32 at the trainer, 64 at this buffer"),
         ("trainer", ["train.min_buffer_size=1000"], "train.min_buffer_size is 1000 at the trainer, 64 at this buffer"),
-        ("trainer", [*BUFFER, "logging.run_name=other"], 'logging.run_name is "other" at the trainer, "" at this buffer'),
+        ("trainer", [*BUFFER, "train.learners=2"], "train.learners is 2 at the trainer, 1 at this buffer"),
     ],
 )
 def test_a_caller_started_with_another_value_of_a_key_both_read_is_refused_naming_it(buffer_of_a_run, role, overrides, named):

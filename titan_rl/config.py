@@ -29,9 +29,15 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 INF = math.inf
 
 
-def range_metadata(lo: float, hi: float = INF) -> dict[str, Any]:
-    """Field metadata: the value (or each value of a list) must lie in [lo, hi]."""
-    return {"range": (lo, hi)}
+LEARNER_ONLY: dict[str, Any] = {"learner_only": True}
+"""Field metadata of an `algorithm.config` key only the learner reads (a learning rate, a loss):
+the services do not compare it across hosts (titan_rl/shared_keys.py), so a trainer restarted with
+another value goes on with the same buffer and actors. An untagged key is compared."""
+
+
+def range_metadata(lo: float, hi: float = INF, learner_only: bool = False) -> dict[str, Any]:
+    """Field metadata: the value (or each value of a list) must lie in [lo, hi]; `learner_only`: see LEARNER_ONLY."""
+    return {"range": (lo, hi), **(LEARNER_ONLY if learner_only else {})}
 
 
 @dataclass(frozen=True)

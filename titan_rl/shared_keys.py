@@ -12,6 +12,7 @@ key both read, FAILED_PRECONDITION naming each such key and both values. Calls t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Callable
@@ -32,9 +33,9 @@ _REPLAY = (
     "train.min_buffer_size",
     "train.updates_per_env_step",
     "train.learners",
-    "budget.max_env_steps",  # prioritized replay's importance annealing, the learner's schedules
-    "logging.run_name",  # the buffer's snapshot and the trainer's checkpoints: one run
+    "logging.run_name",  # the buffer's snapshot and the trainer's checkpoints: one run (compared where both set one)
 )
+UNSET_IS_ANY = {"logging.run_name": ""}  # a trainer fills in its own; `--resume` takes the checkpoint's
 READS: dict[str, tuple[str, ...]] = {
     "rollout": _ALGORITHM + _NETWORK,
     "buffer": _ALGORITHM + _REPLAY,
@@ -45,7 +46,8 @@ NOT_SET = object()  # a leaf one side lacks
 
 
 def shared_values(cfg: Config, role: str) -> dict[str, Any]:
-    """The keys `role` reads, flattened to leaves (`algorithm.config.gamma`), as JSON gives them back."""
+    """The keys `role` reads, flattened to leaves (`algorithm.config.gamma`), as JSON gives them back;
+    without the algorithm's LEARNER_ONLY keys, which no two services that talk both read."""
     tree = config_to_dict(cfg)
     leaves: dict[str, Any] = {}
     for key in READS[role]:
@@ -53,6 +55,11 @@ def shared_values(cfg: Config, role: str) -> dict[str, Any]:
         for part in key.split("."):
             value = value[part]
         _flatten(key, value, leaves)
+    algorithm = cfg.algorithm.config
+    if dataclasses.is_dataclass(algorithm):
+        for f in dataclasses.fields(algorithm):
+            if f.metadata.get("learner_only"):
+                leaves.pop(f"algorithm.config.{f.name}", None)
     return json.loads(json.dumps(leaves, default=str))
 
 
@@ -85,7 +92,7 @@ def differences(mine: dict[str, Any], theirs: dict[str, Any], my_role: str) -> l
         if not any(leaf in theirs for leaf in under):  # a key the caller does not read
             continue
         found += [(leaf, theirs.get(leaf, NOT_SET), mine.get(leaf, NOT_SET)) for leaf in sorted(under)]
-    return [(leaf, theirs, mine) for leaf, theirs, mine in found if theirs != mine]
+    return [(leaf, theirs, mine) for leaf, theirs, mine in found if theirs != mine and UNSET_IS_ANY.get(leaf, ...) not in (theirs, mine)]
 
 
 def _shown(value: Any) -> str:

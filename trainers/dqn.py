@@ -22,8 +22,8 @@ from torch import nn
 
 from models.simple_policy import SimplePolicy
 from titan_rl.algorithm import Batch, Learner
+from titan_rl.config import LEARNER_ONLY, range_metadata
 from titan_rl.config import Config as RunConfig
-from titan_rl.config import range_metadata
 from titan_rl.errors import ConfigError
 from titan_rl.off_policy import OffPolicyAlgorithm, OffPolicyConfig, linear_schedule
 
@@ -35,25 +35,25 @@ PRIORITY_EPSILON = 1e-6
 class DQNConfig(OffPolicyConfig):
     """DQN's section of the YAML (`algorithm.config`), on top of every off-policy algorithm's keys."""
 
-    lr: float = field(default=1e-3, metadata=range_metadata(0, 10))
+    lr: float = field(default=1e-3, metadata=range_metadata(0, 10, learner_only=True))
     """Adam learning rate (at env step 0 when `lr_final` is set)."""
-    lr_final: float | None = field(default=None, metadata=range_metadata(0, 10))
+    lr_final: float | None = field(default=None, metadata=range_metadata(0, 10, learner_only=True))
     """Learning rate reached at `lr_decay_end_env_steps`, linearly from `lr`, then kept; null keeps
     `lr`. A decay makes the last policy of a run settle rather than oscillate."""
-    lr_decay_start_env_steps: int = field(default=0, metadata=range_metadata(0))
+    lr_decay_start_env_steps: int = field(default=0, metadata=range_metadata(0, learner_only=True))
     """Env step (buffer-wide) where the decay starts: `lr` until then, so early learning keeps its pace."""
-    lr_decay_end_env_steps: int = field(default=0, metadata=range_metadata(0))
+    lr_decay_end_env_steps: int = field(default=0, metadata=range_metadata(0, learner_only=True))
     """Env step where the learning rate reaches `lr_final`; 0 = budget.max_env_steps, and a budget
     that ends before the decay starts keeps `lr` throughout (a short run of a config that decays)."""
-    target_update_every_updates: int = field(default=250, metadata=range_metadata(1))
+    target_update_every_updates: int = field(default=250, metadata=range_metadata(1, learner_only=True))
     """Target-network sync period in updates (1 with a small tau: Polyak averaging every update)."""
-    target_update_tau: float = field(default=1.0, metadata=range_metadata(0.0001, 1))
+    target_update_tau: float = field(default=1.0, metadata=range_metadata(0.0001, 1, learner_only=True))
     """Each sync moves the target this far toward the online net: 1 copies it."""
-    max_grad_norm: float = field(default=10.0, metadata=range_metadata(0))
+    max_grad_norm: float = field(default=10.0, metadata=range_metadata(0, learner_only=True))
     """Gradient-norm clip; 0 disables clipping."""
-    double_q: bool = True
+    double_q: bool = field(default=True, metadata=LEARNER_ONLY)
     """The online net picks the next action, the target net scores it (van Hasselt et al. 2016)."""
-    loss: str = field(default="huber", metadata={"choices": ("huber", "mse")})
+    loss: str = field(default="huber", metadata={**LEARNER_ONLY, "choices": ("huber", "mse")})
     """Per-item TD loss."""
 
 

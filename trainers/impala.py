@@ -14,7 +14,7 @@ from torch import nn
 
 from models.actor_critic import ActorCriticMLP
 from titan_rl.algorithm import Batch, Learner
-from titan_rl.config import range_metadata
+from titan_rl.config import LEARNER_ONLY, range_metadata
 from titan_rl.on_policy import OnPolicyAlgorithm, OnPolicyConfig
 from trainers.vtrace import vtrace
 
@@ -23,19 +23,19 @@ from trainers.vtrace import vtrace
 class IMPALAConfig(OnPolicyConfig):
     """IMPALA's section of the YAML (`algorithm.config`), on top of every on-policy algorithm's keys."""
 
-    lr: float = field(default=1e-3, metadata=range_metadata(0, 10))
+    lr: float = field(default=1e-3, metadata=range_metadata(0, 10, learner_only=True))
     """Adam learning rate."""
-    entropy_coef: float = field(default=0.01, metadata=range_metadata(0))
+    entropy_coef: float = field(default=0.01, metadata=range_metadata(0, learner_only=True))
     """Weight of the entropy bonus."""
-    value_coef: float = field(default=0.5, metadata=range_metadata(0))
+    value_coef: float = field(default=0.5, metadata=range_metadata(0, learner_only=True))
     """Weight of the value loss."""
-    max_grad_norm: float = field(default=40.0, metadata=range_metadata(0))
+    max_grad_norm: float = field(default=40.0, metadata=range_metadata(0, learner_only=True))
     """Gradient-norm clip; 0 disables clipping."""
-    rho_bar: float = field(default=1.0, metadata=range_metadata(0))
+    rho_bar: float = field(default=1.0, metadata=range_metadata(0, learner_only=True))
     """V-trace: clip of the importance weights in the TD errors and the policy gradient."""
-    c_bar: float = field(default=1.0, metadata=range_metadata(0))
+    c_bar: float = field(default=1.0, metadata=range_metadata(0, learner_only=True))
     """V-trace: clip of the trace-cutting coefficients."""
-    normalize_advantages: bool = False
+    normalize_advantages: bool = field(default=False, metadata=LEARNER_ONLY)
     """Scale each batch's policy-gradient advantages to zero mean and unit variance (as PPO implementations do)."""
 
 

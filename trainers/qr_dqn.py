@@ -26,7 +26,7 @@ from trainers.dqn import DQN, DQNConfig, DQNLearner, LossOutput
 class QRDQNConfig(DQNConfig):
     """QR-DQN's section of the YAML: DQN's keys (`loss` is not used) plus the Huber threshold."""
 
-    kappa: float = field(default=1.0, metadata=range_metadata(0))
+    kappa: float = field(default=1.0, metadata=range_metadata(0, learner_only=True))
     """Quantile Huber loss threshold; 0 = the plain quantile (pinball) loss."""
 
 

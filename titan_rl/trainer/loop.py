@@ -278,7 +278,8 @@ class TrainingLoop:
             return f"no rollout replica has sent a chunk for {quiet_s:.0f}s ({env_steps:,} env steps before)"
         return (
             f"{len(stats.sources)} rollout replica(s) sent {env_steps:,} env steps; the buffer lends batches from "
-            f"train.min_buffer_size={t.min_buffer_size:,} records on, as fast as its rate limiter allows"
+            f"train.min_buffer_size={t.min_buffer_size:,} records on, as fast as its rate limiter allows "
+            "(on-policy: of records acted by weights recent enough)"
         )
 
     def _learner_lost(self) -> None:
