@@ -1,6 +1,6 @@
 """Plugins the tests build: algorithms with a bug a plugin's author could make, each DQN with one
 thing wrong, which must be reported naming what is wrong, not run until a budget ends; and ones with
-no bug that the checks must not refuse (`BatchNormPolicy`, `ActsOnTheMeanOfAtoms`)."""
+no bug that the checks must not refuse (`BatchNormPolicy`, `ActsOnTheMeanOfAtoms`, `RecordsItsActionValue`)."""
 
 from __future__ import annotations
 
@@ -92,3 +92,24 @@ class ActsOnTheMeanOfAtoms(DQN):
     def greedy_actions(self, network: nn.Module, obs: np.ndarray) -> np.ndarray:
         with torch.no_grad():
             return network(torch.as_tensor(obs)).mean(dim=2).argmax(dim=1).numpy()
+
+
+class RecordsItsActionValue(DQN):
+    """An Ape-X-style actor: each transition records the value of the action taken, from which an
+    initial priority can be computed without the learner."""
+
+    extras = {"q_taken": ((), np.dtype(np.float32))}
+
+    def make_actor(self, network: nn.Module, worker_index: int, seed: int) -> Actor:
+        actor = super().make_actor(network, worker_index, seed)
+        act = actor.act
+
+        def act_and_score(obs: np.ndarray) -> tuple[np.ndarray, Records]:
+            actions, extras = act(obs)
+            with torch.no_grad():
+                q = self.q_values(network, torch.as_tensor(obs))
+            q_taken = q[torch.arange(len(actions)), torch.as_tensor(actions)].numpy().astype(np.float32)
+            return actions, {**extras, "q_taken": q_taken}
+
+        actor.act = act_and_score
+        return actor

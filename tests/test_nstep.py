@@ -136,3 +136,34 @@ def test_an_infinite_reward_stays_in_its_own_episode():
     acc.push(obs, np.array([0]), np.array([0.0]), obs, no, no, no)  # its reset row
     out = acc.push(obs, np.array([0]), np.array([1.0]), obs, yes, no, yes)  # the next episode, one step
     assert out["reward"].tolist() == [1.0]
+
+
+def test_each_transition_carries_the_extras_of_the_step_whose_action_it_holds():
+    extras = {"q_taken": ((), np.dtype(np.float32)), "scores": ((2,), np.dtype(np.float32))}
+    acc = NStepAccumulator(1, n=3, gamma=0.5, obs_shape=(1,), obs_dtype=np.float32, extras=extras)
+    out = []
+    for t in range(5):
+        step = {"q_taken": np.array([10.0 * t], np.float32), "scores": np.array([[t, -t]], np.float32)}
+        out.append(
+            acc.push(
+                np.array([[float(t)]]),
+                np.array([t]),
+                np.array([1.0]),
+                np.array([[t + 1.0]]),
+                np.array([t == 4]),
+                np.array([False]),
+                np.array([True]),
+                step,
+            )
+        )
+    got = {k: np.concatenate([o[k] for o in out]) for k in out[0]}
+    np.testing.assert_array_equal(got["q_taken"], 10.0 * got["obs"][:, 0])  # windows started at steps 0..4
+    np.testing.assert_array_equal(got["scores"], np.stack([got["obs"][:, 0], -got["obs"][:, 0]], axis=1))
+    assert sorted(got["obs"][:, 0]) == [0, 1, 2, 3, 4] and got["q_taken"].dtype == np.float32
+
+
+def test_an_actor_that_returns_no_declared_extra_is_named():
+    acc = NStepAccumulator(1, n=1, gamma=0.5, obs_shape=(1,), obs_dtype=np.float32, extras={"q_taken": ((), np.dtype(np.float32))})
+    with pytest.raises(KeyError, match="the actor returned no 'q_taken'"):
+        no, yes = np.zeros(1, bool), np.ones(1, bool)
+        acc.push(np.zeros((1, 1)), np.zeros(1, int), np.zeros(1), np.zeros((1, 1)), no, no, yes, {})

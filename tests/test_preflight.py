@@ -58,6 +58,24 @@ def test_an_algorithm_that_overrides_only_greedy_actions_is_not_held_to_its_base
     launcher(tmp_path, "algorithm.path=tests.plugins.ActsOnTheMeanOfAtoms", "policy.kwargs.num_atoms=4")
 
 
+def test_an_off_policy_actor_that_records_extras_has_them_in_its_transitions(tmp_path):
+    """The n-step adder dropped the actor's extras: an off-policy plugin could not record one."""
+    import torch
+
+    from tests.helpers import make_config
+    from titan_rl.dry_run import first_records
+    from titan_rl.registry import build_algorithm, build_policy
+
+    launcher(tmp_path, "algorithm.path=tests.plugins.RecordsItsActionValue")  # the launch's checks pass it
+    cfg = make_config("algorithm.path=tests.plugins.RecordsItsActionValue", "algorithm.config.epsilon_start=0")
+    algorithm, network = build_algorithm(cfg), build_policy(cfg).eval()
+    records = first_records(cfg, algorithm, network)
+    with torch.no_grad():
+        q = network(torch.as_tensor(records["obs"]))
+    expected = q[torch.arange(len(q)), torch.as_tensor(records["action"])].numpy()
+    assert records["q_taken"].dtype == "float32" and records["q_taken"] == pytest.approx(expected)
+
+
 def test_qr_dqn_atoms_out_of_range_is_a_config_error(tmp_path):
     with pytest.raises(TitanError, match="num_atoms must be >= 1, got 0"):
         Launcher("config/cartpole_qrdqn.yaml", [f"logging.run_dir={tmp_path}/runs", "policy.kwargs.num_atoms=0"])

@@ -1,7 +1,7 @@
 """Adders: turn a vector env's steps into records (pure numpy, no gRPC, no torch).
 
 `NStepAdder` writes n-step transitions (DQN and its kin); `SegmentAdder` writes fixed-length
-trajectory segments with per-step extras such as behaviour log-probs (IMPALA).
+trajectory segments. Both carry the actor's per-step extras, such as behaviour log-probs (IMPALA).
 """
 
 from __future__ import annotations
@@ -22,13 +22,16 @@ class NStepAccumulator:
     With n=1 this is the identity on valid rows.
     """
 
-    def __init__(self, num_envs: int, n: int, gamma: float, obs_shape: tuple[int, ...], obs_dtype: np.dtype):
+    def __init__(
+        self, num_envs: int, n: int, gamma: float, obs_shape: tuple[int, ...], obs_dtype: np.dtype, extras: RecordSpec | None = None
+    ):
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
         self.n, self.gamma = n, gamma
         self._obs = np.zeros((n, num_envs, *obs_shape), dtype=obs_dtype)
         self._action = np.zeros((n, num_envs), dtype=np.int64)
         self._reward = np.zeros((n, num_envs), dtype=np.float64)
+        self._extras = {name: np.zeros((n, num_envs, *shape), dtype) for name, (shape, dtype) in (extras or {}).items()}
         self._episode_len = np.zeros(num_envs, dtype=np.int64)  # steps of the running episode seen so far
         self._t = 0
         # Every window that can end at a step, one per row: the full one, then 1, 2, ..., n-1 steps
@@ -47,14 +50,20 @@ class NStepAccumulator:
         terminated: np.ndarray,
         truncated: np.ndarray,
         valid: np.ndarray,
+        extras: dict[str, np.ndarray] | None = None,
     ) -> dict[str, np.ndarray]:
-        """Add one vector step (rows where `valid` is False are autoreset steps, not transitions).
+        """Add one vector step (rows where `valid` is False are autoreset steps, not transitions),
+        with the actor's `extras` of this step for the extras given at construction.
 
         Every window ending here is found and read at once, with no loop over window lengths:
         this runs once per env step, so its numpy call count is the actor's overhead.
         """
         n, t = self.n, self._t
         self._obs[t % n], self._action[t % n], self._reward[t % n] = obs, action, reward
+        for name, ring in self._extras.items():
+            if extras is None or name not in extras:
+                raise KeyError(f"extras: the actor returned no {name!r}, which the records declare")
+            ring[t % n] = extras[name]
         if not valid.all():  # a new episode: the matmul below weighs its stale rewards by 0, and 0 * inf is nan
             self._reward[:, ~valid] = 0.0
         self._episode_len = np.where(valid, self._episode_len + 1, 0)
@@ -74,6 +83,7 @@ class NStepAccumulator:
             "next_obs": next_obs[env],
             "terminated": terminated[env].astype(bool),
             "truncated": truncated[env].astype(bool),
+            **{name: ring[start, env] for name, ring in self._extras.items()},
         }
 
 
@@ -90,13 +100,19 @@ def transition_spec(obs_shape: tuple[int, ...], obs_dtype: np.dtype) -> RecordSp
 
 
 class NStepAdder(Adder):
-    """n-step transitions of every env (see NStepAccumulator); extras are not stored."""
+    """n-step transitions of every env (see NStepAccumulator), each with the `extras` the actor
+    returned at its first step: the step whose action the transition records (an actor-side
+    priority, the action values or log-probability of that action)."""
 
-    def __init__(self, num_envs: int, n: int, gamma: float, obs_shape: tuple[int, ...], obs_dtype: np.dtype):
-        self.accumulator = NStepAccumulator(num_envs, n, gamma, obs_shape, obs_dtype)
+    def __init__(
+        self, num_envs: int, n: int, gamma: float, obs_shape: tuple[int, ...], obs_dtype: np.dtype, extras: RecordSpec | None = None
+    ):
+        self.accumulator = NStepAccumulator(num_envs, n, gamma, obs_shape, obs_dtype, extras or {})
 
     def add(self, step: EnvStep) -> dict[str, np.ndarray]:
-        return self.accumulator.push(step.obs, step.action, step.reward, step.next_obs, step.terminated, step.truncated, step.valid)
+        return self.accumulator.push(
+            step.obs, step.action, step.reward, step.next_obs, step.terminated, step.truncated, step.valid, step.extras
+        )
 
 
 def segment_spec(length: int, obs_shape: tuple[int, ...], obs_dtype: np.dtype, extras: RecordSpec) -> RecordSpec:

@@ -7,6 +7,7 @@ A subclass (trainers/dqn.py) supplies its learner and, if its network is not a p
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -79,6 +80,10 @@ class OffPolicyAlgorithm(Algorithm):
     """Learns from a replay table of n-step transitions; acts epsilon-greedily on `q_values`."""
 
     Config = OffPolicyConfig
+    extras: ClassVar[RecordSpec] = {}
+    """Per-step extras its actor returns from `act`, recorded with each transition from the step
+    whose action it holds (an actor-side initial priority, as in Ape-X): a subclass whose actor
+    returns any declares them here."""
 
     @classmethod
     def check_config(cls, cfg: Config, where: str) -> None:
@@ -104,7 +109,7 @@ class OffPolicyAlgorithm(Algorithm):
             self.check_action_scores(network, self.q_values, "action values")
 
     def record_spec(self) -> RecordSpec:
-        return transition_spec(self.env.obs_shape, self.env.obs_dtype)
+        return {**transition_spec(self.env.obs_shape, self.env.obs_dtype), **self.extras}
 
     def table(self) -> TableSpec:
         c, t, b = self.config, self.cfg.train, self.cfg.buffer_server
@@ -126,4 +131,4 @@ class OffPolicyAlgorithm(Algorithm):
         return EpsilonGreedyActor(self, network, final, seed)
 
     def make_adder(self, num_envs: int) -> Adder:
-        return NStepAdder(num_envs, self.config.n_step, self.config.gamma, self.env.obs_shape, self.env.obs_dtype)
+        return NStepAdder(num_envs, self.config.n_step, self.config.gamma, self.env.obs_shape, self.env.obs_dtype, self.extras)
