@@ -251,13 +251,15 @@ def test_services_started_with_different_values_of_keys_they_share_refuse_each_o
     run = run_factory("budget.target_eval_return=null", "logging.run_name=one")
     run.start("buffer")
     run.start("trainer", "logging.run_name=another")
-    run.start("rollout", "algorithm.config.n_step=1", "rollout_server.env_name=CartPole-v0")
-    assert run.wait_exit("trainer", 90) != 0 and run.wait_exit("rollout", 90) != 0
+    assert run.wait_exit("trainer", 90) != 0
     shared = "were started with different values of keys both read: "
     assert f"FAILED_PRECONDITION: /titan_rl.v1.BufferService/SampleStream: this buffer and the calling trainer {shared}" in (
         trainer := run.log("trainer")
     ), trainer[-3000:]
     assert 'logging.run_name is "another" at the trainer, "one" at this buffer' in trainer
+    run.start("trainer")  # of the buffer's run, so that the replica's refusal is the trainer's
+    run.start("rollout", "algorithm.config.n_step=1", "rollout_server.env_name=CartPole-v0")
+    assert run.wait_exit("rollout", 90) != 0
     rollout = run.log("rollout")
     refusal = "refused the policy stream: FAILED_PRECONDITION: /titan_rl.v1.TrainerService/WatchPolicy: this trainer and the calling"
     assert f"{refusal} rollout {shared}" in rollout
