@@ -469,6 +469,9 @@ def test_a_service_started_by_hand_stops_in_order_when_its_terminal_closes(servi
             os.killpg(terminal.proc.pid, signal.SIGHUP)  # what the shell would pass on to its job
         assert terminal.proc.wait(timeout=60) == 0
     assert not (left := left_alive(tree)), f"left behind: {left}"
+    # what it printed once the terminal was gone: to its log in the run folder (it went to /dev/null)
+    last_words = "done (trainer stopped by a signal" if service == "trainer" else f"{service}: stopped"
+    assert last_words in re.sub(r"\x1b\[[0-9;]*m", "", (tmp_path / "runs" / "alone" / f"{service}.log").read_text())  # Rich's colours
     if service == "trainer":
         summary = json.loads((tmp_path / "runs" / "alone" / "summary.json").read_text())
         assert summary["stop_reason"].startswith("trainer stopped by a signal")

@@ -246,10 +246,12 @@ def _watch_stop_signals(read_end: socket.socket) -> None:
 
 
 def leave_terminal(log_path: Path | None = None) -> None:
-    """Point standard output and error at the end of `log_path` (/dev/null if None, or if it cannot
-    be opened) unless they are files. A terminal that has hung up fails every write (EIO) and no
+    """Point standard output and error at the end of `log_path` (made with its folder; /dev/null if
+    None, or if it cannot be opened) unless they are files. A terminal that has hung up fails every write (EIO) and no
     longer counts as one for `isatty`; a pipe to it (`| tee`) lost its reader to the same SIGHUP."""
     try:
+        if log_path:
+            log_path.parent.mkdir(parents=True, exist_ok=True)
         target = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644) if log_path else os.open(os.devnull, os.O_WRONLY)
     except OSError:
         target = os.open(os.devnull, os.O_WRONLY)
@@ -274,21 +276,32 @@ def leave_stop_signals_to_parent() -> None:
     signal.set_wakeup_fd(-1)  # a fork shares the parent's wakeup socket, whose watcher would stop the parent
 
 
-def wait_for_signal(extra_stop: threading.Event | None = None) -> None:
+def wait_for_signal(extra_stop: threading.Event | None = None, hangup_log: Path | None = None) -> None:
     """Block until SIGINT, SIGTERM or SIGHUP arrives (see `on_stop_signals`) or `extra_stop` is set."""
     signalled = threading.Event()
-    on_stop_signals(lambda _: signalled.set())
+    on_stop_signals(lambda _: signalled.set(), hangup_log)
     while not signalled.wait(0.2):
         if extra_stop is not None and extra_stop.is_set():
             return
 
 
 def serve_until_signal(
-    server: grpc.Server, name: str, on_stop: Callable[[], None] = lambda: None, stop_event: threading.Event | None = None
+    server: grpc.Server,
+    name: str,
+    on_stop: Callable[[], None] = lambda: None,
+    stop_event: threading.Event | None = None,
+    hangup_log: Path | None = None,
 ) -> None:
-    """Serve until SIGINT, SIGTERM, SIGHUP or `stop_event`, then `on_stop()` and stop the server."""
-    wait_for_signal(stop_event)
+    """Serve until SIGINT, SIGTERM, SIGHUP or `stop_event`, then `on_stop()` and stop the server;
+    after a SIGHUP, what it prints goes to `hangup_log` (see `on_stop_signals`)."""
+    wait_for_signal(stop_event, hangup_log)
     log.info("%s: stopping", name)
     on_stop()
     server.stop(grace=1.0).wait()
     log.info("%s: stopped", name)
+
+
+def hangup_log_path(cfg: Config, service: str) -> Path | None:
+    """Where a service started by hand writes after its terminal has gone: `<service>.log` in the run
+    folder (as under `bash run.sh`), None (/dev/null) without a run name to find it by."""
+    return Path(cfg.logging.run_dir) / cfg.logging.run_name / f"{service}.log" if cfg.logging.run_name else None

@@ -20,7 +20,7 @@ from titan_rl.config import Config
 from titan_rl.errors import TitanError
 from titan_rl.registry import build_algorithm
 from titan_rl.rpc import make_server, set_serving
-from titan_rl.service import serve_until_signal
+from titan_rl.service import hangup_log_path, serve_until_signal
 from titan_rl.v1 import buffer_pb2, buffer_pb2_grpc
 
 log = logging.getLogger("titan_rl.buffer")
@@ -98,7 +98,7 @@ def run_service(cfg: Config) -> None:
     stop, learner_gone = threading.Event(), threading.Event()
     watcher = threading.Thread(target=watch_peers, args=(servicer, cfg.durability.peer_timeout_s, stop, learner_gone), daemon=True)
     watcher.start()
-    serve_until_signal(server, "buffer", on_stop=close, stop_event=stop)
+    serve_until_signal(server, "buffer", on_stop=close, stop_event=stop, hangup_log=hangup_log_path(cfg, "buffer"))
     stop.set()
     if learner_gone.is_set():
         raise SystemExit(1)

@@ -14,7 +14,7 @@ from titan_rl.errors import TitanError
 from titan_rl.rollout.service import RolloutServicer, WorkerPool
 from titan_rl.rollout.stats import TrajectoryStats
 from titan_rl.rpc import make_server, set_serving
-from titan_rl.service import serve_until_signal
+from titan_rl.service import hangup_log_path, serve_until_signal
 from titan_rl.v1 import rollout_pb2, rollout_pb2_grpc
 
 log = logging.getLogger("titan_rl.rollout")
@@ -44,6 +44,6 @@ def run_service(cfg: Config) -> None:
         raise SystemExit(f"error: {e}") from None
     r = cfg.rollout_server
     log.info("rollout serving on %s:%d: %d workers x %d %s envs", r.host, port, r.num_workers, r.envs_per_worker, r.env_name)
-    serve_until_signal(server, "rollout", on_stop=pool.stop, stop_event=pool.ended)
+    serve_until_signal(server, "rollout", on_stop=pool.stop, stop_event=pool.ended, hangup_log=hangup_log_path(cfg, "rollout"))
     if pool.failed.is_set():
         raise SystemExit(1)
