@@ -34,6 +34,10 @@ class DeclaresAFieldItNeverWrites(DQN):
         return {**super().record_spec(), "value": ((), np.dtype(np.float32))}
 
 
+class NamesAnExtraLikeAField(DQN):
+    extras = {"reward": ((), np.dtype(np.float32))}  # would replace the n-step return
+
+
 class WritesActionsOfAnotherDtype(DQN):
     def make_adder(self, num_envs: int) -> Adder:
         return _ChangedRecords(super().make_adder(num_envs), lambda r: {**r, "action": r["action"].astype(np.int32)})

@@ -40,6 +40,7 @@ def launcher(tmp_path: Path, *overrides: str) -> Launcher:
         (["algorithm.path=tests.plugins.WritesAnUndeclaredField"], "record_spec(): value: is not in the table's signature"),
         (["algorithm.path=tests.plugins.DeclaresAFieldItNeverWrites"], "do not fit its record_spec(): value: missing"),
         (["algorithm.path=tests.plugins.WritesActionsOfAnotherDtype"], "action: got rows of shape () int32, the table stores"),
+        (["algorithm.path=tests.plugins.NamesAnExtraLikeAField"], "extras: reward already names a field of the records (obs, "),
     ],
 )
 def test_a_config_that_would_break_a_service_fails_the_launch_naming_file_and_key(tmp_path, overrides, message):

@@ -8,7 +8,7 @@ import json
 import grpc
 import pytest
 
-from tests.helpers import make_config, serving_buffer
+from tests.helpers import DEFAULT_CONFIG, make_config, serving_buffer
 from titan_rl.interceptors import HeadersClientInterceptor
 from titan_rl.shared_keys import ENV, METADATA_KEY, shared_values
 from titan_rl.v1 import buffer_pb2, buffer_pb2_grpc
@@ -60,6 +60,7 @@ def test_a_trainer_restarted_with_another_learning_rate_or_a_run_name_of_its_own
         ("trainer", [*BUFFER, "train.batch_size=32"], "train.batch_size is 32 at the trainer, 64 at this buffer"),
         ("trainer", ["train.min_buffer_size=1000"], "train.min_buffer_size is 1000 at the trainer, 64 at this buffer"),
         ("trainer", [*BUFFER, "train.learners=2"], "train.learners is 2 at the trainer, 1 at this buffer"),
+        ("trainer", [*BUFFER, "budget.max_env_steps=200000"], "budget.max_env_steps is 200000 at the trainer, 100000 at this buffer"),
     ],
 )
 def test_a_caller_started_with_another_value_of_a_key_both_read_is_refused_naming_it(buffer_of_a_run, role, overrides, named):
@@ -83,3 +84,15 @@ def test_a_header_that_is_not_a_services_is_invalid_argument(buffer_of_a_run, va
     with pytest.raises(grpc.RpcError) as refused:
         info(buffer_of_a_run, value)
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and METADATA_KEY in refused.value.details()
+
+
+def test_a_buffer_of_a_named_run_refuses_a_trainer_of_another_or_of_none(monkeypatch, tmp_path):
+    """A buffer that keeps run `one`'s replay: a trainer of another run would learn from it."""
+    run = (*BUFFER, "logging.run_name=one", f"logging.run_dir={tmp_path}")
+    monkeypatch.setenv(ENV, header("buffer", *run))
+    with serving_buffer(DEFAULT_CONFIG, *run[1:]) as (address, _):
+        assert info(address, header("trainer", *run)).size == 0
+        for other, shown in (("two", '"two"'), ("''", '""')):
+            with pytest.raises(grpc.RpcError) as refused:
+                info(address, header("trainer", *BUFFER, f"logging.run_name={other}"))
+            assert f'logging.run_name is {shown} at the trainer, "one" at this buffer' in refused.value.details()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from titan_rl.algorithm import Adder, EnvStep, RecordSpec
+from titan_rl.errors import ConfigError
 
 
 class NStepAccumulator:
@@ -31,6 +32,7 @@ class NStepAccumulator:
         self._obs = np.zeros((n, num_envs, *obs_shape), dtype=obs_dtype)
         self._action = np.zeros((n, num_envs), dtype=np.int64)
         self._reward = np.zeros((n, num_envs), dtype=np.float64)
+        with_extras(transition_spec(obs_shape, obs_dtype), extras or {})  # an extra named as a field it writes is refused
         self._extras = {name: np.zeros((n, num_envs, *shape), dtype) for name, (shape, dtype) in (extras or {}).items()}
         self._episode_len = np.zeros(num_envs, dtype=np.int64)  # steps of the running episode seen so far
         self._t = 0
@@ -115,9 +117,17 @@ class NStepAdder(Adder):
         )
 
 
+def with_extras(spec: RecordSpec, extras: RecordSpec) -> RecordSpec:
+    """`spec` and the actor's `extras`; ConfigError if an extra is named as a field of `spec`, which it
+    would silently replace (an extra named `reward` overwrote the n-step return)."""
+    if clash := sorted(set(spec) & set(extras)):
+        raise ConfigError(f"extras: {', '.join(clash)} already names a field of the records ({', '.join(spec)}); name the extra otherwise")
+    return {**spec, **extras}
+
+
 def segment_spec(length: int, obs_shape: tuple[int, ...], obs_dtype: np.dtype, extras: RecordSpec) -> RecordSpec:
     """The record of a `length`-step segment: every one-step field with a leading time axis, plus `extras` per step."""
-    one_step = {**transition_spec(obs_shape, obs_dtype), **extras}
+    one_step = with_extras(transition_spec(obs_shape, obs_dtype), extras)
     return {name: ((length, *shape), dtype) for name, (shape, dtype) in one_step.items()}
 
 

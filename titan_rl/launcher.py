@@ -168,11 +168,12 @@ class Launcher:
         # the trainer's progress is what the user watches
         log_path = None if service == "trainer" else str((self.run_dir / f"{service}.log").resolve())
         proc = service_context().Process(target=run_forked_service, args=(service, argv, log_path, self.token), name=service)
-        try:
-            proc.start()
-        except (EOFError, OSError) as e:  # the forkserver failed (an import it preloads raised) or was killed
-            raise TitanError(f"could not start the {service} service: the launcher's forkserver is gone ({e!r})") from e
-        self.procs[service] = proc
+        with self._procs_lock:  # start() polls the services already started (multiprocessing's clean-up)
+            try:
+                proc.start()
+            except (EOFError, OSError) as e:  # the forkserver failed (an import it preloads raised) or was killed
+                raise TitanError(f"could not start the {service} service: the launcher's forkserver is gone ({e!r})") from e
+            self.procs[service] = proc
 
     def _log_tail(self, service: str, lines: int = 15) -> str:
         path = self.run_dir / f"{service}.log"

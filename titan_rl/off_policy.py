@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from titan_rl.adders import NStepAdder, transition_spec
+from titan_rl.adders import NStepAdder, transition_spec, with_extras
 from titan_rl.algorithm import Actor, Adder, Algorithm, RecordSpec, TableSpec
 from titan_rl.config import Config, range_metadata
 from titan_rl.errors import ConfigError
@@ -109,7 +109,7 @@ class OffPolicyAlgorithm(Algorithm):
             self.check_action_scores(network, self.q_values, "action values")
 
     def record_spec(self) -> RecordSpec:
-        return {**transition_spec(self.env.obs_shape, self.env.obs_dtype), **self.extras}
+        return with_extras(transition_spec(self.env.obs_shape, self.env.obs_dtype), self.extras)
 
     def table(self) -> TableSpec:
         c, t, b = self.config, self.cfg.train, self.cfg.buffer_server

@@ -237,12 +237,19 @@ def _watch_stop_signals(read_end: socket.socket) -> None:
             handled = _stop_signals
             if handled is None or number not in handled.signals:
                 continue
-            try:
-                if number == signal.SIGHUP:
-                    leave_terminal(handled.hangup_log)
-                handled.stop(signal.Signals(number))
-            except Exception:  # noqa: BLE001 - a stop that failed once (a print to a pipe gone with Ctrl-C) must not end the watcher
-                log.exception("stopping on %s", signal.Signals(number).name)
+            sig = signal.Signals(number)
+            if sig == signal.SIGHUP:
+                _logging_errors(leave_terminal, handled.hangup_log, what=sig)
+            _logging_errors(handled.stop, sig, what=sig)
+
+
+def _logging_errors(call: Callable[..., object], *args: object, what: signal.Signals) -> None:
+    """`call(*args)`, logging what it raises: a stop that failed once (a print to a pipe gone with the
+    same Ctrl-C) must neither end the watcher nor keep the next step of the stop from running."""
+    try:
+        call(*args)
+    except Exception:  # noqa: BLE001 - see above
+        log.exception("stopping on %s", what.name)
 
 
 def leave_terminal(log_path: Path | None = None) -> None:

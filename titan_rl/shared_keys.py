@@ -33,9 +33,12 @@ _REPLAY = (
     "train.min_buffer_size",
     "train.updates_per_env_step",
     "train.learners",
-    "logging.run_name",  # the buffer's snapshot and the trainer's checkpoints: one run (compared where both set one)
+    "budget.max_env_steps",  # prioritized replay anneals its importance weights over it (by default)
+    "logging.run_name",  # the buffer's snapshot and the trainer's checkpoints: one run
 )
-UNSET_IS_ANY = {"logging.run_name": ""}  # a trainer fills in its own; `--resume` takes the checkpoint's
+# a value that, at the server, accepts any caller's: a buffer started without a run name (which
+# keeps no snapshot) serves a trainer of any run, such as one resumed by hand with `--resume`
+SERVER_UNSET_IS_ANY = {"logging.run_name": ""}
 READS: dict[str, tuple[str, ...]] = {
     "rollout": _ALGORITHM + _NETWORK,
     "buffer": _ALGORITHM + _REPLAY,
@@ -92,7 +95,7 @@ def differences(mine: dict[str, Any], theirs: dict[str, Any], my_role: str) -> l
         if not any(leaf in theirs for leaf in under):  # a key the caller does not read
             continue
         found += [(leaf, theirs.get(leaf, NOT_SET), mine.get(leaf, NOT_SET)) for leaf in sorted(under)]
-    return [(leaf, theirs, mine) for leaf, theirs, mine in found if theirs != mine and UNSET_IS_ANY.get(leaf, ...) not in (theirs, mine)]
+    return [(leaf, theirs, mine) for leaf, theirs, mine in found if theirs != mine and SERVER_UNSET_IS_ANY.get(leaf, ...) != mine]
 
 
 def _shown(value: Any) -> str:

@@ -21,6 +21,7 @@ from titan_rl.metrics import MetricsLogger
 from titan_rl.registry import build_algorithm, build_policy
 from titan_rl.rpc import make_server, set_serving
 from titan_rl.service import on_stop_signals
+from titan_rl.shared_keys import use_shared_keys
 from titan_rl.trainer.device import distributed_backend, resolve_device, use_device
 from titan_rl.trainer.distributed import LearnerGroup, average_gradients, group_store
 from titan_rl.trainer.loop import LEARNER_LOST, NO_DATA, Summary, TrainingLoop
@@ -125,6 +126,7 @@ def run(cfg: Config) -> Summary:
     if not cfg.logging.run_name:
         log.warning("logging.run_name is not set: a restarted trainer starts a new run instead of resuming this one")
         cfg = dataclasses.replace(cfg, logging=dataclasses.replace(cfg.logging, run_name=default_run_name(cfg)))
+        use_shared_keys(cfg, "trainer")  # the buffer compares the run it serves with this one
     name = cfg.logging.run_name
     counters = resume_learner(cfg, learner)
     logger = MetricsLogger(cfg, Path(cfg.logging.run_dir) / name, name)
