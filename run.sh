@@ -2,7 +2,7 @@
 # TITAN-RL entry point.
 #   bash run.sh [--config FILE] [--seed N] [section.key=value ...]   train (default: config/cartpole.yaml)
 #   bash run.sh --resume [--config FILE] [section.key=value ...]      continue the run of the last checkpoint_last.pth
-#   bash run.sh test [pytest args ...]                                lint and format check, then the test suite
+#   bash run.sh test [pytest args ...]                                the test suite after a lint and format check; with args, those tests only
 # Sets itself up on first use: .venv with the project installed in it (pip install -e .[test], which
 # also gives the `titan-rl` command), protobuf code from proto/.
 set -euo pipefail
@@ -31,8 +31,10 @@ fi
 
 if [ "${1:-}" = test ]; then
   shift
-  "$VENV/bin/python" -m ruff check .
-  "$VENV/bin/python" -m ruff format --check .
+  if [ $# -eq 0 ]; then  # the whole suite, as CI runs it; a chosen file or -k runs its tests only
+    "$VENV/bin/python" -m ruff check .
+    "$VENV/bin/python" -m ruff format --check .
+  fi
   exec "$VENV/bin/python" -m pytest "$@"
 fi
 exec "$VENV/bin/python" -m titan_rl.launch "$@"

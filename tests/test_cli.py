@@ -104,3 +104,21 @@ def test_visualize_py_names_itself_in_its_usage():
     """`python visualize.py --help` showed the usage of `titan-rl visualize`, a command that may not be installed."""
     result = subprocess.run([sys.executable, "visualize.py", "--help"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and result.stdout.startswith("usage: python visualize.py "), result.stdout
+
+
+def test_run_sh_test_with_pytest_arguments_runs_those_tests_without_linting_the_tree(tmp_path):
+    """A plugin's author running `bash run.sh test tests/test_algorithms.py` was stopped by ruff
+    whenever any file of the tree was not formatted yet, before a single test ran."""
+    import shutil
+
+    copy = tmp_path / "repo"
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    generated = [str(p.relative_to(REPO)) for p in (REPO / "titan_rl" / "v1").glob("*.py")]
+    for name in [*tracked, *generated]:
+        (copy / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, copy / name)  # with its time: run.sh neither reinstalls nor regenerates
+    (copy / ".venv").symlink_to(REPO / ".venv")
+    (copy / "trainers" / "draft.py").write_text("import os,sys\nx=1\n")  # unformatted, unused imports
+    command = ["bash", "run.sh", "test", "tests/test_nstep.py", "-q", "-p", "no:cacheprovider"]
+    done = subprocess.run(command, cwd=copy, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and " passed" in done.stdout, done.stdout[-2000:] + done.stderr[-2000:]
