@@ -6,7 +6,6 @@ import json
 import logging
 import os
 import re
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from rich.logging import RichHandler
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from titan_rl.config import Config, shareable_config_dict
-from titan_rl.errors import TitanError
+from titan_rl.wandb_writer import WandbWriter
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +96,11 @@ class ConsoleProgress:
 
 
 class MetricsLogger:
-    """`log(metrics, env_steps)` writes one jsonl row, one W&B step and refreshes the console line."""
+    """`log(metrics, env_steps)` writes one jsonl row, one W&B step and refreshes the console line.
+
+    Built before its process has any thread or gRPC: the W&B run's writer is forked here
+    (`titan_rl.wandb_writer`), and opens the run while the trainer starts.
+    """
 
     def __init__(self, cfg: Config, run_dir: Path, run_name: str):
         self.run_dir = run_dir
@@ -107,11 +110,20 @@ class MetricsLogger:
         self._jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
         self.cfg, self.run_name = cfg, run_name
         self.progress: ConsoleProgress | None = None
-        self._wandb = None
-        self._wandb_opening: threading.Thread | None = None
-        self._wandb_lock = threading.Lock()
-        self._wandb_held: list[tuple[dict[str, Any], int]] | None = None  # rows logged while the run opens
-        self._wandb_error: Exception | None = None
+        self._wandb: WandbWriter | None = None
+        if (mode := wandb_mode(cfg)) != "disabled":
+            self._wandb = WandbWriter(
+                {
+                    "project": cfg.logging.wandb_project,
+                    "name": run_name,
+                    "id": wandb_run_id(run_name),  # a resumed run logs on to the same W&B run
+                    "resume": "allow",
+                    "dir": str(run_dir),
+                    "config": shareable_config_dict(cfg),
+                    "mode": mode,
+                }
+            )
+            self._wandb.start()
         self._tensorboard = None
         if cfg.logging.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -119,66 +131,13 @@ class MetricsLogger:
             self._tensorboard = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
 
     def start(self) -> None:
-        """Open the W&B run on a thread of its own, then the console view.
-
-        Opening it takes over a second (wandb's imports and its wandb-core process): in the
-        trainer's main thread that delayed the first update of every run by as much. Rows
-        logged meanwhile are held and sent, in order, once the run is open.
-        """
-        mode = wandb_mode(self.cfg)
-        if mode != "disabled":
-            os.environ["WANDB_MODE"] = mode  # an env var, not just init(mode=...): no network attempt at all offline
-            os.environ["WANDB_SILENT"] = "true"  # no banners, sparklines or sync hints: one line below says where the run is
-            self._wandb_held = []
-            self._wandb_opening = threading.Thread(target=self._open_wandb, args=(mode,), name="wandb-init", daemon=True)
-            self._wandb_opening.start()
+        """Show progress on the console."""
         self.progress = ConsoleProgress(self.cfg.budget.max_env_steps, self.cfg.logging.console)
-
-    def _open_wandb(self, mode: str) -> None:
-        try:
-            import wandb
-
-            run = wandb.init(
-                project=self.cfg.logging.wandb_project,
-                name=self.run_name,
-                id=wandb_run_id(self.run_name),  # a resumed run logs on to the same W&B run
-                resume="allow",
-                dir=str(self.run_dir),
-                config=shareable_config_dict(self.cfg),
-                mode=mode,
-            )
-        except Exception as e:  # raised to the trainer by the next log()
-            with self._wandb_lock:
-                self._wandb_failed(mode, "could not start", e)
-            return
-        with self._wandb_lock:
-            self._wandb = run  # close() finishes it, whatever happens below
-            try:
-                for metrics, env_steps in self._wandb_held or ():
-                    run.log(metrics, step=env_steps)
-            except Exception as e:
-                self._wandb_failed(mode, "could not take the held rows", e)
-            self._wandb_held = None
-        where = run.url if mode == "online" else f"{Path(run.dir).parent} (`wandb sync` uploads it)"
-        log.info("W&B %s run: %s", mode, where)
-
-    def _wandb_failed(self, mode: str, what: str, error: Exception) -> None:
-        """Log it now; the next log() raises it. Called with `_wandb_lock` held."""
-        log.error("W&B %s run %s: %s: %s", mode, what, type(error).__name__, error)
-        self._wandb_error, self._wandb_held = error, None
-
-    def _to_wandb(self, metrics: dict[str, Any], env_steps: int) -> None:
-        with self._wandb_lock:
-            if self._wandb_error is not None:
-                raise TitanError(f"W&B run failed: {type(self._wandb_error).__name__}: {self._wandb_error}")
-            if self._wandb_held is not None:
-                self._wandb_held.append((metrics, env_steps))
-            elif self._wandb is not None:
-                self._wandb.log(metrics, step=env_steps)
 
     def log(self, metrics: dict[str, Any], env_steps: int) -> None:
         self._jsonl.write(json.dumps({"env_steps": env_steps, **metrics}) + "\n")
-        self._to_wandb(metrics, env_steps)
+        if self._wandb is not None:
+            self._wandb.log(metrics, env_steps)
         if self._tensorboard is not None:
             for key, value in metrics.items():
                 if isinstance(value, int | float):
@@ -186,10 +145,8 @@ class MetricsLogger:
 
     def log_video(self, path: Path, env_steps: int) -> None:
         """A video file of the agent, to W&B (the file itself stays in the run folder)."""
-        if self._wandb_opening is not None:
-            import wandb
-
-            self._to_wandb({"video/greedy_episode": wandb.Video(str(path), format="mp4")}, env_steps)
+        if self._wandb is not None:
+            self._wandb.log_video(path, env_steps)
 
     def console(self, env_steps: int, line: str) -> None:
         if self.progress is not None:
@@ -201,7 +158,5 @@ class MetricsLogger:
         self._jsonl.close()
         if self._tensorboard is not None:
             self._tensorboard.close()
-        if self._wandb_opening is not None:
-            self._wandb_opening.join()
         if self._wandb is not None:
-            self._wandb.finish()
+            self._wandb.close()
