@@ -111,3 +111,73 @@ def test_the_trainer_process_never_imports_wandb(tmp_path):
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "wandb not imported"
     assert [row["charts/a"] for row in wandb_history(tmp_path / "run")] == [1.0]
+
+
+def test_a_writer_killed_by_a_signal_ends_wandb_logging_not_the_run(tmp_path, monkeypatch, caplog):
+    """A SIGTERM to the trainer's whole process group as it stops, or an out-of-memory kill, took the
+    writer; the trainer's next row raised and the run ended without its last checkpoint."""
+    import os
+    import signal
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    logger = MetricsLogger(make_config("logging.console=false"), tmp_path / "run", "run")
+    try:
+        os.kill(logger._wandb._process.pid, signal.SIGKILL)
+        logger._wandb._process.join(10)
+        logger.log({"charts/a": 1.0}, env_steps=1)
+        logger.log({"charts/b": 2.0}, env_steps=2)
+        assert "W&B writer was killed by signal 9" in caplog.text
+    finally:
+        logger.close()
+    assert [json.loads(line)["env_steps"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_a_writer_that_never_finishes_does_not_hold_the_trainer_at_exit(tmp_path):
+    """A run stuck past the finish timeout with more rows unread than a pipe holds: the writer is
+    killed, and the trainer exits rather than waiting for good to hand the rows over."""
+    script = textwrap.dedent(
+        f"""
+        import os, signal
+        import titan_rl.wandb_writer as w
+
+        w.FINISH_TIMEOUT_S = 1.0
+        writer = w.WandbWriter({{"mode": "offline", "dir": {str(tmp_path)!r}}})
+        writer.start()
+        os.kill(writer._process.pid, signal.SIGSTOP)  # a writer that reads nothing more
+        for step in range(200):  # ~200 KB: over the 64 KB a pipe holds
+            writer.log({{f"charts/key_{{k}}": float(k) for k in range(40)}}, step)
+        writer.close()
+        print("closed")
+        """
+    )
+    repo = Path(__file__).parent.parent
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=repo)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "closed" and "did not finish in 1s" in out.stderr
+
+
+def test_a_trainer_that_fails_to_start_finishes_its_wandb_run(tmp_path):
+    """The port taken: the trainer exits with the error, and the W&B run it had opened is finished,
+    not left half-written by exit terminating its writer."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "titan_rl.trainer", "--port", str(port), f"logging.run_dir={tmp_path}", "logging.run_name=taken",
+             f"logging.checkpoint_path={tmp_path}/ck.pth"],
+            cwd=Path(__file__).parent.parent, capture_output=True, text=True, timeout=120,
+            env={**os.environ, "WANDB_MODE": "offline"},
+        )  # fmt: skip
+    assert result.returncode != 0, result.stderr
+    (run_file,) = (tmp_path / "taken").glob("wandb/offline-run-*/run-*.wandb")
+    from wandb.proto import wandb_internal_pb2
+
+    kinds = set()
+    for data in wandb_records(run_file):
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(data)
+        kinds.add(record.WhichOneof("record_type"))
+    assert "exit" in kinds, kinds

@@ -98,11 +98,12 @@ class ConsoleProgress:
 class MetricsLogger:
     """`log(metrics, env_steps)` writes one jsonl row, one W&B step and refreshes the console line.
 
-    Built before its process has any thread or gRPC: the W&B run's writer is forked here
-    (`titan_rl.wandb_writer`), and opens the run while the trainer starts.
+    The W&B run's writer process (`titan_rl.wandb_writer`) starts here, by `wandb_start_method`,
+    and opens the run while the caller goes on: the trainer builds this before it has any thread
+    or gRPC, and forks it.
     """
 
-    def __init__(self, cfg: Config, run_dir: Path, run_name: str):
+    def __init__(self, cfg: Config, run_dir: Path, run_name: str, wandb_start_method: str = "spawn"):
         self.run_dir = run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
         # the config this run trains with, every default and override resolved (the token left out)
@@ -121,7 +122,8 @@ class MetricsLogger:
                     "dir": str(run_dir),
                     "config": shareable_config_dict(cfg),
                     "mode": mode,
-                }
+                },
+                wandb_start_method,
             )
             self._wandb.start()
         self._tensorboard = None
@@ -149,6 +151,8 @@ class MetricsLogger:
             self._wandb.log_video(path, env_steps)
 
     def console(self, env_steps: int, line: str) -> None:
+        if self._wandb is not None:  # where the run is, or why it failed, while the trainer waits for data too
+            self._wandb.read_reports()
         if self.progress is not None:
             self.progress.update(env_steps, line)
 

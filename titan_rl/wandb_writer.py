@@ -34,19 +34,29 @@ FINISH_TIMEOUT_S = 300.0
 class WandbWriter:
     """`log(metrics, env_steps)` and `log_video(path, env_steps)` send to the W&B run the child opens
     with `init_kwargs` (`wandb.init`'s). The child reports where the run is once it is open, and
-    the first failure, which the next `log` raises (the failure itself is logged when it happens)."""
+    its first failure, which the next `log` raises.
 
-    def __init__(self, init_kwargs: dict[str, Any], start_method: str = "fork"):
+    `start_method` "fork" where the caller has no thread or gRPC yet and need not pay the child
+    an import of its main module (the trainer); "spawn" (the default) anywhere else.
+
+    A writer killed by a signal (an out-of-memory kill, a SIGTERM sent to the trainer's whole
+    process group while it stops) ends W&B logging with a warning, not the run: the rows still
+    reach metrics.jsonl.
+    """
+
+    def __init__(self, init_kwargs: dict[str, Any], start_method: str = "spawn"):
         ctx = mp.get_context(start_method)
         self._requests = ctx.Queue()
         self._reports = ctx.Queue()
         self._error: str | None = None
+        self._gone = False  # killed by a signal, and said so
+        self._closed = False
         self._process = ctx.Process(
             target=_writer_main, args=(init_kwargs, self._requests, self._reports), name="wandb-writer", daemon=True
         )
 
     def start(self) -> None:
-        """Fork the writer; it opens the run at once, at a lower CPU priority."""
+        """Start the writer; it opens the run at once, at a lower CPU priority."""
         self._process.start()
 
     def log(self, metrics: dict[str, Any], env_steps: int) -> None:
@@ -55,27 +65,40 @@ class WandbWriter:
     def log_video(self, path: Path, env_steps: int) -> None:
         self._send(("video", str(path), env_steps))
 
-    def _send(self, request: tuple[Any, ...]) -> None:
-        self._read_reports()
-        if self._error is not None:
-            raise TitanError(f"W&B run failed: {self._error}")
-        if not self._process.is_alive():
-            raise TitanError(f"the W&B writer process exited with code {self._process.exitcode}")
-        self._requests.put(request)
-
-    def _read_reports(self) -> None:
+    def read_reports(self) -> None:
+        """Log what the writer said since the last call: where the run is, or why it failed."""
         with contextlib.suppress(queue.Empty):
             while True:
                 kind, text = self._reports.get_nowait()
                 if kind == "opened":
                     log.info("W&B run: %s", text)
                 elif self._error is None:
+                    log.error("W&B run failed: %s", text)
                     self._error = text
+
+    def _send(self, request: tuple[Any, ...]) -> None:
+        self.read_reports()
+        if self._error is not None:
+            raise TitanError(f"W&B run failed: {self._error}")
+        if self._gone:
+            return
+        if not self._process.is_alive():
+            self.read_reports()  # its last words, if it failed and exited
+            if self._error is not None:
+                raise TitanError(f"W&B run failed: {self._error}")
+            code = self._process.exitcode
+            if code is not None and code < 0:
+                log.warning("the W&B writer was killed by signal %d: W&B gets no more rows (metrics.jsonl does)", -code)
+                self._gone = True
+                return
+            raise TitanError(f"the W&B writer process exited with code {code}")
+        self._requests.put(request)
 
     def close(self) -> None:
         """Finish the run: every row sent reaches it first."""
-        if self._process.pid is None:
+        if self._process.pid is None or self._closed:
             return
+        self._closed = True
         with contextlib.suppress(ValueError, OSError):
             self._requests.put(None)
         self._process.join(FINISH_TIMEOUT_S)
@@ -83,13 +106,21 @@ class WandbWriter:
             log.warning("the W&B run did not finish in %.0fs: its writer is stopped, the run may lack its last rows", FINISH_TIMEOUT_S)
             self._process.kill()
             self._process.join(5.0)
-        self._read_reports()
+        self.read_reports()
+        if self._process.exitcode and self._error is None and not self._gone:
+            log.warning("the W&B writer exited with code %d", self._process.exitcode)
+        # rows no writer will read: without this, exit would wait for the queue's feeder thread,
+        # blocked on a full pipe, for good
+        self._requests.cancel_join_thread()
         self._requests.close()
         self._reports.close()
 
 
 def _writer_main(init_kwargs: dict[str, Any], requests: Any, reports: Any) -> None:
-    """The writer process: open the run, then log every request until None."""
+    """The writer process: open the run, then log every request until None.
+
+    Failures are reported to the trainer, which logs them: this process's own log handlers are
+    the trainer's at the fork, before its console view or a redirection after a hangup."""
     from titan_rl.service import exit_with_parent_process, leave_stop_signals_to_parent
 
     leave_stop_signals_to_parent()  # the trainer ends it through `requests`
@@ -98,18 +129,18 @@ def _writer_main(init_kwargs: dict[str, Any], requests: Any, reports: Any) -> No
     mode = init_kwargs["mode"]
     os.environ["WANDB_MODE"] = mode  # an env var, not just init(mode=...): no network attempt at all offline
     os.environ["WANDB_SILENT"] = "true"  # no banners, sparklines or sync hints: the trainer logs where the run is
-    run, failed = None, False
+    run = None
     try:
         import wandb
 
-        run = wandb.init(**init_kwargs)
+        # console off: W&B would capture this process's output, not the trainer's
+        run = wandb.init(**init_kwargs, settings=wandb.Settings(console="off"))
         where = run.url if mode == "online" else f"{Path(run.dir).parent} (`wandb sync` uploads it)"
         reports.put(("opened", f"{mode}, {where}"))
     except Exception as e:
-        _failed(reports, mode, "could not start", e)
-        failed = True
+        _failed(reports, "could not start", e)
     while (request := requests.get()) is not None:
-        if failed:
+        if run is None:
             continue  # drained, so the trainer's queue never fills
         kind, payload, env_steps = request
         try:
@@ -118,12 +149,18 @@ def _writer_main(init_kwargs: dict[str, Any], requests: Any, reports: Any) -> No
             else:
                 run.log(payload, step=env_steps)
         except Exception as e:
-            _failed(reports, mode, "could not take a row", e)
-            failed = True
+            _failed(reports, "could not take a row", e)
+            with contextlib.suppress(Exception):
+                run.finish(exit_code=1)
+            run = None
     if run is not None:
-        run.finish()
+        try:
+            run.finish()
+        except Exception as e:
+            _failed(reports, "could not finish", e)
+    with contextlib.suppress(Exception):
+        wandb.teardown()  # this process leaves through os._exit: wandb-core is told here, not by an exit hook
 
 
-def _failed(reports: Any, mode: str, what: str, error: Exception) -> None:
-    log.error("W&B %s run %s: %s: %s", mode, what, type(error).__name__, error)
-    reports.put(("error", f"{type(error).__name__}: {error}"))
+def _failed(reports: Any, what: str, error: Exception) -> None:
+    reports.put(("error", f"{what}: {type(error).__name__}: {error}"))

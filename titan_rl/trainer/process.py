@@ -129,31 +129,36 @@ def run(cfg: Config) -> Summary:
         use_shared_keys(cfg, "trainer")  # the buffer compares the run it serves with this one
     name = cfg.logging.run_name
     counters = resume_learner(cfg, learner)
-    logger = MetricsLogger(cfg, Path(cfg.logging.run_dir) / name, name)
-    store = PolicyStore(first_version=int(counters.get("policy_version", -1)) + 1)
-    t, table = cfg.train, algorithm.table()
-    address, peer_timeout_s = cfg.buffer_server.dial_address, cfg.durability.peer_timeout_s
-    if table.kind == "fifo":  # on-policy: one batch per message, none acted by weights older than the lag allows
-        batches = BatchPrefetcher(
-            address, t.batch_size, 1, t.prefetch_requests, table.name, lambda: store.version, peer_timeout_s=peer_timeout_s
-        )
-    else:
-        batches = BatchPrefetcher(
-            address, t.batch_size, t.batches_per_request(), t.prefetch_requests, table.name, peer_timeout_s=peer_timeout_s
-        )
-    priorities = PriorityUpdater(address, table.name) if table.kind == "prioritized" else None
-    sources = BufferClient(address, timeout_s=1.0)  # episode statistics of every rollout replica, from their chunks
-    loop = TrainingLoop(cfg, learner, batches, store, logger, evaluator, sources=sources.sources, priorities=priorities)
-    loop.best_eval = best_of_run(cfg)  # even for a trainer that lost its last checkpoint: the best stays the best
-    if counters:
-        loop.resume(counters)
-    server, port, health = make_server(cfg.trainer_server.host, cfg.trainer_server.port)
-    trainer_pb2_grpc.add_TrainerServiceServicer_to_server(TrainerServicer(loop, store), server)
-    loop.publish()
-    server.start()
-    set_serving(health, [trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"].full_name])
-    log.info("trainer serving on %s:%d, run %s, learning on %s", cfg.trainer_server.host, port, name, learner.device)
-    on_stop_signals(lambda _: loop.stop(end_run=False), hangup_log=logger.run_dir / "trainer.log")
+    logger = MetricsLogger(cfg, Path(cfg.logging.run_dir) / name, name, wandb_start_method="fork")  # no thread or gRPC yet
+    try:  # from here a failure finishes the W&B run, rather than leaving exit to terminate its writer mid-open
+        store = PolicyStore(first_version=int(counters.get("policy_version", -1)) + 1)
+        t, table = cfg.train, algorithm.table()
+        address, peer_timeout_s = cfg.buffer_server.dial_address, cfg.durability.peer_timeout_s
+        if table.kind == "fifo":  # on-policy: one batch per message, none acted by weights older than the lag allows
+            batches = BatchPrefetcher(
+                address, t.batch_size, 1, t.prefetch_requests, table.name, lambda: store.version, peer_timeout_s=peer_timeout_s
+            )
+        else:
+            batches = BatchPrefetcher(
+                address, t.batch_size, t.batches_per_request(), t.prefetch_requests, table.name, peer_timeout_s=peer_timeout_s
+            )
+        priorities = PriorityUpdater(address, table.name) if table.kind == "prioritized" else None
+        sources = BufferClient(address, timeout_s=1.0)  # episode statistics of every rollout replica, from their chunks
+        loop = TrainingLoop(cfg, learner, batches, store, logger, evaluator, sources=sources.sources, priorities=priorities)
+        loop.best_eval = best_of_run(cfg)  # even for a trainer that lost its last checkpoint: the best stays the best
+        if counters:
+            loop.resume(counters)
+        server, port, health = make_server(cfg.trainer_server.host, cfg.trainer_server.port)
+        trainer_pb2_grpc.add_TrainerServiceServicer_to_server(TrainerServicer(loop, store), server)
+        loop.publish()
+        server.start()
+        set_serving(health, [trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"].full_name])
+        log.info("trainer serving on %s:%d, run %s, learning on %s", cfg.trainer_server.host, port, name, learner.device)
+        on_stop_signals(lambda _: loop.stop(end_run=False), hangup_log=logger.run_dir / "trainer.log")
+    except BaseException:
+        logger.close()
+        evaluator.close()
+        raise
     ranks: LearnerRanks | None = None
     try:
         if cfg.train.learners > 1:  # once serving: health checks answer while the other ranks come
