@@ -96,3 +96,15 @@ def test_a_buffer_of_a_named_run_refuses_a_trainer_of_another_or_of_none(monkeyp
             with pytest.raises(grpc.RpcError) as refused:
                 info(address, header("trainer", *BUFFER, f"logging.run_name={other}"))
             assert f'logging.run_name is {shown} at the trainer, "one" at this buffer' in refused.value.details()
+
+
+def test_a_network_keyword_at_its_default_on_one_host_and_left_out_on_another_agrees():
+    """`hidden_sizes: [64, 64]` spelled out in one YAML and left to SimplePolicy's default in another
+    build the same network; they were refused as "(not set)"."""
+    from titan_rl.shared_keys import differences
+
+    spelled = shared_values(make_config("policy.kwargs={state_dim: 4, action_dim: 2, hidden_sizes: [64, 64], num_atoms: 1}"), "trainer")
+    left_out = shared_values(make_config("policy.kwargs={state_dim: 4, action_dim: 2}"), "rollout")
+    assert differences(spelled, left_out, "trainer") == []
+    wider = shared_values(make_config("policy.kwargs={state_dim: 4, action_dim: 2, hidden_sizes: [128, 128]}"), "rollout")
+    assert differences(spelled, wider, "trainer") == [("policy.kwargs.hidden_sizes", [128, 128], [64, 64])]

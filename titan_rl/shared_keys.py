@@ -13,6 +13,7 @@ key both read, FAILED_PRECONDITION naming each such key and both values. Calls t
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import os
 from collections.abc import Callable
@@ -50,8 +51,11 @@ NOT_SET = object()  # a leaf one side lacks
 
 def shared_values(cfg: Config, role: str) -> dict[str, Any]:
     """The keys `role` reads, flattened to leaves (`algorithm.config.gamma`), as JSON gives them back;
-    without the algorithm's LEARNER_ONLY keys, which no two services that talk both read."""
+    without the algorithm's LEARNER_ONLY keys, which no two services that talk both read, and with
+    `policy.kwargs` completed by the network's own defaults."""
     tree = config_to_dict(cfg)
+    if "policy.kwargs" in READS[role]:
+        tree["policy"]["kwargs"] = network_kwargs(cfg)
     leaves: dict[str, Any] = {}
     for key in READS[role]:
         value: Any = tree
@@ -64,6 +68,31 @@ def shared_values(cfg: Config, role: str) -> dict[str, Any]:
             if f.metadata.get("learner_only"):
                 leaves.pop(f"algorithm.config.{f.name}", None)
     return json.loads(json.dumps(leaves, default=str))
+
+
+def network_kwargs(cfg: Config) -> dict[str, Any]:
+    """`policy.kwargs` with every keyword the network's constructor defaults filled in: a keyword
+    spelled out at its default on one host and left out on another builds the same network, and
+    was refused as "(not set)". Kwargs the constructor does not take are left as they are, for
+    building the network to report."""
+    from torch import nn
+
+    from titan_rl.registry import import_class
+
+    kwargs = dict(cfg.policy.kwargs)
+    try:
+        bound = inspect.signature(import_class(cfg.policy.path, "policy", nn.Module)).bind_partial(**kwargs)
+    except TypeError:
+        return kwargs
+    bound.apply_defaults()
+    full: dict[str, Any] = {}
+    for name, value in bound.arguments.items():
+        kind = bound.signature.parameters[name].kind
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            full.update(value)
+        elif kind is not inspect.Parameter.VAR_POSITIONAL:
+            full[name] = value
+    return full
 
 
 def _flatten(key: str, value: Any, into: dict[str, Any]) -> None:
