@@ -347,3 +347,14 @@ def test_status_reads_the_metrics_while_the_learner_adds_new_ones(trainer_server
             loop.status()
     finally:
         writer.join()
+
+
+def test_the_console_line_shows_a_dash_for_a_figure_not_measured_yet(trainer_server, capsys):
+    """An evaluation can be logged before the first rates: its line read "0 updates/s | ... loss nan"."""
+    from titan_rl.metrics import ConsoleProgress
+
+    _, loop, _, _ = trainer_server
+    loop.logger.progress = ConsoleProgress(1000, enabled=True)  # plain lines: pytest's stdout is no terminal
+    loop._log({"eval/mean_return": 9.0}, env_steps=0)
+    line = capsys.readouterr().out
+    assert "- steps/s | - updates/s | return - |" in line and "loss - |" in line and "nan" not in line, line

@@ -341,9 +341,9 @@ class TrainingLoop:
         lag = "-" if "charts/policy_version_acting" not in m else f"{self.store.version - m['charts/policy_version_acting']:.0f}"
         self.logger.console(
             self.env_steps,
-            f"{m.get('charts/env_steps_per_s', 0):,.0f} steps/s | {m.get('charts/updates_per_s', 0):,.0f} updates/s | "
-            f"return {m.get('charts/episodic_return', 0):.1f} | eval {ev} | "
-            f"{self._loss_key.removeprefix('losses/') or 'loss'} {m.get(self._loss_key, float('nan')):.4f} | "
+            f"{_shown(m, 'charts/env_steps_per_s', ',.0f')} steps/s | {_shown(m, 'charts/updates_per_s', ',.0f')} updates/s | "
+            f"return {_shown(m, 'charts/episodic_return', '.1f')} | eval {ev} | "
+            f"{self._loss_key.removeprefix('losses/') or 'loss'} {_shown(m, self._loss_key, '.4f')} | "
             f"policy v{self.store.version} (lag {lag})",
         )
 
@@ -374,3 +374,9 @@ class TrainingLoop:
             "last_eval_return": self.last_eval if self.last_eval is not None else float("nan"),
             "metrics": {k: float(v) for k, v in self.last_metrics.items()},
         }
+
+
+def _shown(metrics: dict[str, float], key: str, spec: str) -> str:
+    """A console figure, or "-" before its first measurement (an evaluation row can come before the
+    first rates, which read "0 updates/s | loss nan")."""
+    return format(metrics[key], spec) if key in metrics else "-"
