@@ -363,6 +363,8 @@ def test_run_sh_resume_continues_the_last_run_with_its_learner_counters_and_repl
     # counted the restored ones as this start's, over the seconds since the trainer started
     assert rated["charts/updates_per_s"] <= rated["charts/updates"] - restored["updates"], rated
     assert rated["charts/learner_env_steps_per_s"] <= rated["env_steps"] - restored["env_steps"], rated
+    # the share of that interval the learner waited for batches: the actors, or the rate limiter, held it back
+    assert 0.0 <= rated["charts/learner_wait_fraction"] < 1.0, rated
     second = json.loads((tmp_path / "runs" / "test" / "summary.json").read_text())
     assert second["updates"] > first["updates"] > 100 and second["policy_version"] > first["policy_version"]
     assert 16000 <= second["env_steps"] < 16000 + 4000

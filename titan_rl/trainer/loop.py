@@ -181,12 +181,15 @@ class TrainingLoop:
         # the rates count from the first batch, once the buffer's count is in: neither a resumed run's
         # counts nor the wait for data (nor the actors' steps while the trainer was away) are this start's
         updates_at_log, steps_at_log, time_at_log, next_log = 0, 0, None, math.inf
+        waited_s = 0.0  # in batches.next since the last log: the actors (or the rate limiter) held the learner back
         device = self.learner.device
         next_waiting_log, waiting_asked_at = self._start + WAITING_LOG_S[0], -math.inf
         while (reason := self._budget_reason()) is None:
             for result in self.evaluator.results():
                 self._record_eval(result)
+            asked_at = time.monotonic()
             sample = self.batches.next(timeout_s=WAIT_POLL_S)
+            waited_s += time.monotonic() - asked_at
             if sample is None:
                 if (now := time.monotonic()) >= waiting_asked_at + WAITING_ASK_S:
                     self.waiting_for, waiting_asked_at = self._why_no_batch(), now
@@ -201,7 +204,7 @@ class TrainingLoop:
             batch = to_batch(sample.fields, sample.keys, sample.weights, device)
             self._count_env_steps(sample.env_steps_total)
             if time_at_log is None:
-                updates_at_log, steps_at_log, time_at_log = self.learner.updates, self.env_steps, time.monotonic()
+                updates_at_log, steps_at_log, time_at_log, waited_s = self.learner.updates, self.env_steps, time.monotonic(), 0.0
                 next_log = time_at_log + self.cfg.logging.log_interval_s
             self.learner.env_steps = self.env_steps  # rank 0's count: every learner rank's clock
             if self.group is not None and not self.group.agree(True, self.env_steps):
@@ -229,10 +232,11 @@ class TrainingLoop:
                 rates = {
                     "charts/updates_per_s": (self.learner.updates - updates_at_log) / elapsed,
                     "charts/learner_env_steps_per_s": (self.env_steps - steps_at_log) / elapsed,
+                    "charts/learner_wait_fraction": min(waited_s / elapsed, 1.0),
                 }
                 self._log({**{k: float(np.mean(v)) for k, v in window.items()}, **rates})
                 window.clear()
-                updates_at_log, steps_at_log, time_at_log = self.learner.updates, self.env_steps, now
+                updates_at_log, steps_at_log, time_at_log, waited_s = self.learner.updates, self.env_steps, now, 0.0
                 next_log = now + self.cfg.logging.log_interval_s
             if save_every_s and now >= next_save:
                 self.save(last_path(self.cfg.logging.checkpoint_path))
