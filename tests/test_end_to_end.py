@@ -352,6 +352,10 @@ def test_run_sh_resume_continues_the_last_run_with_its_learner_counters_and_repl
     first = json.loads((tmp_path / "runs" / "test" / "summary.json").read_text())
     metrics = tmp_path / "runs" / "test" / "metrics.jsonl"
     first_rows = len(metrics.read_text().splitlines())
+    # a row right after the first update (launch to learning, as benchmarks/solve_time reads it), before any rate:
+    # the first row came a log interval (1 s) after the first batch
+    first_row = json.loads(metrics.read_text().splitlines()[0])
+    assert first_row["charts/updates"] == 1 and "charts/updates_per_s" not in first_row, first_row
     restored = torch.load(tmp_path / "checkpoint_last.pth", weights_only=True)["counters"]
 
     # long enough to log a rate: those come once the resumed trainer has learned for a log interval (1 s)

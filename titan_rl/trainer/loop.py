@@ -182,6 +182,7 @@ class TrainingLoop:
         # counts nor the wait for data (nor the actors' steps while the trainer was away) are this start's
         updates_at_log, steps_at_log, time_at_log, next_log = 0, 0, None, math.inf
         waited_s = 0.0  # in batches.next since the last log: the actors (or the rate limiter) held the learner back
+        logged_first_update = False
         device = self.learner.device
         next_waiting_log, waiting_asked_at = self._start + WAITING_LOG_S[0], -math.inf
         while (reason := self._budget_reason()) is None:
@@ -227,6 +228,10 @@ class TrainingLoop:
                 self.publish()
             if self.env_steps >= next_eval and self._submit_eval():
                 next_eval = (self.env_steps // self.cfg.eval.interval_env_steps + 1) * self.cfg.eval.interval_env_steps
+            if not logged_first_update:  # when learning began, to the update; the rates come a log interval later
+                self._log({k: float(np.mean(v)) for k, v in window.items()})
+                window.clear()
+                logged_first_update = True
             if (now := time.monotonic()) >= next_log:
                 elapsed = max(now - time_at_log, 1e-9)
                 rates = {
