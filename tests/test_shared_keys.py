@@ -10,7 +10,7 @@ import pytest
 
 from tests.helpers import DEFAULT_CONFIG, make_config, serving_buffer
 from titan_rl.interceptors import HeadersClientInterceptor
-from titan_rl.shared_keys import ENV, METADATA_KEY, shared_values
+from titan_rl.shared_keys import ENV, METADATA_KEY, NOT_SET, shared_values
 from titan_rl.v1 import buffer_pb2, buffer_pb2_grpc
 
 BUFFER = ("train.min_buffer_size=64",)  # what serving_buffer starts with
@@ -107,4 +107,21 @@ def test_a_network_keyword_at_its_default_on_one_host_and_left_out_on_another_ag
     left_out = shared_values(make_config("policy.kwargs={state_dim: 4, action_dim: 2}"), "rollout")
     assert differences(spelled, left_out, "trainer") == []
     wider = shared_values(make_config("policy.kwargs={state_dim: 4, action_dim: 2, hidden_sizes: [128, 128]}"), "rollout")
-    assert differences(spelled, wider, "trainer") == [("policy.kwargs.hidden_sizes", [128, 128], [64, 64])]
+    assert differences(spelled, wider, "trainer") == [("policy.kwargs.hidden_sizes", [128, 128], NOT_SET)]
+
+
+def test_a_network_default_that_reads_differently_in_every_process_is_never_compared():
+    """A default that is a function (`activation=F.relu`) is "<function relu at 0x...>" as text, its
+    address another in every process: two services with one YAML refused each other."""
+    import subprocess
+    import sys
+
+    script = (
+        "import json; from tests.helpers import make_config; from titan_rl.shared_keys import shared_values; "
+        "print(json.dumps(shared_values(make_config('policy.path=tests.plugins.ActivationPolicy', "
+        "'policy.kwargs={state_dim: 4, action_dim: 2}'), 'rollout'), sort_keys=True))"
+    )
+    runs = [
+        subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True).stdout for _ in range(2)
+    ]
+    assert runs[0] == runs[1] and "0x" not in runs[0], runs

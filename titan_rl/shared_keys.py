@@ -51,8 +51,8 @@ NOT_SET = object()  # a leaf one side lacks
 
 def shared_values(cfg: Config, role: str) -> dict[str, Any]:
     """The keys `role` reads, flattened to leaves (`algorithm.config.gamma`), as JSON gives them back;
-    without the algorithm's LEARNER_ONLY keys, which no two services that talk both read, and with
-    `policy.kwargs` completed by the network's own defaults."""
+    without the algorithm's LEARNER_ONLY keys, which no two services that talk both read, and
+    `policy.kwargs` without the keywords given at the network's own defaults."""
     tree = config_to_dict(cfg)
     if "policy.kwargs" in READS[role]:
         tree["policy"]["kwargs"] = network_kwargs(cfg)
@@ -71,28 +71,30 @@ def shared_values(cfg: Config, role: str) -> dict[str, Any]:
 
 
 def network_kwargs(cfg: Config) -> dict[str, Any]:
-    """`policy.kwargs` with every keyword the network's constructor defaults filled in: a keyword
-    spelled out at its default on one host and left out on another builds the same network, and
-    was refused as "(not set)". Kwargs the constructor does not take are left as they are, for
-    building the network to report."""
+    """`policy.kwargs` without the keywords given at the network constructor's own default: a keyword
+    spelled out at its default on one host and left out on another builds the same network, and was
+    refused as "(not set)". Defaults themselves are never sent (one that is a function or an object
+    reads differently in every process). A constructor whose signature cannot be read keeps them all."""
     from torch import nn
 
     from titan_rl.registry import import_class
 
     kwargs = dict(cfg.policy.kwargs)
     try:
-        bound = inspect.signature(import_class(cfg.policy.path, "policy", nn.Module)).bind_partial(**kwargs)
-    except TypeError:
+        parameters = inspect.signature(import_class(cfg.policy.path, "policy", nn.Module)).parameters
+    except (TypeError, ValueError):
         return kwargs
-    bound.apply_defaults()
-    full: dict[str, Any] = {}
-    for name, value in bound.arguments.items():
-        kind = bound.signature.parameters[name].kind
-        if kind is inspect.Parameter.VAR_KEYWORD:
-            full.update(value)
-        elif kind is not inspect.Parameter.VAR_POSITIONAL:
-            full[name] = value
-    return full
+    return {
+        name: value
+        for name, value in kwargs.items()
+        if name not in parameters
+        or parameters[name].default is inspect.Parameter.empty
+        or _as_json(value) != _as_json(parameters[name].default)
+    }
+
+
+def _as_json(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
 
 
 def _flatten(key: str, value: Any, into: dict[str, Any]) -> None:

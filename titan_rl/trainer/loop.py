@@ -190,7 +190,6 @@ class TrainingLoop:
                 self._record_eval(result)
             asked_at = time.monotonic()
             sample = self.batches.next(timeout_s=WAIT_POLL_S)
-            waited_s += time.monotonic() - asked_at
             if sample is None:
                 if (now := time.monotonic()) >= waiting_asked_at + WAITING_ASK_S:
                     self.waiting_for, waiting_asked_at = self._why_no_batch(), now
@@ -198,7 +197,9 @@ class TrainingLoop:
                 if self.state == "waiting_for_data" and now >= next_waiting_log:
                     log.warning("no batch yet after %.0fs: %s", now - self._start, self.waiting_for)
                     next_waiting_log = now + WAITING_LOG_S[1]
+                waited_s += time.monotonic() - asked_at  # asking the buffer why included
                 continue
+            waited_s += time.monotonic() - asked_at
             if self.state != "training":  # a spawned evaluator starts now, not during the services' start-up
                 self.evaluator.start()
             self.state = "training"
@@ -333,16 +334,15 @@ class TrainingLoop:
         log.debug("eval at %d env steps: %.1f%s", result.job.env_steps, self.last_eval, " (best)" if improved else "")
 
     def _log(self, metrics: dict[str, float], env_steps: int | None = None) -> None:
+        stamped = {  # before asking the buffer (up to 1 s): the row's time is the learner's
+            "charts/updates": float(self.learner.updates),
+            "charts/policy_version": float(self.store.version),
+            "charts/wall_s": self.wall_s(),
+            "charts/time": time.time(),
+        }
         if self.sources is not None and (stats := self.sources()) is not None:
             metrics.update(source_metrics(stats))
-        metrics.update(
-            {
-                "charts/updates": float(self.learner.updates),
-                "charts/policy_version": float(self.store.version),
-                "charts/wall_s": self.wall_s(),
-                "charts/time": time.time(),
-            }
-        )
+        metrics.update(stamped)
         self.last_metrics = {**self.last_metrics, **metrics}  # replaced, not changed: Status reads it from a server thread
         self.logger.log(metrics, self.env_steps if env_steps is None else max(env_steps, 0))
         m = self.last_metrics
