@@ -1,11 +1,15 @@
 """Where metrics go: metrics.jsonl and a W&B run (offline here: no account, no network)."""
 
+import dataclasses
 import json
 import os
+import signal
+import socket
 import struct
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -39,15 +43,21 @@ def wandb_records(path: Path) -> Iterator[bytes]:
             yield pending
 
 
-def wandb_history(run_dir: Path) -> list[dict]:
-    """Every row the offline W&B run under `run_dir` holds: {"_step": step, key: value}, in order."""
+def wandb_run_records(run_dir: Path) -> Iterator:
+    """The records (`wandb_internal_pb2.Record`) of the one offline W&B run under `run_dir`."""
     from wandb.proto import wandb_internal_pb2
 
     (run_file,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
-    rows = []
     for data in wandb_records(run_file):
         record = wandb_internal_pb2.Record()
         record.ParseFromString(data)
+        yield record
+
+
+def wandb_history(run_dir: Path) -> list[dict]:
+    """Every row the offline W&B run under `run_dir` holds: {"_step": step, key: value}, in order."""
+    rows = []
+    for record in wandb_run_records(run_dir):
         if record.WhichOneof("record_type") == "history":
             row = {"/".join(item.nested_key) or item.key: json.loads(item.value_json) for item in record.history.item}
             rows.append({**row, "_step": record.history.step.num})
@@ -71,9 +81,6 @@ def test_rows_logged_while_the_wandb_run_opens_reach_it_in_order(tmp_path, monke
 
 
 def test_a_wandb_run_that_cannot_open_fails_the_next_row(tmp_path, monkeypatch):
-    import dataclasses
-    import time
-
     monkeypatch.setenv("WANDB_MODE", "offline")
     cfg = make_config("logging.console=false", f"logging.run_dir={tmp_path}")
     # past the config's own check, as a project W&B starts refusing would be
@@ -116,9 +123,6 @@ def test_the_trainer_process_never_imports_wandb(tmp_path):
 def test_a_writer_killed_by_a_signal_ends_wandb_logging_not_the_run(tmp_path, monkeypatch, caplog):
     """A SIGTERM to the trainer's whole process group as it stops, or an out-of-memory kill, took the
     writer; the trainer's next row raised and the run ended without its last checkpoint."""
-    import os
-    import signal
-
     monkeypatch.setenv("WANDB_MODE", "offline")
     logger = MetricsLogger(make_config("logging.console=false"), tmp_path / "run", "run")
     try:
@@ -159,8 +163,6 @@ def test_a_writer_that_never_finishes_does_not_hold_the_trainer_at_exit(tmp_path
 def test_a_trainer_that_fails_to_start_finishes_its_wandb_run(tmp_path):
     """The port taken: the trainer exits with the error, and the W&B run it had opened is finished,
     not left half-written by exit terminating its writer."""
-    import socket
-
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -172,12 +174,5 @@ def test_a_trainer_that_fails_to_start_finishes_its_wandb_run(tmp_path):
             env={**os.environ, "WANDB_MODE": "offline"},
         )  # fmt: skip
     assert result.returncode != 0, result.stderr
-    (run_file,) = (tmp_path / "taken").glob("wandb/offline-run-*/run-*.wandb")
-    from wandb.proto import wandb_internal_pb2
-
-    kinds = set()
-    for data in wandb_records(run_file):
-        record = wandb_internal_pb2.Record()
-        record.ParseFromString(data)
-        kinds.add(record.WhichOneof("record_type"))
+    kinds = {record.WhichOneof("record_type") for record in wandb_run_records(tmp_path / "taken")}
     assert "exit" in kinds, kinds

@@ -107,7 +107,8 @@ class MetricsLogger:
         self.run_dir = run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
         # the config this run trains with, every default and override resolved (the token left out)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(shareable_config_dict(cfg), sort_keys=False))
+        config = shareable_config_dict(cfg)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         self._jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
         self.cfg, self.run_name = cfg, run_name
         self.progress: ConsoleProgress | None = None
@@ -120,7 +121,7 @@ class MetricsLogger:
                     "id": wandb_run_id(run_name),  # a resumed run logs on to the same W&B run
                     "resume": "allow",
                     "dir": str(run_dir),
-                    "config": shareable_config_dict(cfg),
+                    "config": config,
                     "mode": mode,
                 },
                 wandb_start_method,

@@ -67,7 +67,7 @@ def shared_values(cfg: Config, role: str) -> dict[str, Any]:
         for f in dataclasses.fields(algorithm):
             if f.metadata.get("learner_only"):
                 leaves.pop(f"algorithm.config.{f.name}", None)
-    return json.loads(json.dumps(leaves, default=str))
+    return _as_json(leaves)
 
 
 def network_kwargs(cfg: Config) -> dict[str, Any]:
@@ -94,6 +94,7 @@ def network_kwargs(cfg: Config) -> dict[str, Any]:
 
 
 def _as_json(value: Any) -> Any:
+    """`value` as JSON gives it back (tuples as lists, anything else JSON lacks as its text)."""
     return json.loads(json.dumps(value, default=str))
 
 
