@@ -9,6 +9,13 @@ episodes, reset with seeds no training evaluation used. Each run's figures go to
 `<out>/seed<N>/score.json`; the summary (mean ± std over seeds) is printed and written to
 `<out>/summary.json`. A seed whose `score.json` exists is not run again, so an interrupted set
 continues where it stopped (`--rerun` runs them all anew). Curves: `python -m titan_rl.plot <out>`.
+
+Issue #11 scores a checkpoint on 20 episodes and asks that the last policy be within 10% of the
+kept one. Each score carries its standard error; with `--episodes` above 20 the summary gives both
+the first 20 episodes' figures (the same reset seeds as a 20-episode scoring) and all of them:
+whether a last policy 10% short of its kept one on 20 episodes still is on many. The comparison
+means something for runs to the end of the budget (the configs of docs/results.md): a run the
+target ended keeps the weights that reached it as its last checkpoint too.
 """
 
 from __future__ import annotations
@@ -68,7 +75,7 @@ def train(config: str, seed: int, run_dir: Path, overrides: list[str]) -> float:
 def run_seed(config: str, seed: int, run_dir: Path, overrides: list[str], episodes: int) -> dict[str, Any]:
     wall_s = train(config, seed, run_dir, overrides)
     best_path = run_dir / "checkpoint.pth"
-    counters = load_checkpoint(last_path(best_path))["counters"]
+    run = json.loads((run_dir / "summary.json").read_text())  # the learner's counts at the stop
     best = score_checkpoint(best_path, episodes, SCORING_SEED + 1000 * seed)
     last = score_checkpoint(last_path(best_path), episodes, SCORING_SEED + 1000 * seed)
     score = {
@@ -77,12 +84,17 @@ def run_seed(config: str, seed: int, run_dir: Path, overrides: list[str], episod
         "best_returns": best,
         "last_mean": statistics.fmean(last),
         "last_returns": last,
-        "env_steps": int(counters["env_steps"]),
-        "updates": int(counters["updates"]),
+        "env_steps": int(run["env_steps"]),
+        "updates": int(run["updates"]),
+        "stop_reason": run["stop_reason"],
         "wall_s": wall_s,
     }
     (run_dir / "score.json").write_text(json.dumps(score, indent=1))
     return score
+
+
+ISSUE_EPISODES = 20  # the episodes issue #11 scores a checkpoint on
+LAST_WITHIN = 0.10  # issue #11: the last policy's score within this share of the kept one's
 
 
 def mean_std(values: list[float]) -> str:
@@ -90,20 +102,51 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.fmean(values):.1f} ± {spread:.1f}"
 
 
-def summarize(config: str, scores: list[dict[str, Any]]) -> dict[str, Any]:
-    best = [s["best_mean"] for s in scores]
-    last = [s["last_mean"] for s in scores]
+def standard_error(returns: list[float]) -> float:
+    """Of the mean of `returns`: how far another set of as many episodes of the same policy may land."""
+    return statistics.stdev(returns) / len(returns) ** 0.5 if len(returns) > 1 else 0.0
+
+
+def last_is_within(kept: float, last: float) -> bool:
+    """The last policy scores within LAST_WITHIN of the kept one, or above it (returns may be negative)."""
+    return last >= kept - LAST_WITHIN * abs(kept)
+
+
+def figures(scores: list[dict[str, Any]], episodes: int | None = None) -> dict[str, Any]:
+    """Kept and last over seeds, each seed's score taken over its first `episodes` (all if None)."""
+    best = [statistics.fmean(s["best_returns"][:episodes]) for s in scores]
+    last = [statistics.fmean(s["last_returns"][:episodes]) for s in scores]
+    within = sum(last_is_within(b, a) for b, a in zip(best, last, strict=True))
     return {
-        "config": config,
-        "seeds": [s["seed"] for s in scores],
+        "episodes": min(len(s["best_returns"][:episodes]) for s in scores),
         "best": mean_std(best),
         "last": mean_std(last),
         "best_per_seed": best,
         "last_per_seed": last,
+        "best_standard_error_per_seed": [standard_error(s["best_returns"][:episodes]) for s in scores],
+        "last_standard_error_per_seed": [standard_error(s["last_returns"][:episodes]) for s in scores],
+        "last_within_10pct": f"{within}/{len(scores)}",
+    }
+
+
+def summarize(config: str, scores: list[dict[str, Any]]) -> dict[str, Any]:
+    summary = {
+        "config": config,
+        "seeds": [s["seed"] for s in scores],
+        **figures(scores),
         "env_steps": mean_std([s["env_steps"] for s in scores]),
         "wall_s": mean_std([s["wall_s"] for s in scores]),
         "date": time.strftime("%Y-%m-%d"),
     }
+    if summary["episodes"] > ISSUE_EPISODES:
+        summary[f"first_{ISSUE_EPISODES}_episodes"] = figures(scores, ISSUE_EPISODES)
+    return summary
+
+
+def summary_line(scored: dict[str, Any]) -> str:
+    """`figures`' output in one line."""
+    within = scored["last_within_10pct"]
+    return f"best {scored['best']}, last {scored['last']} on {scored['episodes']} episodes, last within 10% in {within}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,15 +169,18 @@ def main(argv: list[str] | None = None) -> int:
             score = json.loads(done.read_text())
         else:
             score = run_seed(args.config, seed, run_dir, args.overrides, args.episodes)
+        best_error, last_error = standard_error(score["best_returns"]), standard_error(score["last_returns"])
         print(
-            f"seed {seed}: best {score['best_mean']:.1f}, last {score['last_mean']:.1f}, "
-            f"{score['env_steps']} env steps, {score['wall_s']:.0f} s",
+            f"seed {seed}: best {score['best_mean']:.1f} ± {best_error:.1f}, last {score['last_mean']:.1f} ± {last_error:.1f} "
+            f"(± one standard error), {score['env_steps']} env steps, {score['wall_s']:.0f} s",
             flush=True,
         )
         scores.append(score)
     summary = summarize(args.config, scores)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    print(f"{args.config}: best {summary['best']}, last {summary['last']}, {summary['env_steps']} env steps, {summary['wall_s']} s")
+    print(f"{args.config}: {summary_line(summary)}, {summary['env_steps']} env steps, {summary['wall_s']} s")
+    if (first := summary.get(f"first_{ISSUE_EPISODES}_episodes")) is not None:
+        print(f"{args.config}, the first {ISSUE_EPISODES} episodes: {summary_line(first)}")
     return 0
 
 

@@ -144,6 +144,24 @@ def test_the_runner_trains_each_seed_scores_both_checkpoints_and_skips_seeds_alr
     assert json.loads((out / "seed0" / "score.json").read_text()) == score  # not run again
 
 
+def test_the_summary_judges_the_last_policy_on_the_first_20_episodes_and_on_all_of_them():
+    def score(seed: int, best: list[float], last: list[float]) -> dict:
+        return {"seed": seed, "best_returns": best, "last_returns": last, "env_steps": 100, "wall_s": 1.0}
+
+    # seed 0 is more than 10% short on its first 20 episodes (-90 against -80), not on all 40 (-83);
+    # seed 1's last policy scores above its kept one: negative returns are judged by their distance below
+    scores = [score(0, [-80.0] * 40, [-90.0] * 20 + [-76.0] * 20), score(1, [-100.0, -90.0] * 20, [-80.0] * 40)]
+    summary = seeds.summarize("config/acrobot.yaml", scores)
+    assert summary["episodes"] == 40 and summary["last_within_10pct"] == "2/2"
+    assert summary["last_per_seed"] == [-83.0, -80.0] and summary["best_standard_error_per_seed"][0] == 0.0
+    assert summary["best_standard_error_per_seed"][1] == pytest.approx(5.0 * (40 / 39) ** 0.5 / 40**0.5)
+    first = summary["first_20_episodes"]
+    assert first["episodes"] == 20 and first["last_per_seed"] == [-90.0, -80.0] and first["last_within_10pct"] == "1/2"
+    assert seeds.last_is_within(-80.0, -88.0) and not seeds.last_is_within(-80.0, -88.1)
+    assert seeds.last_is_within(200.0, 180.0) and not seeds.last_is_within(200.0, 179.9)
+    assert "first_20_episodes" not in seeds.summarize("config/acrobot.yaml", [score(0, [1.0] * 20, [1.0] * 20)])
+
+
 def test_the_runner_refuses_a_bad_key_before_any_run(tmp_path):
     from titan_rl.errors import ConfigError
 
