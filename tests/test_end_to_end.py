@@ -21,6 +21,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from tests.helpers import REPO
 from titan_rl.auth import TOKEN_ENV
+from titan_rl.checkpoint import load_checkpoint
 from titan_rl.clients.buffer import BufferClient
 from titan_rl.clients.rollout import RolloutClient
 from titan_rl.clients.trainer import TrainerClient
@@ -237,8 +238,12 @@ def test_three_services_learn_cartpole_and_the_checkpoint_plays_it(tmp_path, mon
     assert proc.returncode == 0, output
     assert seen["episodes"] > 0 and seen["version"] > 0 and seen["updates"] > 0 and seen["stored"] >= 1000, seen
     summary = json.loads((tmp_path / "runs" / "test" / "summary.json").read_text())
-    assert summary["best_eval_return"] >= 475, summary
-    assert (tmp_path / "checkpoint.pth").exists() and (tmp_path / "checkpoint_last.pth").exists()
+    assert summary["best_eval_return"] >= 475 and summary["stop_reason"].startswith("eval return"), summary
+    kept, last = load_checkpoint(tmp_path / "checkpoint.pth"), load_checkpoint(tmp_path / "checkpoint_last.pth")
+    # the run ends at the weights that reached the target, not where the learner took them while they were scored
+    assert last["counters"]["env_steps"] == kept["counters"]["env_steps"] <= summary["env_steps"]
+    assert last["counters"]["updates"] == kept["counters"]["updates"] <= summary["updates"]
+    assert kept["policy"].keys() == last["policy"].keys() and all(torch.equal(last["policy"][k], v) for k, v in kept["policy"].items())
     evals = [json.loads(line) for line in (tmp_path / "runs" / "test" / "metrics.jsonl").read_text().splitlines()]
     assert any("eval/mean_return" in row for row in evals) and any("losses/td_loss" in row for row in evals)
     assert any(row.get("replicas/0/episodes", 0) > 0 for row in evals), "the actors' episodes reach the trainer through the buffer"

@@ -262,6 +262,31 @@ def test_the_mean_over_both_sets_decides_the_kept_checkpoint(trainer_server, tmp
     assert load_checkpoint(tmp_path / "ck.pth")["eval_returns"] == [300.0] * 20 + [20.0] * 20
 
 
+def test_a_run_the_target_ends_keeps_as_its_last_checkpoint_the_weights_that_reached_it(trainer_server):
+    """Evaluation runs beside learning: the updates made while the run's last evaluation was played
+    took the last policy of 7 of 20 CartPole runs whose evaluation had confirmed >= 495 to 123-468."""
+    from titan_rl.evaluation import EvalJob, EvalResult, snapshot
+
+    _, loop, _, _ = trainer_server
+    target = loop.cfg.budget.target_eval_return
+
+    def record(env_steps: int) -> dict:
+        state = snapshot(loop.learner.state_dict())
+        loop._record_eval(EvalResult(EvalJob(env_steps, state, 1, 21, target), [target] * 40))
+        return state
+
+    reached = record(1000)
+    with torch.no_grad():  # what the learner learns while the result comes back
+        for parameter in loop.learner.network.parameters():
+            parameter.add_(1.0)
+    record(2000)  # at the target too, not above it: the first one ended the run
+    last = load_checkpoint(loop._save_last(run_ends=True))
+    assert last["counters"]["env_steps"] == 1000
+    assert all(torch.equal(last["policy"][name], value) for name, value in reached["policy"].items())
+    resumed_from = load_checkpoint(loop._save_last(run_ends=False))  # a trainer stopped to be resumed: the learner as it is
+    assert not torch.equal(resumed_from["policy"]["net.0.weight"], reached["policy"]["net.0.weight"])
+
+
 def test_a_checkpoint_name_that_is_a_symlink_loop_is_refused_by_name(tmp_path):
     """Path.resolve raises RuntimeError on a loop before Python 3.13: that escaped as UNKNOWN."""
     from titan_rl.checkpoint import requested_path

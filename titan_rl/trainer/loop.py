@@ -119,6 +119,7 @@ class TrainingLoop:
         self._evals = 0
         self._evaluated_at = -1
         self._loss_key = ""
+        self._reached: EvalJob | None = None  # the evaluation that reached budget.target_eval_return
         self._wall_before_s = 0.0  # wall-clock of the run before this trainer resumed it
         self._buffer_env_steps = 0  # the buffer's own count, as last seen
         self._env_steps_lost = 0  # steps the buffer counted and then lost in a restart: still steps taken
@@ -188,6 +189,8 @@ class TrainingLoop:
         while (reason := self._budget_reason()) is None:
             for result in self.evaluator.results():
                 self._record_eval(result)
+            if self._reached is not None:  # no update after the weights that end the run
+                continue
             asked_at = time.monotonic()
             sample = self.batches.next(timeout_s=WAIT_POLL_S)
             if sample is None:
@@ -248,15 +251,16 @@ class TrainingLoop:
                 self.save(last_path(self.cfg.logging.checkpoint_path))
                 next_save = now + save_every_s
         self.state = "stopping"
+        run_ends = self.ends_run and self._failure is None  # as the loop ended: a later signal does not resume an ended run
         learned = self.learner.updates > 0
-        if not learned and self.ends_run and self._failure is None and not self._stop.is_set():  # a budget ran out
+        if not learned and run_ends and not self._stop.is_set():  # a budget ran out
             reason = f"{NO_DATA} before {reason}: {self._why_no_batch()}"
         log.info("stopping: %s", reason)
         if self.group is not None:  # before the final evaluation: the other ranks are not kept waiting at an agree
             self.group.close(run_ended=self.ends_run)
         if learned:  # an untrained network is not kept as the run's best policy
             self._final_eval()
-        last = self.save(last_path(self.cfg.logging.checkpoint_path))
+        last = self._save_last(run_ends)
         summary = Summary(
             stop_reason=reason,
             env_steps=self.env_steps,
@@ -291,6 +295,16 @@ class TrainingLoop:
             f"train.min_buffer_size={t.min_buffer_size:,} records on, as fast as its rate limiter allows "
             "(on-policy: of records acted by weights recent enough)"
         )
+
+    def _save_last(self, run_ends: bool) -> Path:
+        """The last checkpoint: the learner now, or, where the target ended the run, the snapshot
+        that reached it. Evaluation runs beside learning, and the updates made while it ran (160-290
+        on CartPole) took the last policy of 7 of 20 runs whose evaluation had confirmed ≥ 495 to
+        123-468 on 20 fresh episodes. A trainer stopped to be resumed keeps the learner: the run goes on."""
+        path = last_path(self.cfg.logging.checkpoint_path)
+        if self._reached is None or not run_ends:
+            return self.save(path)
+        return self.save(path, state=self._reached.state, env_steps=self._reached.env_steps)
 
     def _learner_lost(self) -> None:
         self._failure = LEARNER_LOST
@@ -329,6 +343,9 @@ class TrainingLoop:
         if improved:
             self.best_eval = self.last_eval
             self.save(self.cfg.logging.checkpoint_path, returns, state=result.job.state, env_steps=result.job.env_steps)
+        target = self.cfg.budget.target_eval_return
+        if self._reached is None and target is not None and self.last_eval >= target:
+            self._reached = result.job
         metrics = {"eval/mean_return": self.last_eval, "eval/min_return": float(np.min(returns)), "eval/best_mean_return": self.best_eval}
         self._log(metrics, result.job.env_steps)
         log.debug("eval at %d env steps: %.1f%s", result.job.env_steps, self.last_eval, " (best)" if improved else "")
