@@ -300,7 +300,7 @@ class TrainingLoop:
         """The last checkpoint: the learner now, or, where the target ended the run, the snapshot
         that reached it. Evaluation runs beside learning, and the updates made while it ran (160-290
         on CartPole) took the last policy of 7 of 20 runs whose evaluation had confirmed ≥ 495 to
-        123-468 on 20 fresh episodes. A trainer stopped to be resumed keeps the learner: the run goes on."""
+        120-452 on 20 fresh episodes. A trainer stopped to be resumed keeps the learner: the run goes on."""
         path = last_path(self.cfg.logging.checkpoint_path)
         if self._reached is None or not run_ends:
             return self.save(path)
