@@ -329,8 +329,7 @@ class TrainingLoop:
         was reached (the best checkpoint holds the weights that reached it) or stop was asked."""
         for result in self.evaluator.results(wait_s=EVAL_WAIT_S):
             self._record_eval(result)
-        target = self.cfg.budget.target_eval_return
-        reached = target is not None and self.last_eval is not None and self.last_eval >= target
+        reached = self._reached is not None
         if self._evaluated_at != self.env_steps and not reached and not self._stop.is_set() and self._submit_eval():
             for result in self.evaluator.results(wait_s=EVAL_WAIT_S):
                 self._record_eval(result)
