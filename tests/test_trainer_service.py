@@ -287,6 +287,22 @@ def test_a_run_the_target_ends_keeps_as_its_last_checkpoint_the_weights_that_rea
     assert not torch.equal(resumed_from["policy"]["net.0.weight"], reached["policy"]["net.0.weight"])
 
 
+def test_a_signal_after_the_loop_ended_the_run_does_not_make_it_resumable(trainer_server):
+    """A SIGTERM during the final evaluation turned a run its budget had ended into one to resume: the
+    actors and the buffer were never told that it ended, and waited for a trainer that had nothing left to do."""
+    _, loop, _, _ = trainer_server
+    loop.env_steps = loop.cfg.budget.max_env_steps
+    save_last = loop._save_last
+
+    def signalled_while_saving(run_ends: bool):
+        loop.stop(end_run=False)  # what the trainer's SIGTERM handler calls
+        return save_last(run_ends)
+
+    loop._save_last = signalled_while_saving
+    loop.run()
+    assert loop.ends_run
+
+
 def test_a_checkpoint_name_that_is_a_symlink_loop_is_refused_by_name(tmp_path):
     """Path.resolve raises RuntimeError on a loop before Python 3.13: that escaped as UNKNOWN."""
     from titan_rl.checkpoint import requested_path

@@ -145,8 +145,10 @@ class TrainingLoop:
     def stop(self, end_run: bool = True) -> None:
         """Stop training. `end_run`: the run is over (the actors and the buffer are told, and exit);
         False (SIGTERM, as when Kubernetes moves the pod): this trainer stops, the run goes on and a
-        restarted trainer resumes it."""
-        self.ends_run = end_run
+        restarted trainer resumes it. Once the loop has ended, whether the run ends with it is decided:
+        a later call (a SIGTERM during the final evaluation) only cuts that evaluation short."""
+        if self.state not in ("stopping", "done"):
+            self.ends_run = end_run
         self._stop.set()
 
     def wall_s(self) -> float:
@@ -251,13 +253,13 @@ class TrainingLoop:
                 self.save(last_path(self.cfg.logging.checkpoint_path))
                 next_save = now + save_every_s
         self.state = "stopping"
-        run_ends = self.ends_run and self._failure is None  # as the loop ended: a later signal does not resume an ended run
+        run_ends = self.ends_run and self._failure is None
         learned = self.learner.updates > 0
         if not learned and run_ends and not self._stop.is_set():  # a budget ran out
             reason = f"{NO_DATA} before {reason}: {self._why_no_batch()}"
         log.info("stopping: %s", reason)
         if self.group is not None:  # before the final evaluation: the other ranks are not kept waiting at an agree
-            self.group.close(run_ended=self.ends_run)
+            self.group.close(run_ended=run_ends)
         if learned:  # an untrained network is not kept as the run's best policy
             self._final_eval()
         last = self._save_last(run_ends)
